@@ -1,0 +1,1 @@
+"""Model construction: config → transformers class on meta → operators swapped in → weights streamed."""

@@ -1,0 +1,174 @@
+"""Every pre-launch check: pure functions over (profile, plan, machine) returning findings."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..ops.registry import OPERATORS, op_names, resolve_op
+from .memory import estimate
+
+ERROR, WARNING, NOTE = "error", "warning", "note"
+
+
+@dataclass
+class Finding:
+    severity: str
+    check: str
+    message: str
+    where: str | None = None      # file:line
+    fix: str | None = None
+
+    def line(self) -> str:
+        loc = f"{self.where}: " if self.where else ""
+        return f"{loc}{self.message}"
+
+
+def ranges(nums) -> str:
+    """[0,1,2,5] → '0-2,5'."""
+    nums, out = sorted(set(nums)), []
+    for n in nums:
+        if out and n == out[-1][1] + 1:
+            out[-1][1] = n
+        else:
+            out.append([n, n])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in out)
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def check_rules(profile, plan, model) -> list:
+    """Rules that match nothing (warning), or that aim at layers the model does not have (error)."""
+    out = []
+    layer_names = [n for n, _ in model.named_modules() if re.search(r"layers\.0(\.|$)", n)]
+    n_layers = plan.num_layers
+    for rule in profile.rules:
+        if plan.rule_hits.get(rule.index):
+            continue
+        beyond = sorted({i for i in range(n_layers, n_layers + 256) for n in layer_names
+                         if rule.name and re.search(rule.name, n.replace("layers.0", f"layers.{i}", 1))})
+        if beyond:
+            out.append(Finding(ERROR, "coverage", f"{rule.label} targets layer {ranges(beyond[:8])}"
+                               f"{'…' if len(beyond) > 8 else ''}, but the model has {n_layers} layers "
+                               f"(0-{n_layers - 1})", rule.where, "fix the layer indices in match.name"))
+        else:
+            out.append(Finding(WARNING, "coverage", f"{rule.label} matches no module of this {plan.model_type} model",
+                               rule.where, "check match.name / match.class, or remove the rule"))
+    unruled = [e.layer for e in plan.experts if e.rule is None]
+    if profile.rules and unruled:
+        out.append(Finding(WARNING, "coverage", f"experts of layer(s) {ranges(unruled)} are matched by no rule: "
+                           f"they follow the default ({plan.experts[0].decode.device if plan.experts else '?'})",
+                           profile.path, "add a rule for '^model\\.layers\\..*\\.mlp\\.experts$'"))
+    return out
+
+
+def _where(e, profile):
+    return e.rule.where if e.rule else profile.where("rules")
+
+
+def _group(plan, key):
+    """Group expert placements by (rule, stage value) so one finding covers many layers."""
+    groups = {}
+    for e in plan.experts:
+        groups.setdefault((id(e.rule), key(e)), []).append(e)
+    return groups.values()
+
+
+def check_operators(profile, plan) -> list:
+    out = []
+    for stage in ("prefill", "decode"):
+        for es in _group(plan, lambda e: (getattr(e, stage).op, getattr(e, stage).device)):
+            e, sp = es[0], getattr(es[0], stage)
+            layers = ranges(x.layer for x in es)
+            op = resolve_op(sp.op)
+            label = e.rule.label if e.rule else "default placement"
+            if op is None:
+                out.append(Finding(ERROR, "operator", f"{label}: unknown {stage} operator '{sp.op}' (layers {layers})",
+                                   _where(e, profile), f"valid operators: {op_names()}"))
+                continue
+            if sp.device.split(":")[0] not in op.devices:
+                good = [o.name for o in OPERATORS.values() if sp.device.split(":")[0] in o.devices]
+                out.append(Finding(ERROR, "operator", f"{label}: operator '{op.name}' runs on "
+                                   f"{'/'.join(op.devices)}, but {stage} of layers {layers} is placed on {sp.device}",
+                                   _where(e, profile), f"use an operator for {sp.device}: {', '.join(good)}"))
+            if stage == "decode" and e.weight_format not in op.weight_formats:
+                out.append(Finding(ERROR, "operator", f"{label}: operator '{op.name}' has no weight_format "
+                                   f"'{e.weight_format}' (layers {layers})", _where(e, profile),
+                                   f"formats it supports: {', '.join(op.weight_formats)}"))
+            if stage == "prefill" and sp.device != e.home:
+                out.append(Finding(NOTE, "operator", f"layers {layers}: prefill runs on {sp.device} while the weights "
+                                   f"live on {e.home}; each layer's experts are copied over during prefill",
+                                   _where(e, profile)))
+    return out
+
+
+def check_devices(profile, plan, machine) -> list:
+    out = []
+    for rule, key, value in plan.bad_devices:
+        out.append(Finding(ERROR, "device", f"{rule.label}: {key} '{value}' is not a device ktcli runs on",
+                           rule.where, "devices are cpu, cuda or cuda:N"))
+    used = {}
+    for e in plan.experts:
+        for sp in (e.prefill, e.decode):
+            used.setdefault(sp.device, e.rule.where if e.rule else profile.where("rules"))
+    for dev in set(plan.module_devices.values()) | {plan.main_device}:
+        used.setdefault(dev, profile.where("device"))
+    for dev, where in sorted(used.items()):
+        if not machine.has(dev):
+            have = ", ".join(sorted(machine.devices))
+            out.append(Finding(ERROR, "device", f"device {dev} is not on this machine (it has {have})", where,
+                               "place it on a device the machine has, or validate for another machine with "
+                               "--target-devices cuda:0=80GiB,cpu=125GiB"))
+    layer_devs = {d for n, d in plan.module_devices.items() if re.search(r"layers\.\d+\.", n)}
+    if len(layer_devs) > 1:
+        out.append(Finding(ERROR, "device", f"non-expert layer modules are split over {', '.join(sorted(layer_devs))}; "
+                           "ktcli runs attention, norms, routers and shared experts on one device",
+                           profile.where("rules"), "place only '...mlp.experts' modules on other devices"))
+    return out
+
+
+def check_graphs(profile, plan) -> list:
+    mode = profile.runtime.mode
+    if mode == "off":
+        return []
+    out = []
+    if not plan.main_device.startswith("cuda"):
+        out.append(Finding(ERROR, "cuda-graph", f"graph_mode {mode} needs the model on a GPU, but its main device is "
+                           f"{plan.main_device}", profile.where("runtime"), "set use_cuda_graph: false"))
+    for es in _group(plan, lambda e: e.decode.op):
+        e = es[0]
+        op = resolve_op(e.decode.op)
+        if op is None or mode in op.graph_modes:
+            continue
+        safe = [o.name for o in OPERATORS.values() if mode in o.graph_modes and e.decode.device.split(":")[0] in o.devices]
+        label = e.rule.label if e.rule else "default placement"
+        fix = (f"use a graph-safe decode operator on {e.decode.device} (generate_op: {safe[0]}"
+               + (f" — KTransformers name {OPERATORS[safe[0]].aliases[0]}" if safe and OPERATORS[safe[0]].aliases else "")
+               + "), or turn CUDA graphs off (--use_cuda_graph false)") if safe else "turn CUDA graphs off (--use_cuda_graph false)"
+        out.append(Finding(ERROR, "cuda-graph", f"{label}: CUDA graphs are on (graph_mode {mode}), but layers "
+                           f"{ranges(x.layer for x in es)} decode with operator '{op.name}' on {e.decode.device}, "
+                           f"which is not graph safe: {op.why_not_graph}", _where(e, profile), fix))
+    return out
+
+
+def check_memory(profile, plan, machine, model):
+    rep = estimate(model, plan, profile)
+    out = []
+    for dev in sorted(rep.rows):
+        need, have = rep.total(dev), machine.devices.get(dev)
+        if have is not None and need > have:
+            out.append(Finding(ERROR, "memory", f"{dev} needs {fmt_bytes(need)} but has {fmt_bytes(have)} "
+                               f"({', '.join(f'{k} {fmt_bytes(v)}' for k, v in rep.rows[dev].items())})",
+                               profile.where("rules"), "move more experts to the CPU, lower runtime.max_seq_len, "
+                               "or use a smaller weight_format (int8/int4)"))
+    return out, rep
+
+
+def check_threads(profile, machine) -> list:
+    t = profile.runtime.cpu_threads
+    if t is not None and t > machine.cpu_cores:
+        return [Finding(WARNING, "threads", f"cpu_threads {t} is above the {machine.cpu_cores} physical cores here; "
+                        "oversubscription slows CPU experts", profile.where("runtime"),
+                        f"set runtime.cpu_threads to {machine.cpu_cores} or fewer")]
+    return []

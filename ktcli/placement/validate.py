@@ -1,0 +1,65 @@
+"""Profile + flags + machine → plan + findings. validate-config stops here; chat and bench go on to build."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..build.config import find_experts, meta_model, resolve_model, supported_model_types
+from ..errors import CheckpointError, KtcliError
+from . import checks
+from .checks import ERROR, Finding
+from .plan import make_plan, normalize_device
+
+
+@dataclass
+class Validation:
+    profile: object
+    machine: object
+    source: object = None
+    model: object = None          # meta-device transformers model
+    plan: object = None
+    memory: object = None
+    findings: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.severity == ERROR for f in self.findings)
+
+    def errors(self):
+        return [f for f in self.findings if f.severity == ERROR]
+
+
+def main_device(profile, machine) -> str:
+    if profile.device == "auto":
+        return "cuda:0" if machine.has("cuda:0") else "cpu"
+    dev = normalize_device(profile.device)
+    if dev is None:
+        raise KtcliError(f"{profile.where('device')}: device '{profile.device}' is not a device ktcli runs on",
+                         "devices are auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def validate(profile, machine) -> Validation:
+    """Never loads weights: config.json and a meta-device model are enough."""
+    v = Validation(profile, machine)
+    try:
+        v.source = resolve_model(profile.model, profile.num_layers)
+    except CheckpointError as e:
+        v.findings.append(Finding(ERROR, "model", e.message, profile.where("model"), e.hint))
+        return v
+    v.model = meta_model(v.source.config)
+    if not find_experts(v.model):
+        v.findings.append(Finding(ERROR, "model", f"{type(v.model).__name__} ({v.source.config.model_type}) has no "
+                                  "experts module with transformers' experts interface",
+                                  profile.where("model"),
+                                  f"supported model types: {', '.join(supported_model_types())}"))
+        return v
+    v.plan = make_plan(v.model, profile.rules, main_device(profile, machine))
+    v.findings += checks.check_rules(profile, v.plan, v.model)
+    v.findings += checks.check_devices(profile, v.plan, machine)
+    v.findings += checks.check_operators(profile, v.plan)
+    v.findings += checks.check_graphs(profile, v.plan)
+    mem_findings, v.memory = checks.check_memory(profile, v.plan, machine, v.model)
+    v.findings += mem_findings
+    v.findings += checks.check_threads(profile, machine)
+    v.findings += [Finding("note", "ktransformers", text, where) for where, text in v.plan.notes]
+    return v

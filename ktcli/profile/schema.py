@@ -1,0 +1,227 @@
+"""Profile schema: strict (unknown keys are errors), every error names file:line."""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, replace as dc_replace
+
+from ..errors import ProfileError, UsageError
+from .yamlpos import PosDict, PosList, load_yaml
+
+DTYPES = ("bfloat16", "float16", "float32")
+GRAPH_MODES = ("full", "piecewise", "off")
+WEIGHTS = ("checkpoint", "synthetic")
+RULE_KWARGS = ("generate_device", "prefill_device", "generate_op", "prefill_op", "out_device",
+               "weight_format", "group_size")
+
+
+@dataclass
+class Rule:
+    """One KTransformers-shaped rule: match {name, class} → replace {class, kwargs}."""
+    index: int
+    file: str
+    line: int
+    name: str | None = None
+    match_class: str | None = None
+    replace_class: str = "default"
+    kwargs: dict = field(default_factory=dict)
+    recursive: bool = True
+    ignored: list = field(default_factory=list)   # KTransformers parts ktcli does not use
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+    @property
+    def label(self) -> str:
+        return f"rule {self.index + 1}"
+
+    def matches(self, name: str, cls_name: str) -> bool:
+        if self.name is not None and re.search(self.name, name) is None:
+            return False
+        return self.match_class is None or self.match_class.rsplit(".", 1)[-1] == cls_name
+
+
+@dataclass
+class Runtime:
+    use_cuda_graph: bool = False
+    graph_mode: str | None = None       # None: follows use_cuda_graph (true → full)
+    max_seq_len: int = 4096
+    cpu_threads: int | None = None      # None: all physical cores
+    prefill_chunk: int = 512
+
+    @property
+    def mode(self) -> str:
+        if self.graph_mode is not None:
+            return self.graph_mode
+        return "full" if self.use_cuda_graph else "off"
+
+
+@dataclass
+class Profile:
+    path: str
+    model: str = "demo"
+    weights: str = "checkpoint"
+    dtype: str = "bfloat16"
+    device: str = "auto"                # where non-expert modules live unless a rule says otherwise
+    num_layers: int | None = None
+    runtime: Runtime = field(default_factory=Runtime)
+    rules: list = field(default_factory=list)
+    lines: dict = field(default_factory=dict)   # top-level key → line, for check locations
+
+    def where(self, key: str) -> str:
+        return f"{self.path}:{self.lines.get(key, 1)}"
+
+
+def _err(file, line, msg, hint=None):
+    return ProfileError(f"{file}:{line}", msg, hint)
+
+
+def _expect(value, types, file, line, what):
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
+        names = "/".join(t.__name__ for t in _as_tuple(types))
+        raise _err(file, line, f"{what} must be {names}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _as_tuple(t):
+    return t if isinstance(t, tuple) else (t,)
+
+
+def _strict_keys(d: PosDict, allowed, file, what):
+    for k in d:
+        if k not in allowed:
+            raise _err(file, d.key_lines[k], f"unknown key '{k}' in {what}",
+                       f"allowed keys: {', '.join(allowed)}")
+
+
+def _parse_rule(i: int, node, file: str) -> Rule:
+    line = getattr(node, "line", 0)
+    if not isinstance(node, PosDict):
+        raise _err(file, line, f"rule {i + 1} must be a mapping with 'match' and 'replace'")
+    _strict_keys(node, ("match", "replace", "recursive"), file, f"rule {i + 1}")
+    rule = Rule(index=i, file=file, line=line)
+    match = node.get("match")
+    if not isinstance(match, PosDict) or not match:
+        raise _err(file, line, f"rule {i + 1} needs a 'match' mapping with 'name' and/or 'class'")
+    _strict_keys(match, ("name", "class"), file, "match")
+    if "name" in match:
+        rule.name = _expect(match["name"], str, file, match.key_lines["name"], "match.name")
+        try:
+            re.compile(rule.name)
+        except re.error as e:
+            raise _err(file, match.key_lines["name"], f"bad regex {rule.name!r} in match.name: {e}",
+                       "names are Python regular expressions, e.g. '^model\\.layers\\.([0-1])\\.mlp\\.experts$'")
+    if "class" in match:
+        rule.match_class = _expect(match["class"], str, file, match.key_lines["class"], "match.class")
+    repl = node.get("replace", PosDict())
+    if not isinstance(repl, PosDict):
+        raise _err(file, node.key_lines.get("replace", line), "'replace' must be a mapping")
+    _strict_keys(repl, ("class", "kwargs", "device"), file, "replace")
+    rule.replace_class = _expect(repl.get("class", "default"), str, file, repl.key_lines.get("class", line),
+                                 "replace.class")
+    kwargs = repl.get("kwargs", PosDict())
+    if not isinstance(kwargs, PosDict):
+        raise _err(file, repl.key_lines.get("kwargs", line), "replace.kwargs must be a mapping")
+    from .ktransformers import is_kt_class
+    for k, v in kwargs.items():
+        if k in RULE_KWARGS:
+            rule.kwargs[k] = v if k == "group_size" else str(v)
+        elif is_kt_class(rule.replace_class):
+            rule.ignored.append(f"kwarg '{k}'")
+        else:
+            raise _err(file, kwargs.key_lines[k], f"unknown kwarg '{k}' in replace.kwargs",
+                       f"allowed: {', '.join(RULE_KWARGS)}")
+    if "device" in repl:   # KTransformers' load device: ktcli loads weights where they compute
+        rule.ignored.append("replace.device")
+    if "recursive" in node:
+        rule.recursive = _expect(node["recursive"], bool, file, node.key_lines["recursive"], "recursive")
+    return rule
+
+
+def _parse_rules(node, file: str) -> list:
+    if node is None:
+        return []
+    if not isinstance(node, PosList):
+        raise _err(file, getattr(node, "line", 1), "rules must be a list of match/replace rules")
+    return [_parse_rule(i, r, file) for i, r in enumerate(node)]
+
+
+def _parse_runtime(node, file: str) -> Runtime:
+    if not isinstance(node, PosDict):
+        raise _err(file, getattr(node, "line", 1), "runtime must be a mapping")
+    _strict_keys(node, ("use_cuda_graph", "graph_mode", "max_seq_len", "cpu_threads", "prefill_chunk"),
+                 file, "runtime")
+    rt = Runtime()
+    for key, types in (("use_cuda_graph", bool), ("max_seq_len", int), ("cpu_threads", int),
+                       ("prefill_chunk", int), ("graph_mode", str)):
+        if key in node and node[key] is not None:
+            setattr(rt, key, _expect(node[key], types, file, node.key_lines[key], f"runtime.{key}"))
+    if rt.graph_mode is not None and rt.graph_mode not in GRAPH_MODES:
+        raise _err(file, node.key_lines["graph_mode"], f"runtime.graph_mode must be one of {', '.join(GRAPH_MODES)}")
+    for key in ("max_seq_len", "cpu_threads", "prefill_chunk"):
+        if getattr(rt, key) is not None and getattr(rt, key) < 1:
+            raise _err(file, node.key_lines[key], f"runtime.{key} must be ≥ 1")
+    return rt
+
+
+def load_profile(path: str) -> Profile:
+    """Read a ktcli profile, or a bare KTransformers rule list (used as the profile's rules)."""
+    data = load_yaml(path)
+    prof = Profile(path=path)
+    if isinstance(data, PosList):          # a KTransformers optimize-rule file
+        prof.rules = _parse_rules(data, path)
+        return prof
+    if data is None:
+        return prof
+    if not isinstance(data, PosDict):
+        raise _err(path, 1, "a profile is a mapping (model, dtype, runtime, rules) or a list of rules")
+    _strict_keys(data, ("model", "weights", "dtype", "device", "num_layers", "runtime", "rules"), path, "profile")
+    prof.lines = dict(data.key_lines)
+    for key in ("model", "weights", "dtype", "device"):
+        if key in data:
+            setattr(prof, key, str(_expect(data[key], str, path, data.key_lines[key], key)))
+    if "num_layers" in data and data["num_layers"] is not None:
+        prof.num_layers = _expect(data["num_layers"], int, path, data.key_lines["num_layers"], "num_layers")
+    for key, allowed in (("dtype", DTYPES), ("weights", WEIGHTS)):
+        if getattr(prof, key) not in allowed:
+            raise _err(path, data.key_lines[key], f"{key} must be one of {', '.join(allowed)}")
+    if prof.model not in ("demo",) and not os.path.isabs(prof.model) and os.sep in prof.model:
+        prof.model = os.path.normpath(os.path.join(os.path.dirname(path), prof.model))
+    if "runtime" in data:
+        prof.runtime = _parse_runtime(data["runtime"], path)
+    rules = data.get("rules")
+    if isinstance(rules, str):             # rules: ./Qwen2-57B-A14B-Instruct.yaml (KTransformers file)
+        rfile = os.path.normpath(os.path.join(os.path.dirname(path), rules))
+        rdata = load_yaml(rfile)
+        prof.rules = _parse_rules(rdata, rfile)
+    else:
+        prof.rules = _parse_rules(rules, path)
+    return prof
+
+
+OVERRIDABLE = ("model", "weights", "dtype", "device", "num_layers")
+RUNTIME_OVERRIDABLE = ("use_cuda_graph", "graph_mode", "max_seq_len", "cpu_threads", "prefill_chunk")
+
+
+def apply_overrides(prof: Profile, **flags) -> Profile:
+    """Flags win over the profile. Conflicting flags are usage errors, raised before anything loads."""
+    flags = {k: v for k, v in flags.items() if v is not None}
+    unknown = set(flags) - set(OVERRIDABLE) - set(RUNTIME_OVERRIDABLE)
+    if unknown:
+        raise ValueError(f"not an override: {sorted(unknown)}")
+    if flags.get("use_cuda_graph") is False and flags.get("graph_mode") not in (None, "off"):
+        raise UsageError(f"--graph-mode {flags['graph_mode']} conflicts with --use-cuda-graph false",
+                         "drop one of the two flags")
+    for key, allowed in (("dtype", DTYPES), ("weights", WEIGHTS), ("graph_mode", GRAPH_MODES)):
+        if key in flags and flags[key] not in allowed:
+            raise UsageError(f"--{key.replace('_', '-')} must be one of {', '.join(allowed)}, got {flags[key]!r}")
+    rt_flags = {k: flags[k] for k in RUNTIME_OVERRIDABLE if k in flags}
+    if "use_cuda_graph" in rt_flags and "graph_mode" not in rt_flags:
+        # the switch wins; a profile's piecewise choice survives "graphs on"
+        keep = rt_flags["use_cuda_graph"] and prof.runtime.graph_mode in ("full", "piecewise")
+        rt_flags["graph_mode"] = prof.runtime.graph_mode if keep else ("off" if not rt_flags["use_cuda_graph"] else None)
+    if rt_flags.get("graph_mode"):
+        rt_flags["use_cuda_graph"] = rt_flags["graph_mode"] != "off"
+    top = {k: flags[k] for k in OVERRIDABLE if k in flags}
+    return dc_replace(prof, runtime=dc_replace(prof.runtime, **rt_flags), **top)

@@ -1,0 +1,1 @@
+"""Report: timings and plans as data → rich tables, JSON, CSV, markdown. Engine code never prints."""
