@@ -1,0 +1,130 @@
+"""Build the model a plan describes: transformers class on meta → HybridExperts swapped in → weights placed."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import CheckpointError, KtcliError
+from ..ops.base import HybridExperts, layout_problem
+from ..ops.cpu import Staging
+from .config import meta_model
+from .weights import fill_synthetic, load_checkpoint
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class Built:
+    model: torch.nn.Module
+    tokenizer: object
+    plan: object
+    profile: object
+    main_device: torch.device
+    dtype: torch.dtype
+    staging: Staging | None
+    timings: dict = field(default_factory=dict)   # stage → seconds
+    weight_bytes: dict = field(default_factory=dict)   # device → bytes of weights resident
+
+
+def _device_of(name: str, plan, experts_devices: dict) -> str:
+    mod = name.rsplit(".", 1)[0]
+    if mod in experts_devices:
+        return experts_devices[mod]
+    while mod and mod not in plan.module_devices:
+        mod = mod.rsplit(".", 1)[0] if "." in mod else ""
+    return plan.module_devices.get(mod, plan.main_device)
+
+
+def _move_output_hook(device):
+    def hook(_mod, _inp, out):
+        return out.to(device)
+    return hook
+
+
+def _move_input_hook(device):
+    def hook(_mod, args):
+        return tuple(a.to(device) if torch.is_tensor(a) else a for a in args)
+    return hook
+
+
+def build(validation, progress=None) -> Built:
+    """`validation` must be ok. `progress(total_bytes)` returns an advance(nbytes) callback (or None)."""
+    prof, plan, src = validation.profile, validation.plan, validation.source
+    t0 = time.perf_counter()
+    dtype = DTYPES[prof.dtype]
+    model = meta_model(src.config, dtype)
+    model.eval().requires_grad_(False)
+    main = torch.device(plan.main_device)
+    cfg = model.config
+    staging = None
+    if any(e.decode.device == "cpu" or e.prefill.device == "cpu" for e in plan.experts) and main.type == "cuda":
+        chunk = min(prof.runtime.prefill_chunk, prof.runtime.max_seq_len)
+        staging = Staging(chunk, cfg.hidden_size, cfg.num_experts_per_tok, dtype, pin=True)
+    experts_devices = {}
+    for e in plan.experts:
+        orig = model.get_submodule(e.module)
+        bad = layout_problem(orig)
+        if bad and not (e.prefill.op == e.decode.op == "torch"):
+            raise KtcliError(f"{type(orig).__name__} uses an experts layout ktcli's operators do not read ({bad})",
+                             "place these experts with the 'torch' operator")
+        parent, attr = e.module.rsplit(".", 1)
+        setattr(model.get_submodule(parent), attr, HybridExperts(orig, e, dtype, staging))
+        experts_devices[e.module] = e.home
+
+    # Allocate every parameter on its final device, then fill it in place: no whole-model copy in RAM.
+    params, total = {}, 0
+    for name, p in list(model.named_parameters()):
+        dev = _device_of(name, plan, experts_devices)
+        real = torch.empty(p.shape, dtype=p.dtype, device=dev, pin_memory=False)
+        mod_name, attr = name.rsplit(".", 1)
+        mod = model.get_submodule(mod_name)
+        mod._parameters[attr] = torch.nn.Parameter(real, requires_grad=False)
+        params[name] = real
+        total += real.numel() * real.element_size()
+    buffers = {}
+    for name, b in list(model.named_buffers()):
+        mod_name, attr = name.rsplit(".", 1) if "." in name else ("", name)
+        mod = model.get_submodule(mod_name)
+        mod._buffers[attr] = b.to(_device_of(name, plan, experts_devices))
+        if attr not in mod._non_persistent_buffers_set:
+            buffers[name] = mod._buffers[attr]
+    advance = progress(total) if progress else None
+    if prof.weights == "synthetic" or src.checkpoint_dir is None:
+        fill_synthetic(params, progress=advance)
+    else:
+        tied = getattr(cfg, "tie_word_embeddings", False)
+        if tied and "lm_head.weight" in params:
+            params.pop("lm_head.weight")
+        load_checkpoint(params, src.checkpoint_dir, progress=advance, buffers=buffers)
+        if tied:
+            model.tie_weights()
+    # Modules off the main device (KTransformers puts embed_tokens on the CPU) hand their output back.
+    emb = model.get_input_embeddings()
+    if plan.embed_device != plan.main_device:
+        emb.register_forward_pre_hook(_move_input_hook(torch.device(plan.embed_device)))
+        emb.register_forward_hook(_move_output_hook(main))
+    head = model.get_output_embeddings()
+    if plan.lm_head_device != plan.main_device:
+        head.register_forward_pre_hook(_move_input_hook(torch.device(plan.lm_head_device)))
+        head.register_forward_hook(_move_output_hook(main))
+    weight_bytes = {}
+    for p in params.values():
+        weight_bytes[str(p.device)] = weight_bytes.get(str(p.device), 0) + p.numel() * p.element_size()
+    if main.type == "cuda":
+        torch.cuda.synchronize()
+    tokenizer = load_tokenizer(src.checkpoint_dir)
+    return Built(model, tokenizer, plan, prof, main, dtype, staging,
+                 timings={"load": time.perf_counter() - t0}, weight_bytes=weight_bytes)
+
+
+def load_tokenizer(ckpt):
+    if ckpt is None:
+        return None
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(ckpt)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load the tokenizer from {ckpt}: {str(e).splitlines()[0]}",
+                              "the checkpoint needs tokenizer.json and tokenizer_config.json") from None

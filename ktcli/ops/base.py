@@ -1,0 +1,85 @@
+"""HybridExperts: the module swapped in for every `...mlp.experts`; it picks an operator per stage.
+
+Shape legend: T tokens, H hidden, I expert intermediate, E experts, K top-k.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+SUPPORTED_LAYOUT = dict(has_gate=True, has_bias=False, is_transposed=False, is_concatenated=True)
+
+
+def layout_problem(orig: nn.Module) -> str | None:
+    """ktcli's operators read the common experts layout; other layouts are named, not guessed."""
+    bad = [f"{k}={getattr(orig, k)}" for k, v in SUPPORTED_LAYOUT.items() if getattr(orig, k, v) != v]
+    if getattr(orig, "has_post_expert_norm", False):
+        bad.append("has_post_expert_norm=True")
+    return ", ".join(bad) or None
+
+
+def eager_reference(x, idx, w, gate_up, down, act):
+    """transformers' eager loop (the reference): x [T,H], idx/w [T,K], gate_up [E,2I,H], down [E,H,I]."""
+    out = torch.zeros_like(x)
+    E = gate_up.shape[0]
+    mask = torch.nn.functional.one_hot(idx, num_classes=E).permute(2, 1, 0)        # [E,K,T]
+    for e in (mask.sum(dim=(1, 2)) > 0).nonzero().flatten().tolist():
+        pos, tok = torch.where(mask[e])
+        gate, up = torch.nn.functional.linear(x[tok], gate_up[e]).chunk(2, dim=-1)
+        h = torch.nn.functional.linear(act(gate) * up, down[e]) * w[tok, pos, None]
+        out.index_add_(0, tok, h.to(out.dtype))
+    return out
+
+
+class HybridExperts(nn.Module):
+    """Holds one layer's expert weights on their home device and one operator per stage."""
+
+    def __init__(self, orig: nn.Module, placement, dtype: torch.dtype, staging=None):
+        super().__init__()
+        from .registry import OPERATORS
+        self.layer, self.placement = placement.layer, placement
+        E, I2, H = orig.gate_up_proj.shape
+        self.num_experts, self.hidden, self.inter = E, H, I2 // 2
+        self.act_fn = orig.act_fn
+        home = torch.device(placement.home)
+        # Filled by the weight loader; meta until then.
+        self.gate_up_proj = nn.Parameter(torch.empty(E, I2, H, dtype=dtype, device="meta"), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(E, H, I2 // 2, dtype=dtype, device="meta"), requires_grad=False)
+        self.home = home
+        self.stage = "prefill"
+        self.ops = {}
+        for stage in ("prefill", "decode"):
+            sp = getattr(placement, stage)
+            self.ops[stage] = OPERATORS[sp.op].load()(self, torch.device(sp.device), staging)
+
+    def weights_on(self, device: torch.device):
+        """The weights on `device`: the resident ones, or a per-call copy (prefill away from home)."""
+        if device == self.gate_up_proj.device:
+            return self.gate_up_proj, self.down_proj
+        return (self.gate_up_proj.to(device, non_blocking=True), self.down_proj.to(device, non_blocking=True))
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return self.ops[self.stage](hidden_states, top_k_index, top_k_weights)
+
+    def extra_repr(self):
+        return (f"layer={self.layer}, E={self.num_experts}, H={self.hidden}, I={self.inter}, "
+                f"prefill={self.placement.prefill.op}@{self.placement.prefill.device}, "
+                f"decode={self.placement.decode.op}@{self.placement.decode.device}")
+
+
+def set_stage(model: nn.Module, stage: str) -> None:
+    for m in model.modules():
+        if isinstance(m, HybridExperts):
+            m.stage = stage
+
+
+class DeviceOp:
+    """Base for operators that compute on one device: moves inputs there and the result back."""
+
+    def __init__(self, experts: HybridExperts, device: torch.device, staging=None):
+        self.experts, self.device = experts, device
+
+    def __call__(self, x, idx, w):
+        dev = x.device
+        y = self.compute(x.to(self.device), idx.to(self.device), w.to(self.device))
+        return y.to(dev)

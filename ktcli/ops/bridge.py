@@ -1,0 +1,108 @@
+"""How CPU work joins the GPU stream: eagerly, inside one CUDA graph (host callbacks), or between graphs.
+
+Host callbacks go through the driver's cuLaunchHostFunc (ctypes on libcuda), which stream capture records
+as a host node. Rules: a callback makes no CUDA calls and allocates nothing on the GPU or pinned; every
+buffer exists before capture.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import torch
+
+_HOSTFN = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+
+class _Driver:
+    _lib = None
+
+    @classmethod
+    def launch_host_func(cls, stream: int, fn) -> None:
+        if cls._lib is None:
+            cls._lib = ctypes.CDLL("libcuda.so.1")
+            cls._lib.cuLaunchHostFunc.argtypes = [ctypes.c_void_p, _HOSTFN, ctypes.c_void_p]
+            cls._lib.cuLaunchHostFunc.restype = ctypes.c_int
+        rc = cls._lib.cuLaunchHostFunc(ctypes.c_void_p(stream), fn, None)
+        if rc != 0:
+            raise RuntimeError(f"cuLaunchHostFunc failed with CUresult {rc}")
+
+
+class HostCallbackBridge:
+    """Full-graph mode: the CPU step runs in a host callback, recorded into the graph with the GPU work."""
+    name = "full"
+
+    def __init__(self):
+        self._keep = []          # ctypes callbacks must outlive the graph
+        self.errors = []         # an exception inside a callback cannot propagate: recorded, raised after
+
+    def cpu_step(self, step) -> None:
+        def run(_):
+            try:
+                step()
+            except BaseException as e:   # noqa: BLE001 — reported by check()
+                self.errors.append(e)
+        fn = _HOSTFN(run)
+        self._keep.append(fn)
+        _Driver.launch_host_func(torch.cuda.current_stream().cuda_stream, fn)
+
+    def check(self):
+        if self.errors:
+            e, self.errors = self.errors[0], []
+            raise RuntimeError(f"CPU experts failed inside the CUDA graph: {e!r}") from e
+
+
+class PiecewiseBridge:
+    """Piecewise mode: each CPU step ends the graph segment being captured and starts the next one."""
+    name = "piecewise"
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.segments = []       # [CUDAGraph, cpu_step or None] in replay order
+        self._graph = None
+
+    def begin(self):
+        self._graph = torch.cuda.CUDAGraph()
+        self._graph.capture_begin(pool=self.pool)
+
+    def cpu_step(self, step) -> None:
+        self._graph.capture_end()
+        self.segments.append((self._graph, step))
+        self.begin()
+
+    def end(self):
+        self._graph.capture_end()
+        self.segments.append((self._graph, None))
+        self._graph = None
+
+    def replay(self):
+        stream = torch.cuda.current_stream()
+        for graph, step in self.segments:
+            graph.replay()
+            if step is not None:
+                stream.synchronize()     # the D2H copies of this segment are done; one sync per CPU layer
+                step()
+
+    def check(self):
+        pass
+
+
+_state = threading.local()
+
+
+def active():
+    return getattr(_state, "bridge", None)
+
+
+class use_bridge:
+    """with use_bridge(b): CPU expert layers called in this thread join the stream through `b`."""
+
+    def __init__(self, bridge):
+        self.bridge = bridge
+
+    def __enter__(self):
+        self.prev, _state.bridge = active(), self.bridge
+        return self.bridge
+
+    def __exit__(self, *exc):
+        _state.bridge = self.prev

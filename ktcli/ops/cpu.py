@@ -1,0 +1,75 @@
+"""`cpu`: routed experts computed on the CPU from CPU-resident weights.
+
+Activations cross through preallocated pinned staging buffers shared by all CPU-expert layers (layers run
+one after another on one stream, so one set suffices). Shape legend: T tokens, H hidden, K top-k, E experts.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import bridge as bridge_mod
+from .base import DeviceOp
+
+
+class Staging:
+    """Pinned host buffers for T ≤ capacity tokens, allocated once before any graph capture."""
+
+    def __init__(self, capacity: int, hidden: int, top_k: int, dtype: torch.dtype, pin: bool):
+        self.capacity, self.pin = capacity, pin
+        mk = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt, pin_memory=pin)  # noqa: E731
+        self.x, self.y = mk(capacity, hidden), mk(capacity, hidden)                   # [T,H]
+        self.idx, self.w = mk(capacity, top_k, dt=torch.int64), mk(capacity, top_k)   # [T,K]
+
+
+def cpu_moe(x, idx, w, gate_up, down, act, out):
+    """out[T,H] = Σ_k w[t,k] · expert_{idx[t,k]}(x[t]); tokens grouped per expert (host-side, no GPU)."""
+    T, K = idx.shape
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
+    out.zero_()
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        sel = order[start:start + n]
+        start += n
+        tok = sel // K
+        gate, up = F.linear(x[tok], gate_up[e]).chunk(2, dim=-1)
+        h = F.linear(act(gate) * up, down[e]) * w.reshape(-1)[sel, None].to(x.dtype)
+        out.index_add_(0, tok, h)
+    return out
+
+
+class CpuExperts(DeviceOp):
+    def __init__(self, experts, device, staging=None):
+        super().__init__(experts, device, staging)
+        self.staging = staging
+
+    def compute(self, x, idx, w):
+        gate_up, down = self.experts.weights_on(self.device)
+        return cpu_moe(x, idx, w, gate_up, down, self.experts.act_fn, torch.empty_like(x))
+
+    def _staged(self, T):
+        st = self.staging
+        gate_up, down = self.experts.gate_up_proj, self.experts.down_proj
+        cpu_moe(st.x[:T], st.idx[:T], st.w[:T], gate_up, down, self.experts.act_fn, st.y[:T])
+
+    def __call__(self, x, idx, w):
+        if x.device.type == "cpu":
+            return self.compute(x, idx.to(torch.int64), w.to(x.dtype))
+        st, T = self.staging, x.shape[0]
+        if T > st.capacity:   # eager only (graphs capture decode, T=1): split into staging-sized chunks
+            return torch.cat([self(x[i:i + st.capacity], idx[i:i + st.capacity], w[i:i + st.capacity])
+                              for i in range(0, T, st.capacity)])
+        st.x[:T].copy_(x, non_blocking=True)
+        st.idx[:T].copy_(idx, non_blocking=True)
+        st.w[:T].copy_(w, non_blocking=True)
+        bridge = bridge_mod.active()
+        if bridge is None:
+            torch.cuda.current_stream(x.device).synchronize()
+            self._staged(T)
+        else:
+            bridge.cpu_step(lambda: self._staged(T))
+        return st.y[:T].to(x.device, non_blocking=True)
