@@ -1,6 +1,110 @@
-"""Chat with a model (not yet built: exits 1)."""
-from ..errors import KtcliError
+"""Chat with a model: streamed replies, multi-turn history, per-turn timings. `--prompt` for scripts."""
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+from . import options as o
 
 
-def chat():
-    raise KtcliError("chat is not implemented yet")
+def chat(profile: o.ProfileArg = None, model: o.Model = None, weights: o.Weights = None, dtype: o.Dtype = None,
+         device: o.Device = None, num_layers: o.NumLayers = None, use_cuda_graph_kt: o.GraphKT = None,
+         use_cuda_graph: o.Graph = None, graph_mode: o.GraphMode = None, max_seq_len: o.MaxLen = None,
+         cpu_threads: o.Threads = None,
+         prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Answer this one message, print the timings and exit.")] = None,
+         interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Read turns line by line from stdin even when it is not a terminal.")] = False,
+         system: Annotated[Optional[str], typer.Option("--system", help="System prompt.")] = None,
+         max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Reply length limit.")] = 256,
+         temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy.")] = 0.0,
+         top_k: Annotated[int, typer.Option("--top-k", min=0, help="0 keeps all tokens.")] = 0,
+         top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 1.0,
+         seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
+         stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable).")] = None,
+         think: Annotated[Optional[bool], typer.Option("--think/--no-think", help="Thinking mode, where the chat template supports it.", show_default=False)] = None,
+         context_policy: Annotated[str, typer.Option("--context-policy", help="When the context is full: drop-oldest turns, or stop.")] = "drop-oldest"):
+    from ..engine import ContextFull, Engine, GenerationConfig
+    from ..engine.conversation import Conversation
+    from ..errors import KtcliError, UsageError
+    from ..report.chat_ui import HELP, ChatUI, Detokenizer
+    from .run import load
+    if context_policy not in ("drop-oldest", "stop"):
+        raise UsageError(f"--context-policy must be drop-oldest or stop, got {context_policy!r}")
+    one_shot = prompt is not None or (not interactive and not sys.stdin.isatty())
+    if prompt is None and one_shot:
+        prompt = sys.stdin.read().strip()
+        if not prompt:
+            raise UsageError("no prompt: stdin was empty", "pass --prompt TEXT, pipe text in, or use -i")
+    prof = o.profile_from_flags(profile, model=model, weights=weights, dtype=dtype, device=device,
+                                num_layers=num_layers, use_cuda_graph=o.graph_switch(use_cuda_graph_kt, use_cuda_graph),
+                                graph_mode=graph_mode, max_seq_len=max_seq_len, cpu_threads=cpu_threads)
+    v, built = load(prof, o.machine_for(None))
+    if built.tokenizer is None:
+        raise KtcliError(f"{v.source.spec} has no tokenizer (synthetic weights)", "chat needs a checkpoint; use bench")
+    engine = Engine(built)
+    engine.prepare()
+    ui = ChatUI(interactive=not one_shot)
+    conv = Conversation(built.tokenizer, engine.max_len, system=system, thinking=think, policy=context_policy)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           seed=seed, stop=tuple(stop or ()))
+    if not one_shot:
+        ui.banner(v.source.name, engine.mode, built.timings["load"], engine.capture_s)
+    last = None
+    interrupted = [False]
+
+    def on_sigint(*_):
+        interrupted[0] = True
+
+    while True:
+        text = prompt if one_shot else ui.ask()
+        if text is None or text.strip() in ("/exit", "/quit"):
+            break
+        cmd, _, arg = text.strip().partition(" ")
+        if not one_shot and cmd.startswith("/"):
+            if cmd == "/help":
+                ui.info(HELP)
+            elif cmd == "/reset":
+                conv.turns = []
+                engine.reset()
+                ui.notice("conversation reset")
+            elif cmd == "/stats":
+                ui.stats(last, ui.out) if last else ui.notice("no reply yet")
+            elif cmd == "/system":
+                conv.system, conv.turns = arg or None, []
+                ui.notice(f"system prompt {'set' if arg else 'cleared'}; conversation reset")
+            elif cmd == "/think" and arg in ("on", "off"):
+                if not conv.supports_thinking:
+                    ui.notice("this model's chat template has no thinking mode")
+                else:
+                    conv.thinking = arg == "on"
+                    ui.notice(f"thinking mode {arg}")
+            else:
+                ui.notice(f"unknown command {cmd}; /help lists them")
+            continue
+        try:
+            ids, dropped = conv.prompt(text, reserve=min(cfg.max_new_tokens, max(engine.max_len // 4, 1)))
+        except ContextFull as e:
+            if one_shot:
+                raise
+            ui.notice(f"{e.message} — {e.hint}")
+            continue
+        if dropped:
+            ui.notice(f"context full: dropped the {dropped} oldest turn(s)")
+        detok = Detokenizer(built.tokenizer)
+        interrupted[0] = False
+        old = signal.signal(signal.SIGINT, on_sigint) if not one_shot else None
+        try:
+            _, last = engine.generate(ids, cfg, on_token=lambda t: ui.piece(detok.push(t)),
+                                      should_stop=lambda: interrupted[0])
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGINT, old)
+        ui.end_reply(interrupted=last.stop_reason == "interrupted")
+        conv.commit(text, detok.text(), dropped)
+        if one_shot:
+            ui.stats(last)
+            break
+        ui.stats(last)

@@ -8,8 +8,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import time
+
 from . import bridge as bridge_mod
 from .base import DeviceOp
+
+
+class HostClock:
+    """Seconds spent computing CPU experts (host-side, safe inside host callbacks)."""
+    seconds = 0.0
+
+    @classmethod
+    def take(cls) -> float:
+        s, cls.seconds = cls.seconds, 0.0
+        return s
 
 
 class Staging:
@@ -52,13 +64,18 @@ class CpuExperts(DeviceOp):
         return cpu_moe(x, idx, w, gate_up, down, self.experts.act_fn, torch.empty_like(x))
 
     def _staged(self, T):
+        t0 = time.perf_counter()
         st = self.staging
         gate_up, down = self.experts.gate_up_proj, self.experts.down_proj
         cpu_moe(st.x[:T], st.idx[:T], st.w[:T], gate_up, down, self.experts.act_fn, st.y[:T])
+        HostClock.seconds += time.perf_counter() - t0
 
     def __call__(self, x, idx, w):
         if x.device.type == "cpu":
-            return self.compute(x, idx.to(torch.int64), w.to(x.dtype))
+            t0 = time.perf_counter()
+            y = self.compute(x, idx.to(torch.int64), w.to(x.dtype))
+            HostClock.seconds += time.perf_counter() - t0
+            return y
         st, T = self.staging, x.shape[0]
         if T > st.capacity:   # eager only (graphs capture decode, T=1): split into staging-sized chunks
             return torch.cat([self(x[i:i + st.capacity], idx[i:i + st.capacity], w[i:i + st.capacity])

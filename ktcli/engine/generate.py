@@ -1,0 +1,165 @@
+"""Generation over a static KV cache: chunked prefill, then fixed-shape decode steps (eager or graph)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import KtcliError
+from ..ops.base import set_stage
+from ..ops.cpu import HostClock
+from .sampling import sample
+from .timing import GenerationStats, peak_host_bytes
+
+
+class ContextFull(KtcliError):
+    pass
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple = ()                 # stop strings
+    ignore_eos: bool = False         # bench: fixed lengths
+
+
+class Engine:
+    def __init__(self, built, graph_mode: str | None = None):
+        from transformers import StaticCache
+        self.built, self.model, self.device = built, built.model, built.main_device
+        rt = built.profile.runtime
+        self.max_len, self.chunk = rt.max_seq_len, min(rt.prefill_chunk, rt.max_seq_len)
+        self.mode = graph_mode or rt.mode
+        self.cache = StaticCache(config=self.model.config, max_cache_len=self.max_len)
+        self.ids: list = []          # tokens whose K/V are in the cache, in order
+        self.graph = None
+        self.capture_s = 0.0
+        tok, gen = built.tokenizer, getattr(self.model, "generation_config", None)
+        eos = [getattr(tok, "eos_token_id", None)] + _as_list(getattr(gen, "eos_token_id", None))
+        self.eos = {int(i) for i in eos if i is not None}
+        self._tok = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self._pos = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+
+    # -- low level -------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """ids/pos [1, T] → logits of the last position [1, V]."""
+        out = self.model(input_ids=ids, position_ids=pos, cache=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
+    def set_len(self, n: int) -> None:
+        """Tell every cache layer how many positions are valid (prefix reuse, graph warm-up)."""
+        for layer in self.cache.layers:
+            layer.cumulative_length.fill_(n)
+
+    def prepare(self) -> None:
+        """Allocate the cache and, with graphs on, capture the decode step once per model load."""
+        if self.mode == "off" or self.graph is not None:
+            return
+        from .graphs import DecodeGraph
+        t0 = time.perf_counter()
+        self.prefill([0])
+        self.graph = DecodeGraph(self, self.mode)
+        self.graph.capture()
+        self.reset()
+        self.capture_s = time.perf_counter() - t0
+
+    def reset(self) -> None:
+        self.ids = []
+        self.set_len(0)
+
+    # -- stages ----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, ids: list) -> torch.Tensor:
+        if len(ids) >= self.max_len:
+            raise ContextFull(f"the prompt has {len(ids)} tokens; the context holds {self.max_len}",
+                              "raise --max-seq-len or shorten the prompt")
+        reuse = 0
+        while reuse < min(len(ids) - 1, len(self.ids)) and ids[reuse] == self.ids[reuse]:
+            reuse += 1
+        self.set_len(reuse)
+        set_stage(self.model, "prefill")
+        logits = None
+        for a in range(reuse, len(ids), self.chunk):
+            b = min(a + self.chunk, len(ids))
+            x = torch.tensor([ids[a:b]], dtype=torch.long, device=self.device)
+            p = torch.arange(a, b, device=self.device).unsqueeze(0)
+            logits = self.forward(x, p)
+        self.ids = list(ids)
+        self.reused = reuse
+        return logits
+
+    @torch.inference_mode()
+    def decode(self, token: torch.Tensor) -> torch.Tensor:
+        """Feed `token` (0-d, on device) at the next position; logits [1, V] for the one after."""
+        pos = len(self.ids)
+        if self.graph is not None:
+            logits = self.graph.run(token, pos)
+        else:
+            set_stage(self.model, "decode")
+            self._tok.copy_(token.view(1, 1))
+            self._pos.fill_(pos)
+            logits = self.forward(self._tok, self._pos)
+        return logits
+
+    # -- generation ------------------------------------------------------------------------------------------
+    def generate(self, prompt_ids: list, cfg: GenerationConfig, on_token=None, should_stop=None):
+        """Yields nothing; calls on_token(id) as each token is read. Returns (new_ids, GenerationStats)."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.prepare()
+        st = GenerationStats(load_s=self.built.timings.get("load", 0.0), capture_s=self.capture_s, graph_mode=self.mode)
+        gen = None
+        if cfg.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        t0 = time.perf_counter()
+        logits = self.prefill(prompt_ids)
+        tok = sample(logits[0], cfg.temperature, cfg.top_k, cfg.top_p, gen)
+        tid = int(tok)                                   # the one sync per token: read it to stream it
+        st.prefill_s, st.prompt_tokens = time.perf_counter() - t0, len(prompt_ids) - self.reused
+        new, text = [tid], ""
+        HostClock.take()
+        st.stop_reason = "length"
+        while True:
+            if on_token:
+                on_token(tid)
+            if not cfg.ignore_eos and tid in self.eos:
+                st.stop_reason = "eos"
+                break
+            if cfg.stop and self.built.tokenizer is not None:
+                text = self.built.tokenizer.decode(new)
+                if any(s in text for s in cfg.stop):
+                    st.stop_reason = "stop"
+                    break
+            if len(new) >= cfg.max_new_tokens:
+                break
+            if len(self.ids) + 1 >= self.max_len:
+                st.stop_reason = "context"
+                break
+            if should_stop and should_stop():
+                st.stop_reason = "interrupted"
+                break
+            t1 = time.perf_counter()
+            logits = self.decode(tok)
+            self.ids.append(tid)
+            tok = sample(logits[0], cfg.temperature, cfg.top_k, cfg.top_p, gen)
+            tid = int(tok)
+            if self.graph is not None:
+                self.graph.bridge.check()
+            st.latencies.append(time.perf_counter() - t1)
+            new.append(tid)
+        st.decode_tokens, st.decode_s = len(st.latencies), sum(st.latencies)
+        st.cpu_experts_s = HostClock.take()
+        st.peak_gpu_bytes = torch.cuda.max_memory_allocated(self.device) if cuda else 0
+        st.peak_host_bytes = peak_host_bytes()
+        return new, st
+
+
+def _as_list(x):
+    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]

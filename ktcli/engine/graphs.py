@@ -1,0 +1,67 @@
+"""CUDA-graph decode: one step captured once per model load, replayed per token.
+
+full: one graph; CPU-expert layers run inside it through host callbacks (ops/bridge.py).
+piecewise: one graph per GPU segment between CPU-expert layers; the CPU work runs between replays.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ops.base import set_stage
+from ..ops.bridge import HostCallbackBridge, PiecewiseBridge, use_bridge
+
+
+class DecodeGraph:
+    def __init__(self, engine, mode: str):
+        assert mode in ("full", "piecewise")
+        self.engine, self.mode = engine, mode
+        dev = engine.device
+        self.tok = torch.zeros(1, 1, dtype=torch.long, device=dev)      # static inputs
+        self.pos = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        self.logits = None                                               # static output [1, V]
+        self.graph = self.bridge = None
+
+    def capture(self):
+        e = self.engine
+        set_stage(e.model, "decode")
+        n = len(e.ids)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):          # warm-up: cuBLAS handles and lazy allocations happen outside capture
+            for _ in range(2):
+                e.set_len(n)
+                self.pos.fill_(n)
+                e.forward(self.tok, self.pos)
+        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+        e.set_len(n)
+        pool = torch.cuda.graph_pool_handle()
+        if self.mode == "full":
+            self.bridge = HostCallbackBridge()
+            self.graph = torch.cuda.CUDAGraph()
+            with use_bridge(self.bridge), torch.cuda.graph(self.graph, pool=pool):
+                self.logits = e.forward(self.tok, self.pos)
+        else:
+            self.bridge = PiecewiseBridge(pool)
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s), use_bridge(self.bridge):
+                self.bridge.begin()
+                self.logits = e.forward(self.tok, self.pos)
+                self.bridge.end()
+            torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+        e.set_len(n)                         # capture recorded the cache-length increment but did not run it
+
+    def run(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        self.tok.copy_(token.view(1, 1), non_blocking=True)
+        self.pos.fill_(pos)
+        if self.mode == "full":
+            self.graph.replay()
+        else:
+            self.bridge.replay()
+        return self.logits
+
+    @property
+    def segments(self) -> int:
+        return len(self.bridge.segments) if self.mode == "piecewise" else 1

@@ -1,0 +1,89 @@
+"""The chat's screen: streaming text, notices and the per-turn timing lines. The chat loop never renders."""
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.markup import escape
+
+HELP = """/help          this list
+/reset         forget the conversation
+/stats         timings of the last reply
+/system TEXT   set the system prompt (and reset)
+/think on|off  thinking mode (templates that support it)
+/exit          leave (Ctrl-D too); Ctrl-C stops a reply"""
+
+
+class Detokenizer:
+    """Incremental decode: emit only what is new, hold back a partial UTF-8 character."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.ids, self.sent = tokenizer, [], 0
+
+    def push(self, tid: int) -> str:
+        self.ids.append(tid)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        out, self.sent = text[self.sent:], len(text)
+        return out
+
+    def text(self) -> str:
+        return self.tok.decode(self.ids, skip_special_tokens=True)
+
+
+class ChatUI:
+    def __init__(self, interactive: bool):
+        self.interactive = interactive
+        self.out = Console(highlight=False, soft_wrap=True)
+        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+    def banner(self, name, mode, load_s, capture_s):
+        cap = f", graph capture {capture_s:.2f}s" if mode != "off" else ""
+        self.err.print(f"[bold]{escape(name)}[/] loaded in {load_s:.2f}s (graphs {mode}{cap}). /help for commands.")
+
+    def ask(self) -> str | None:
+        try:
+            if self.interactive and sys.stdin.isatty():
+                return self.out.input("[bold green]>>> [/]")
+            line = sys.stdin.readline()
+            return None if line == "" else line.rstrip("\n")
+        except EOFError:
+            return None
+
+    def piece(self, text: str):
+        self.out.file.write(text)
+        self.out.file.flush()
+
+    def end_reply(self, interrupted=False):
+        self.piece("\n")
+        if interrupted:
+            self.err.print("[yellow][reply stopped][/]")
+
+    def notice(self, text: str):
+        self.err.print(f"[yellow]{escape(text)}[/]")
+
+    def info(self, text: str):
+        self.out.print(escape(text))
+
+    def stats(self, st, console=None):
+        c = console or self.err
+        lines = [("prompt eval count", f"{st.prompt_tokens} token(s)"),
+                 ("prompt eval duration", f"{st.prefill_s:.3f}s"),
+                 ("prompt eval rate", f"{st.prompt_tps:.2f} tokens/s"),
+                 ("eval count", f"{st.decode_tokens} token(s)"),
+                 ("eval duration", f"{st.decode_s:.3f}s"),
+                 ("eval rate", f"{st.decode_tps:.2f} tokens/s"),
+                 ("token latency", f"p50 {st.latency_ms(.5):.1f} ms, p90 {st.latency_ms(.9):.1f} ms, "
+                                   f"p99 {st.latency_ms(.99):.1f} ms")]
+        if st.decode_tokens:
+            cpu = st.cpu_experts_s / st.decode_tokens * 1e3
+            rest = max(st.decode_s / st.decode_tokens * 1e3 - cpu, 0.0)
+            lines.append(("decode per token", f"CPU experts {cpu:.2f} ms, GPU + transfers + other {rest:.2f} ms "
+                                              f"(graphs {st.graph_mode})"))
+        mem = f"host {st.peak_host_bytes / 2**30:.2f} GiB"
+        if st.peak_gpu_bytes:
+            mem = f"GPU {st.peak_gpu_bytes / 2**30:.2f} GiB, " + mem
+        lines.append(("peak memory", mem))
+        for k, v in lines:
+            c.print(f"[dim]{k + ':':<22}[/]{v}")

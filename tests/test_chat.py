@@ -1,0 +1,89 @@
+"""ktcli chat on the embedded default model, scripted through CliRunner."""
+from conftest import H100, profile
+
+
+def test_one_shot_prompt(cli):
+    r = cli("chat", "--prompt", "Hello!", "-n", "8")
+    assert r.exit_code == 0, r
+    assert r.stdout.strip()                       # the reply
+    for line in ("prompt eval count:", "prompt eval rate:", "eval count:", "eval rate:", "token latency:"):
+        assert line in r.stderr
+
+
+def test_stdin_prompt_when_not_a_terminal(cli):
+    r = cli("chat", "-n", "4", input="What is an expert?\n")
+    assert r.exit_code == 0, r
+    assert "eval count:           4 token(s)" in r.stderr or "eval count:" in r.stderr
+
+
+def test_empty_stdin_is_an_error(cli):
+    r = cli("chat", input="")
+    assert r.exit_code == 2 and "Error: no prompt: stdin was empty" in r.output
+
+
+def test_scripted_multi_turn_session(cli):
+    script = "Hello!\nTell me more.\n/stats\n/reset\n/system Be brief.\n/think on\nAgain\n/bogus\n/help\n/exit\nnever\n"
+    r = cli("chat", "-i", "-n", "6", input=script)
+    assert r.exit_code == 0, r
+    assert r.stderr.count("\neval rate:") == 3           # three replies, then /exit stops the session
+    assert r.stdout.count("prompt eval count:") == 1   # /stats prints to stdout
+    assert "conversation reset" in r.stderr
+    assert "system prompt set; conversation reset" in r.stderr
+    assert "thinking mode on" in r.stderr
+    assert "unknown command /bogus; /help lists them" in r.stderr
+    assert "/reset         forget the conversation" in r.stdout
+
+
+def test_eof_ends_session(cli):
+    r = cli("chat", "-i", "-n", "3", input="Hi\n")
+    assert r.exit_code == 0 and r.stderr.count("\neval rate:") == 1
+
+
+def test_over_long_prompt(cli):
+    long = "experts " * 400
+    r = cli("chat", "--max-seq-len", "128", "--prompt", long)
+    assert r.exit_code == 1
+    assert r.stderr.startswith("Error: context full: this turn needs")
+    r = cli("chat", "-i", "--max-seq-len", "128", "-n", "4", input=f"{long}\nHi\n")
+    assert r.exit_code == 0
+    assert "context full" in r.stderr and r.stderr.count("\neval rate:") == 1
+
+
+def test_context_drops_oldest_turns(cli):
+    turns = "".join(f"turn {i} about the router and the experts\n" for i in range(8))
+    r = cli("chat", "-i", "--max-seq-len", "160", "-n", "16", input=turns)
+    assert r.exit_code == 0, r
+    assert "context full: dropped the" in r.stderr and r.stderr.count("\neval rate:") == 8
+    r = cli("chat", "-i", "--max-seq-len", "160", "-n", "16", "--context-policy", "stop", input=turns)
+    assert r.exit_code == 0 and "context full: this turn needs" in r.stderr
+
+
+def test_bad_flags(cli):
+    r = cli("chat", "--context-policy", "forget", "--prompt", "x")
+    assert r.exit_code == 2 and "Error: --context-policy must be drop-oldest or stop, got 'forget'" in r.output
+    r = cli("chat", "--temperature", "-1", "--prompt", "x")
+    assert r.exit_code == 2
+    r = cli("chat", "--dtype", "float8", "--prompt", "x")
+    assert r.exit_code == 2 and "Error: --dtype must be one of bfloat16, float16, float32, got 'float8'" in r.output
+
+
+def test_chat_refuses_a_failing_profile_before_loading(cli):
+    r = cli("chat", profile("qwen2-57b-a14b-gpu01-graphs-broken.yaml"), "--prompt", "x")
+    assert r.exit_code == 1
+    assert "CUDA graphs are on (graph_mode full), but layers 0-1 decode with operator 'torch'" in r.stderr \
+        or "device cuda:0 is not on this machine" in r.stderr
+    assert "Hint:" in r.stderr and "Traceback" not in r.output
+
+
+def test_thinking_toggle_changes_the_prompt():
+    from ktcli.build.demo import ensure_demo
+    from ktcli.engine.conversation import Conversation
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(ensure_demo())
+    conv = Conversation(tok, 512)
+    assert conv.supports_thinking
+    default = conv.encode(conv.messages("hi"))
+    conv.thinking = False
+    off = conv.encode(conv.messages("hi"))
+    assert off[: len(default)] == default and len(off) > len(default)
+    assert "<think>" in tok.decode(off[len(default):])

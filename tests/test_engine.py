@@ -1,0 +1,83 @@
+"""Engine: greedy output equals transformers' generate; prefix reuse; sampling; stops; context."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ktcli.engine import ContextFull, Engine, GenerationConfig
+from test_hybrid import PLACEMENTS, built
+from tiny import make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    ckpt = make_checkpoint(tmp_path_factory.getbasetemp(), "qwen3_moe")
+    b = built(tmp_path_factory.mktemp("e"), ckpt, PLACEMENTS["mixed-ops"], prefill_chunk=8)
+    ref = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    return b, ref
+
+
+def greedy_ref(ref, ids, n):
+    out = ref.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def test_greedy_equals_transformers_generate(setup):
+    b, ref = setup
+    e = Engine(b)
+    ids = list(range(5, 40))                      # 35 tokens: several prefill chunks of 8
+    new, st = e.generate(ids, GenerationConfig(max_new_tokens=24, ignore_eos=True))
+    assert new == greedy_ref(ref, ids, 24)
+    assert st.prompt_tokens == 35 and st.decode_tokens == 23 and st.stop_reason == "length"
+    assert st.decode_tps > 0 and st.latency_ms(0.5) > 0
+
+
+def test_second_turn_reuses_prefix_and_still_matches(setup):
+    b, ref = setup
+    e = Engine(b)
+    ids = list(range(10, 30))
+    new, _ = e.generate(ids, GenerationConfig(max_new_tokens=6, ignore_eos=True))
+    ids2 = ids + new + [3, 4, 5]
+    new2, st = e.generate(ids2, GenerationConfig(max_new_tokens=6, ignore_eos=True))
+    assert st.prompt_tokens == 3 + 1     # only the new tokens (+ the last reply token not yet in the cache)
+    assert new2 == greedy_ref(ref, ids2, 6)
+
+
+def test_sampling_is_seeded(setup):
+    b, _ = setup
+    e = Engine(b)
+    cfg = GenerationConfig(max_new_tokens=8, temperature=0.9, top_k=20, top_p=0.8, seed=7, ignore_eos=True)
+    assert e.generate([5, 6, 7], cfg)[0] == e.generate([5, 6, 7], cfg)[0]
+
+
+def test_top_k_one_is_greedy(setup):
+    b, _ = setup
+    e = Engine(b)
+    greedy = e.generate([5, 6, 7], GenerationConfig(max_new_tokens=8, ignore_eos=True))[0]
+    sampled = e.generate([5, 6, 7], GenerationConfig(max_new_tokens=8, temperature=1.0, top_k=1, seed=1,
+                                                     ignore_eos=True))[0]
+    assert greedy == sampled
+
+
+def test_stops(setup):
+    b, _ = setup
+    e = Engine(b)
+    first = e.generate([5, 6, 7], GenerationConfig(max_new_tokens=8, ignore_eos=True))[0]
+    e.eos = {first[2]}
+    new, st = e.generate([5, 6, 7], GenerationConfig(max_new_tokens=8))
+    assert new == first[:3] and st.stop_reason == "eos"
+    n = [0]
+    new, st = e.generate([5, 6, 7], GenerationConfig(max_new_tokens=50, ignore_eos=True),
+                         should_stop=lambda: (n.__setitem__(0, n[0] + 1), n[0] > 4)[1])
+    assert st.stop_reason == "interrupted" and len(new) == 5
+    text = b.tokenizer.decode(first[:4])
+    new, st = e.generate([5, 6, 7], GenerationConfig(max_new_tokens=8, ignore_eos=True, stop=(text[-1],)))
+    assert st.stop_reason == "stop" and len(new) <= 4
+
+
+def test_context_limits(setup):
+    b, _ = setup
+    e = Engine(b)
+    with pytest.raises(ContextFull, match="the prompt has 256 tokens; the context holds 256"):
+        e.generate([5] * 256, GenerationConfig(max_new_tokens=4))
+    new, st = e.generate([5] * 250, GenerationConfig(max_new_tokens=40, ignore_eos=True))
+    assert st.stop_reason == "context" and len(new) == 6
