@@ -52,6 +52,7 @@ class Engine:
         out = self.model(input_ids=ids, position_ids=pos, cache=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 
+    @torch.inference_mode()
     def set_len(self, n: int) -> None:
         """Tell every cache layer how many positions are valid (prefix reuse, graph warm-up)."""
         for layer in self.cache.layers:

@@ -21,6 +21,7 @@ class DecodeGraph:
         self.logits = None                                               # static output [1, V]
         self.graph = self.bridge = None
 
+    @torch.inference_mode()
     def capture(self):
         e = self.engine
         set_stage(e.model, "decode")
