@@ -55,6 +55,7 @@ def resolve_model(spec: str, num_layers: int | None = None) -> ModelSource:
     if num_layers is not None:
         if num_layers < 1 or num_layers > config.num_hidden_layers:
             raise CheckpointError(f"--num-layers {num_layers} is outside 1..{config.num_hidden_layers}")
+        config._ktcli_full_layers = config.num_hidden_layers   # reported by bench next to the truncated count
         config.num_hidden_layers = num_layers
         if getattr(config, "layer_types", None):
             config.layer_types = config.layer_types[:num_layers]

@@ -1,6 +1,86 @@
-"""Benchmark a model (not yet built: exits 1)."""
-from ..errors import KtcliError
+"""Benchmark prefill (pp N) and decode (tg N) like llama-bench; comma lists sweep, every combination in one run."""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+from . import options as o
+
+FORMATS = ("md", "csv", "json", "jsonl")
 
 
-def bench():
-    raise KtcliError("bench is not implemented yet")
+def _ints(text: str, flag: str) -> list:
+    from ..errors import UsageError
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise UsageError(f"{flag} values must be ≥ 1, got {text!r}")
+    return vals
+
+
+def bench(profiles: Annotated[Optional[list[str]], typer.Argument(help="Profiles to compare (default: the embedded demo).", show_default=False)] = None,
+          n_prompt: Annotated[str, typer.Option("-p", "--n-prompt", help="Prefill lengths, comma list (pp tests); 0 skips.")] = "512",
+          n_gen: Annotated[str, typer.Option("-n", "--n-gen", help="Decode lengths, comma list (tg tests); 0 skips.")] = "128",
+          reps: Annotated[int, typer.Option("-r", "--repetitions", min=1, help="Timed repetitions per test.")] = 5,
+          warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed repetitions first.")] = 1,
+          model: o.Model = None, model_config: Annotated[Optional[str], typer.Option("--model-config", help="A shipped architecture (synthetic weights): " "qwen2-57b-a14b, qwen3-30b-a3b, mixtral-8x7b.")] = None,
+          weights: o.Weights = None, dtype: o.Dtype = None, device: o.Device = None, num_layers: o.NumLayers = None,
+          use_cuda_graph: Annotated[Optional[str], typer.Option("--use-cuda-graph", "--use_cuda_graph", help="Comma list of 0/1 (sweep).")] = None,
+          graph_mode: Annotated[Optional[str], typer.Option("--graph-mode", help="Comma list of off, piecewise, full (sweep).")] = None,
+          max_seq_len: o.MaxLen = None, cpu_threads: o.Threads = None, target_devices: o.Targets = None,
+          baseline: Annotated[Optional[str], typer.Option("--baseline", help="Comma list: hf-accelerate, hf-gpu.")] = None,
+          baseline_n_gen: Annotated[Optional[int], typer.Option("--baseline-n-gen", min=1, help="Decode length for baselines (slow ones).")] = None,
+          output: Annotated[str, typer.Option("-o", "--output", help="md, csv, json or jsonl.")] = "md",
+          output_file: Annotated[Optional[str], typer.Option("--output-file", help="Write here (atomically) instead of stdout.")] = None,
+          measure_bw: Annotated[bool, typer.Option("--measure-bw", help="Measure bandwidths again instead of using the cache.")] = False):
+    from ..engine import sweep
+    from ..engine.baselines import BASELINES
+    from ..errors import UsageError
+    from ..profile.schema import GRAPH_MODES
+    from ..report.bench import add_baseline_ratios, finish, render
+    from ..report.files import write_atomic
+    from ..report.progress import steps_progress
+    if output not in FORMATS:
+        raise UsageError(f"-o must be one of {', '.join(FORMATS)}, got {output!r}")
+    if model and model_config:
+        raise UsageError("--model and --model-config name the model twice", "give one")
+    tests = [("pp", n) for n in _ints(n_prompt, "-p") if n] if n_prompt != "0" else []
+    tests += [("tg", n) for n in _ints(n_gen, "-n") if n] if n_gen != "0" else []
+    if not tests:
+        raise UsageError("nothing to run: -p 0 and -n 0")
+    modes = []
+    if graph_mode:
+        modes = [m.strip() for m in graph_mode.split(",")]
+        bad = [m for m in modes if m not in GRAPH_MODES]
+        if bad:
+            raise UsageError(f"--graph-mode values must be {', '.join(GRAPH_MODES)}, got {bad[0]!r}")
+    elif use_cuda_graph:
+        modes = ["full" if o.parse_bool(x, "--use-cuda-graph") else "off" for x in use_cuda_graph.split(",")]
+    bases = [b.strip() for b in baseline.split(",")] if baseline else []
+    if any(b not in BASELINES for b in bases):
+        raise UsageError(f"--baseline values must be {', '.join(BASELINES)}, got {baseline!r}")
+    if model_config:
+        model, weights = model_config, weights or "synthetic"
+    profs = [o.profile_from_flags(p, model=model, weights=weights, dtype=dtype, device=device, num_layers=num_layers,
+                                  max_seq_len=max_seq_len, cpu_threads=cpu_threads) for p in (profiles or [None])]
+    btests = [(k, baseline_n_gen if k == "tg" and baseline_n_gen else n) for k, n in tests]
+    sw = sweep.Sweep(profs, tests, modes, reps, warmup, bases, btests, o.machine_for(target_devices), measure_bw)
+    with steps_progress("bench", sweep.count_steps(sw)) as tick:
+        records = [finish(r) for r in sweep.run(sw, tick)]
+    add_baseline_ratios(records)
+    meta = {"command": "ktcli bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None,
+            "machine": sweep.machine_info(),
+            "notes": [f"{r['model']}: only {r['num_layers']} of {r['num_layers_full']} layers (--num-layers)"
+                      for r in records[:1] if r.get("num_layers") and r.get("num_layers") != r.get("num_layers_full")]}
+    text = render(records, meta, output)
+    if output_file:
+        write_atomic(output_file, text)
+    else:
+        sys.stdout.write(text)
+    if all(r.get("error") for r in records):
+        raise typer.Exit(1)

@@ -33,7 +33,7 @@ def main_device(profile, machine) -> str:
         return "cuda:0" if machine.has("cuda:0") else "cpu"
     dev = normalize_device(profile.device)
     if dev is None:
-        raise KtcliError(f"{profile.where('device')}: device '{profile.device}' is not a device ktcli runs on",
+        raise KtcliError(f"{profile.where('device') or '--device'}: '{profile.device}' is not a device ktcli runs on",
                          "devices are auto, cpu, cuda or cuda:N")
     return dev
 

@@ -69,8 +69,9 @@ class Profile:
     rules: list = field(default_factory=list)
     lines: dict = field(default_factory=dict)   # top-level key → line, for check locations
 
-    def where(self, key: str) -> str:
-        return f"{self.path}:{self.lines.get(key, 1)}"
+    def where(self, key: str) -> str | None:
+        """file:line of a top-level key; None for the built-in default (there is no file to point at)."""
+        return None if self.path.startswith("<") else f"{self.path}:{self.lines.get(key, 1)}"
 
 
 def _err(file, line, msg, hint=None):

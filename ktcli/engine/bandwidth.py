@@ -1,0 +1,74 @@
+"""Measured memory bandwidths (CPU DRAM read, GPU HBM read), cached per machine; the roofline's denominators."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import torch
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_key() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "nogpu"
+    return f"{platform.node()}|{cpu_model()}|{os.cpu_count()}|{gpu}"
+
+
+def _median_time(fn, reps=5):
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return sorted(ts)[len(ts) // 2]
+
+
+def measure_cpu_read(nbytes: int = 2 * 2**30) -> float:
+    """Bytes/s reading a buffer larger than any cache with all threads (a sum forces every byte in)."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    t = _median_time(lambda: x.sum())
+    return nbytes / t
+
+
+def measure_gpu_read(nbytes: int = 4 * 2**30) -> float:
+    x = torch.ones(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+
+    def run():
+        x.sum()
+        torch.cuda.synchronize()
+    t = _median_time(run, reps=10)
+    return nbytes / t
+
+
+def bandwidths(remeasure: bool = False, cache_dir: str | None = None) -> dict:
+    """{'cpu': B/s, 'cuda': B/s or None, 'measured': bool} — cached in ~/.cache/ktcli/bandwidth.json."""
+    from ..build.demo import cache_dir as demo_cache
+    path = os.path.join(cache_dir or os.path.dirname(demo_cache()), "bandwidth.json")
+    key = machine_key()
+    cache = {}
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                cache = json.load(f)
+        except (OSError, ValueError):
+            cache = {}
+    if not remeasure and key in cache:
+        return {**cache[key], "measured": False}
+    bw = {"cpu": measure_cpu_read(), "cuda": measure_gpu_read() if torch.cuda.is_available() else None}
+    cache[key] = bw
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    from ..report.files import write_atomic
+    write_atomic(path, json.dumps(cache, indent=2))
+    return {**bw, "measured": True}

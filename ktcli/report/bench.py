@@ -1,0 +1,88 @@
+"""Bench records → markdown (llama-bench's shape), csv, json, jsonl."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+from ..engine.timing import mean_sd
+
+COLUMNS = ("model", "size", "params", "backend", "placement", "graphs", "threads", "test", "t/s")
+
+
+def finish(rec: dict) -> dict:
+    rec["tps_mean"], rec["tps_sd"] = mean_sd(rec.get("samples") or [])
+    roof = rec.get("roofline")
+    if roof and rec["test"].startswith("tg") and roof.get("best_tps") and rec["tps_mean"]:
+        rec["roofline_ratio"] = rec["tps_mean"] / roof["best_tps"]
+    return rec
+
+
+def add_baseline_ratios(records: list) -> None:
+    base = {(r["model"], r["test"], r["backend"]): r["tps_mean"] for r in records
+            if r["backend"] != "ktcli" and not r.get("error") and r.get("tps_mean")}
+    for r in records:
+        if r["backend"] == "ktcli" and r.get("tps_mean"):
+            r["vs_baseline"] = {b: r["tps_mean"] / v for (m, t, b), v in base.items()
+                                if m == r["model"] and t == r["test"]}
+
+
+def _gib(n):
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
+def _params(n):
+    return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+
+
+def md(records: list, meta: dict) -> str:
+    baselines = sorted({b for r in records for b in (r.get("vs_baseline") or {})})
+    cols = list(COLUMNS) + ["% roofline"] + [f"× {b}" for b in baselines]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---:" if c in ("t/s", "% roofline") or c.startswith("×")
+                                                             else "---" for c in cols) + "|"]
+    for r in records:
+        tps = f"error: {r['error']}" if r.get("error") else f"{r['tps_mean']:.2f} ± {r['tps_sd']:.2f}"
+        row = [r["model"] + (f" ({r['num_layers']}/{r['num_layers_full']} layers)"
+                             if r.get("num_layers") != r.get("num_layers_full") else ""),
+               _gib(r.get("size_bytes", 0)), _params(r.get("params", 0)), r["backend"], r.get("placement", ""),
+               r.get("graphs", ""), str(r.get("threads", "")), r["test"], tps,
+               f"{100 * r['roofline_ratio']:.1f}%" if r.get("roofline_ratio") else ""]
+        row += [f"{r['vs_baseline'][b]:.2f}" if b in (r.get("vs_baseline") or {}) else "" for b in baselines]
+        lines.append("| " + " | ".join(row) + " |")
+    out = "\n".join(lines)
+    stages = [r for r in records if r.get("breakdown")]
+    if stages:
+        out += ("\n\n| backend | graphs | test | ms/token | CPU experts ms | GPU + transfers + other ms |\n"
+                "|---|---|---|---:|---:|---:|\n")
+        out += "\n".join(f"| {r['backend']} | {r.get('graphs', '')} | {r['test']} | {r['breakdown']['ms_per_token']:.3f} "
+                         f"| {r['breakdown']['cpu_experts_ms']:.3f} | {r['breakdown']['gpu_transfer_other_ms']:.3f} |"
+                         for r in stages)
+    roofs = {r["model"] + " / " + r.get("placement", ""): r["roofline"] for r in records if r.get("roofline")}
+    for name, roof in roofs.items():
+        parts = [f"{d} reads {b / 1e9:.2f} GB/token at {roof['bandwidth'][d] / 1e9:.1f} GB/s"
+                 for d, b in roof["bytes_per_token"].items() if roof["bandwidth"].get(d)]
+        out += f"\n\nroofline ({name}): " + "; ".join(parts) + f" → best {roof['best_tps']:.2f} t/s"
+    if meta.get("notes"):
+        out += "\n\n" + "\n".join(f"note: {n}" for n in meta["notes"])
+    return out + "\n"
+
+
+FLAT = ("model", "backend", "placement", "graphs", "threads", "test", "n", "tps_mean", "tps_sd", "roofline_ratio",
+        "num_layers", "num_layers_full", "size_bytes", "params", "error")
+
+
+def render(records: list, meta: dict, fmt: str) -> str:
+    if fmt == "md":
+        return md(records, meta)
+    if fmt == "json":
+        return json.dumps({**meta, "results": records}, indent=2) + "\n"
+    if fmt == "jsonl":
+        return "".join(json.dumps({**r, "machine": meta.get("machine")}) + "\n" for r in records)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=FLAT + ("samples",), extrasaction="ignore")
+        w.writeheader()
+        for r in records:
+            w.writerow({**r, "samples": ";".join(f"{s:.4f}" for s in r.get("samples") or [])})
+        return buf.getvalue()
+    raise ValueError(fmt)

@@ -1,0 +1,94 @@
+"""ktcli bench on the embedded default: formats parse, sweeps cover every combination, failures stay in their row."""
+import csv
+import io
+import json
+import os
+
+from conftest import profile
+
+
+def bench(cli, *args):
+    return cli("bench", "-r", "2", "--warmup", "0", *args)
+
+
+def test_markdown_default(cli):
+    r = bench(cli, "-p", "16", "-n", "4")
+    assert r.exit_code == 0, r
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("| model | size | params | backend | placement | graphs | threads | test | t/s |")
+    rows = [l for l in lines if l.startswith("| demo-v1")]
+    assert [row.split("|")[8].strip() for row in rows] == ["pp16", "tg4"]
+    assert all("±" in row for row in rows)
+    assert "roofline (demo-v1" in r.stdout and "| ms/token | CPU experts ms |" in r.stdout
+
+
+def test_sweep_runs_every_combination_and_json_parses(cli, tmp_path):
+    out = tmp_path / "r.json"
+    r = bench(cli, "-p", "8,16", "-n", "2,4", "--graph-mode", "off", profile("demo.yaml"), "--output-file", str(out), "-o", "json")
+    assert r.exit_code == 0, r
+    d = json.loads(out.read_text())
+    assert sorted(x["test"] for x in d["results"]) == ["pp16", "pp8", "tg2", "tg4"]
+    for x in d["results"]:
+        assert len(x["samples"]) == 2 and x["tps_mean"] > 0 and x["error"] is None
+    assert {"cpu", "cores", "torch", "transformers", "git_commit"} <= set(d["machine"])
+    tg = next(x for x in d["results"] if x["test"] == "tg4")
+    assert tg["roofline"]["best_tps"] > 0 and 0 < tg["roofline_ratio"]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]   # atomic write left nothing behind
+
+
+def test_failing_combination_is_reported_in_its_row(cli, tmp_path):
+    """On a CPU machine graphs cannot run: those rows carry the error, graphs-off rows still run."""
+    r = bench(cli, "-p", "8", "-n", "2", "--use-cuda-graph", "0,1", "-o", "jsonl")
+    rows = [json.loads(l) for l in r.stdout.splitlines()]
+    assert len(rows) == 4
+    ok = [x for x in rows if x["graphs"] == "off"]
+    bad = [x for x in rows if x["graphs"] == "full"]
+    assert all(x["error"] is None and x["tps_mean"] > 0 for x in ok)
+    assert all("graph_mode full needs the model on a GPU" in x["error"] for x in bad)
+    assert r.exit_code == 0
+
+
+def test_csv_and_several_profiles(cli, tmp_path):
+    r = bench(cli, "-p", "8", "-n", "0", profile("demo.yaml"), profile("demo.yaml"), "-o", "csv")
+    assert r.exit_code == 0, r
+    rows = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert len(rows) == 2 and all(float(x["tps_mean"]) > 0 for x in rows)
+    assert len(rows[0]["samples"].split(";")) == 2
+
+
+def test_num_layers_is_said_in_output(cli):
+    r = bench(cli, "-p", "8", "-n", "0", "--num-layers", "2")
+    assert r.exit_code == 0 and "demo-v1 (2/4 layers)" in r.stdout
+    assert "note: demo-v1: only 2 of 4 layers (--num-layers)" in r.stdout
+
+
+def test_bad_flags(cli):
+    for args, msg in ((["-p", "abc"], "Error: -p takes comma-separated integers, got 'abc'"),
+                      (["-o", "xml"], "Error: -o must be one of md, csv, json, jsonl, got 'xml'"),
+                      (["--graph-mode", "fast"], "Error: --graph-mode values must be full, piecewise, off, got 'fast'"),
+                      (["--baseline", "llama"], "Error: --baseline values must be hf-accelerate, hf-gpu, got 'llama'"),
+                      (["-p", "0", "-n", "0"], "Error: nothing to run: -p 0 and -n 0"),
+                      (["--model", "demo", "--model-config", "qwen2-57b-a14b"], "Error: --model and --model-config name the model twice")):
+        r = cli("bench", *args)
+        assert r.exit_code == 2 and msg in r.output, (args, r)
+
+
+def test_all_rows_failing_exits_1(cli):
+    r = bench(cli, "-p", "8", "-n", "0", "--graph-mode", "full")
+    assert r.exit_code == 1 and "error: graph_mode full needs the model on a GPU" in r.stdout
+
+
+def test_baseline_without_gpu_is_an_error_row(cli):
+    r = bench(cli, "-p", "8", "-n", "0", "--baseline", "hf-gpu", "-o", "json")
+    d = json.loads(r.stdout)
+    assert [x["backend"] for x in d["results"]] == ["ktcli", "hf-gpu"]
+    assert d["results"][1]["error"] == "baseline hf-gpu needs a GPU"
+
+
+def test_synthetic_full_size_config_few_layers(cli):
+    """--model-config with the real Qwen3-30B-A3B shapes, 1 layer, synthetic weights, on the CPU."""
+    r = bench(cli, "--model-config", "qwen3-30b-a3b", "--num-layers", "1", "--device", "cpu", "-p", "4", "-n", "2",
+              "--max-seq-len", "64", "-o", "json")
+    assert r.exit_code == 0, r
+    d = json.loads(r.stdout)
+    assert d["results"][0]["weights"] == "synthetic" and d["results"][0]["num_layers_full"] == 48
