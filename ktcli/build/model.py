@@ -61,7 +61,8 @@ def build(validation, progress=None) -> Built:
     staging = None
     if any(e.decode.device == "cpu" or e.prefill.device == "cpu" for e in plan.experts) and main.type == "cuda":
         chunk = min(prof.runtime.prefill_chunk, prof.runtime.max_seq_len)
-        staging = Staging(chunk, cfg.hidden_size, cfg.num_experts_per_tok, dtype, pin=True)
+        staging = Staging(chunk, cfg.hidden_size, cfg.num_experts_per_tok, dtype, pin=True,
+                          threads=prof.runtime.cpu_threads or 0)
     experts_devices = {}
     for e in plan.experts:
         orig = model.get_submodule(e.module)

@@ -27,8 +27,8 @@ class HostClock:
 class Staging:
     """Pinned host buffers for T ≤ capacity tokens, allocated once before any graph capture."""
 
-    def __init__(self, capacity: int, hidden: int, top_k: int, dtype: torch.dtype, pin: bool):
-        self.capacity, self.pin = capacity, pin
+    def __init__(self, capacity: int, hidden: int, top_k: int, dtype: torch.dtype, pin: bool, threads: int = 0):
+        self.capacity, self.pin, self.threads = capacity, pin, threads
         mk = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt, pin_memory=pin)  # noqa: E731
         self.x, self.y = mk(capacity, hidden), mk(capacity, hidden)                   # [T,H]
         self.idx, self.w = mk(capacity, top_k, dt=torch.int64), mk(capacity, top_k)   # [T,K]
@@ -66,6 +66,8 @@ class CpuExperts(DeviceOp):
     def _staged(self, T):
         t0 = time.perf_counter()
         st = self.staging
+        if st.threads and torch.get_num_threads() != st.threads:   # host-callback threads start with defaults
+            torch.set_num_threads(st.threads)
         gate_up, down = self.experts.gate_up_proj, self.experts.down_proj
         cpu_moe(st.x[:T], st.idx[:T], st.w[:T], gate_up, down, self.experts.act_fn, st.y[:T])
         HostClock.seconds += time.perf_counter() - t0
