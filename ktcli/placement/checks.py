@@ -48,7 +48,11 @@ def check_rules(profile, plan, model) -> list:
             continue
         beyond = sorted({i for i in range(n_layers, n_layers + 256) for n in layer_names
                          if rule.name and re.search(rule.name, n.replace("layers.0", f"layers.{i}", 1))})
-        if beyond:
+        full = getattr(model.config, "_ktcli_full_layers", n_layers)
+        if beyond and max(beyond) < full:
+            out.append(Finding(NOTE, "coverage", f"{rule.label} targets layer {ranges(beyond[:8])}, cut by "
+                               f"--num-layers {n_layers}", rule.where))
+        elif beyond:
             out.append(Finding(ERROR, "coverage", f"{rule.label} targets layer {ranges(beyond[:8])}"
                                f"{'…' if len(beyond) > 8 else ''}, but the model has {n_layers} layers "
                                f"(0-{n_layers - 1})", rule.where, "fix the layer indices in match.name"))
