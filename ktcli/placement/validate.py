@@ -47,6 +47,8 @@ def validate(profile, machine) -> Validation:
         v.findings.append(Finding(ERROR, "model", e.message, profile.where("model"), e.hint))
         return v
     v.model = meta_model(v.source.config)
+    cfg = v.source.config     # from_config copies the config; keep the --num-layers note on the copy too
+    v.model.config._ktcli_full_layers = getattr(cfg, "_ktcli_full_layers", cfg.num_hidden_layers)
     if not find_experts(v.model):
         v.findings.append(Finding(ERROR, "model", f"{type(v.model).__name__} ({v.source.config.model_type}) has no "
                                   "experts module with transformers' experts interface",
