@@ -49,7 +49,7 @@ def check_rules(profile, plan, model) -> list:
         beyond = sorted({i for i in range(n_layers, n_layers + 256) for n in layer_names
                          if rule.name and re.search(rule.name, n.replace("layers.0", f"layers.{i}", 1))})
         full = getattr(model.config, "_ktcli_full_layers", n_layers)
-        if beyond and max(beyond) < full:
+        if beyond and min(beyond) < full:
             out.append(Finding(NOTE, "coverage", f"{rule.label} targets layer {ranges(beyond[:8])}, cut by "
                                f"--num-layers {n_layers}", rule.where))
         elif beyond:
