@@ -101,6 +101,9 @@ def build(validation, progress=None) -> Built:
         load_checkpoint(params, src.checkpoint_dir, progress=advance, buffers=buffers)
         if tied:
             model.tie_weights()
+    for m in model.modules():
+        if isinstance(m, HybridExperts):
+            m.finalize()
     # Modules off the main device (KTransformers puts embed_tokens on the CPU) hand their output back.
     emb = model.get_input_embeddings()
     if plan.embed_device != plan.main_device:
@@ -111,8 +114,12 @@ def build(validation, progress=None) -> Built:
         head.register_forward_pre_hook(_move_input_hook(torch.device(plan.lm_head_device)))
         head.register_forward_hook(_move_output_hook(main))
     weight_bytes = {}
-    for p in params.values():
+    for p in model.parameters():
         weight_bytes[str(p.device)] = weight_bytes.get(str(p.device), 0) + p.numel() * p.element_size()
+    for m in model.modules():
+        packed = getattr(m, "packed", None)
+        if packed is not None and packed.fmt != "bf16":
+            weight_bytes["cpu"] = weight_bytes.get("cpu", 0) + packed.nbytes()
     if main.type == "cuda":
         torch.cuda.synchronize()
     tokenizer = load_tokenizer(src.checkpoint_dir)

@@ -52,8 +52,29 @@ class HybridExperts(nn.Module):
             sp = getattr(placement, stage)
             self.ops[stage] = OPERATORS[sp.op].load()(self, torch.device(sp.device), staging)
 
+    def finalize(self) -> None:
+        """After loading: CPU-resident weights are packed into their format (int8/int4 quantized here)."""
+        from .quant import pack
+        self.packed = None
+        fmt = self.placement.weight_format
+        if self.home.type != "cpu" or (fmt == "bf16" and self.gate_up_proj.dtype != torch.bfloat16):
+            return
+        self.packed = pack(fmt, self.gate_up_proj.data, self.down_proj.data, self.placement.group_size)
+        if fmt != "bf16":   # the bf16 copy is dropped: only the quantized weights stay resident
+            self.gate_up_proj = nn.Parameter(torch.empty(0, dtype=self.gate_up_proj.dtype), requires_grad=False)
+            self.down_proj = nn.Parameter(torch.empty(0, dtype=self.down_proj.dtype), requires_grad=False)
+
+    def expert_weights(self, e: int, dtype):
+        """(gate_up[e], down[e]) for the torch path, dequantized when the stored format is int8/int4."""
+        if getattr(self, "packed", None) is not None and self.packed.fmt != "bf16":
+            return self.packed.expert(e, dtype)
+        return self.gate_up_proj[e], self.down_proj[e]
+
     def weights_on(self, device: torch.device):
         """The weights on `device`: the resident ones, or a per-call copy (prefill away from home)."""
+        if getattr(self, "packed", None) is not None and self.packed.fmt != "bf16":   # prefill on another device
+            dq = [self.packed.expert(e, self.gate_up_proj.dtype) for e in range(self.num_experts)]
+            return (torch.stack([d[0] for d in dq]).to(device), torch.stack([d[1] for d in dq]).to(device))
         if device == self.gate_up_proj.device:
             return self.gate_up_proj, self.down_proj
         return (self.gate_up_proj.to(device, non_blocking=True), self.down_proj.to(device, non_blocking=True))

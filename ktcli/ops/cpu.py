@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import time
 
 from . import bridge as bridge_mod
+from . import kernels
 from .base import DeviceOp
 
 
@@ -34,12 +35,14 @@ class Staging:
         self.idx, self.w = mk(capacity, top_k, dt=torch.int64), mk(capacity, top_k)   # [T,K]
 
 
-def cpu_moe(x, idx, w, gate_up, down, act, out):
-    """out[T,H] = Σ_k w[t,k] · expert_{idx[t,k]}(x[t]); tokens grouped per expert (host-side, no GPU)."""
+def cpu_moe(x, idx, w, gate_up, down, act, out, weights=None):
+    """out[T,H] = Σ_k w[t,k] · expert_{idx[t,k]}(x[t]); tokens grouped per expert (host-side, no GPU).
+
+    `weights(e)` → (gate_up[e], down[e]) replaces the tensors for quantized formats (dequantized per expert)."""
     T, K = idx.shape
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
+    counts = torch.bincount(flat).tolist()
     out.zero_()
     start = 0
     for e, n in enumerate(counts):
@@ -48,8 +51,9 @@ def cpu_moe(x, idx, w, gate_up, down, act, out):
         sel = order[start:start + n]
         start += n
         tok = sel // K
-        gate, up = F.linear(x[tok], gate_up[e]).chunk(2, dim=-1)
-        h = F.linear(act(gate) * up, down[e]) * w.reshape(-1)[sel, None].to(x.dtype)
+        gu, dn = weights(e) if weights else (gate_up[e], down[e])
+        gate, up = F.linear(x[tok], gu).chunk(2, dim=-1)
+        h = F.linear(act(gate) * up, dn) * w.reshape(-1)[sel, None].to(x.dtype)
         out.index_add_(0, tok, h)
     return out
 
@@ -58,18 +62,31 @@ class CpuExperts(DeviceOp):
     def __init__(self, experts, device, staging=None):
         super().__init__(experts, device, staging)
         self.staging = staging
+        self.runner = kernels.Runner()
+        self.silu = isinstance(experts.act_fn, torch.nn.SiLU) or type(experts.act_fn).__name__ == "SiLUActivation"
+
+    def _moe(self, x, idx, w, out):
+        """All on the CPU: our kernel for few tokens (bf16/int8/int4), torch's GEMMs otherwise."""
+        ex = self.experts
+        packed = getattr(ex, "packed", None)
+        lib = kernels.get() if packed is not None and self.silu and x.shape[0] <= kernels.MAX_TOKENS \
+            and kernels.enabled() else None
+        if lib is not None:
+            threads = (self.staging.threads if self.staging else 0) or torch.get_num_threads()
+            self.runner(lib, x, idx, w, packed, out, threads)
+        else:
+            cpu_moe(x, idx, w, None, None, ex.act_fn, out, weights=lambda e: ex.expert_weights(e, x.dtype))
+        return out
 
     def compute(self, x, idx, w):
-        gate_up, down = self.experts.weights_on(self.device)
-        return cpu_moe(x, idx, w, gate_up, down, self.experts.act_fn, torch.empty_like(x))
+        return self._moe(x, idx, w, torch.empty_like(x))
 
     def _staged(self, T):
         t0 = time.perf_counter()
         st = self.staging
         if st.threads and torch.get_num_threads() != st.threads:   # host-callback threads start with defaults
             torch.set_num_threads(st.threads)
-        gate_up, down = self.experts.gate_up_proj, self.experts.down_proj
-        cpu_moe(st.x[:T], st.idx[:T], st.w[:T], gate_up, down, self.experts.act_fn, st.y[:T])
+        self._moe(st.x[:T], st.idx[:T], st.w[:T], st.y[:T])
         HostClock.seconds += time.perf_counter() - t0
 
     def __call__(self, x, idx, w):

@@ -8,11 +8,11 @@ DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 def expert_bytes_per_param(fmt: str, dtype_bytes: int, group_size: int) -> float:
-    """Stored bytes per weight element: int8 adds a per-row scale, int4 a per-group bf16 scale."""
+    """Stored bytes per weight element: int8 adds a per-row fp32 scale (negligible), int4 one per group."""
     if fmt == "int8":
         return 1.0
     if fmt == "int4":
-        return 0.5 + 2.0 / max(group_size, 1)
+        return 0.5 + 4.0 / max(group_size, 1)
     return float(dtype_bytes)
 
 

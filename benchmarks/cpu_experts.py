@@ -1,0 +1,114 @@
+"""CPU expert kernel benchmark: one MoE layer's routed experts, per format and batch size.
+
+Prints ms/layer, GB/s read and the ratio to the DRAM read bandwidth measured in the same run, with the
+stock-torch path beside it (bf16: F.linear per expert; int8: torch._weight_int8pack_mm; int4: dequantize +
+F.linear). Layers are rotated so that every call reads cold weights (working set ≫ L3).
+
+    python benchmarks/cpu_experts.py --hidden 3584 --inter 2560 --experts 64 --topk 8 --layers 6 --out r.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from ktcli.engine.bandwidth import measure_cpu_read
+from ktcli.engine.sweep import machine_info
+from ktcli.ops import kernels
+from ktcli.ops.base import eager_reference
+from ktcli.ops.cpu import cpu_moe
+from ktcli.ops.quant import pack
+from ktcli.report.files import write_atomic
+
+
+def stock(fmt, ew, x, idx, w, out):
+    """What torch offers without our kernel."""
+    if fmt == "int8":
+        y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
+        xb = x.to(torch.bfloat16)
+        for t in range(idx.shape[0]):
+            for k in range(idx.shape[1]):
+                e = int(idx[t, k])
+                gu = torch._weight_int8pack_mm(xb[t:t + 1], ew.gu[e], ew.gu_s[e].to(torch.bfloat16))
+                g, u = gu.float().chunk(2, -1)
+                h = (torch.nn.functional.silu(g) * u).to(torch.bfloat16)
+                y[t] += w[t, k] * torch._weight_int8pack_mm(h, ew.dn[e], ew.dn_s[e].to(torch.bfloat16))[0].float()
+        out.copy_(y)
+        return
+    cpu_moe(x, idx, w, None, None, torch.nn.SiLU(), out, weights=lambda e: ew.expert(e, x.dtype))
+
+
+def timeit(fn, n):
+    ts = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        fn(i)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts[1:] if len(ts) > 2 else ts)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hidden", type=int, default=3584)
+    ap.add_argument("--inter", type=int, default=2560)
+    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--topk", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=6, help="rotated per call so weights come from DRAM")
+    ap.add_argument("--batches", default="1,2,4,8,16")
+    ap.add_argument("--formats", default="bf16,int8,int4")
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--reps", type=int, default=12)
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    lib = kernels.get()
+    bw = measure_cpu_read()
+    E, H, I, K = a.experts, a.hidden, a.inter, a.topk
+    res = {"command": " ".join(["python", *sys.argv]), "machine": machine_info(), "read_bw": bw,
+           "kernel": lib is not None, "kernel_error": kernels.error(), "rows": []}
+    print(f"DRAM read {bw / 1e9:.1f} GB/s; kernel {'built' if lib else 'MISSING: ' + str(kernels.error())}")
+    print(f"{'fmt':5} {'T':>3} {'kernel ms':>9} {'GB/s':>7} {'% bw':>6} | {'torch ms':>8} {'GB/s':>7} {'% bw':>6} | err vs fp32 ref, vs bf16")
+    g = torch.Generator().manual_seed(0)
+    base = [(torch.empty(E, 2 * I, H, dtype=torch.bfloat16).uniform_(-0.03, 0.03),
+             torch.empty(E, H, I, dtype=torch.bfloat16).uniform_(-0.03, 0.03)) for _ in range(a.layers)]
+    for fmt in a.formats.split(","):
+        layers = [pack(fmt, gu, dn, a.group) for gu, dn in base]
+        per_expert = layers[0].nbytes() / E
+        for T in [int(b) for b in a.batches.split(",")]:
+            xs = [torch.randn(T, H, generator=g).to(torch.bfloat16) for _ in range(a.layers)]
+            idxs = [torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) for _ in range(a.layers)]
+            ws = [torch.rand(T, K, generator=g).softmax(-1) for _ in range(a.layers)]
+            nbytes = len(torch.unique(idxs[0])) * per_expert
+            out = torch.empty(T, H, dtype=torch.bfloat16)
+            run = kernels.Runner()
+            kt = timeit(lambda i: run(lib, xs[i % a.layers], idxs[i % a.layers], ws[i % a.layers],
+                                      layers[i % a.layers], out, a.threads), a.reps) if lib else float("nan")
+            ref_out = torch.empty_like(out)
+            st = timeit(lambda i: stock(fmt, layers[i % a.layers], xs[i % a.layers], idxs[i % a.layers],
+                                        ws[i % a.layers], ref_out), max(a.reps // 2, 3))
+            L = layers[0]
+            deq = [L.expert(e, torch.float32) for e in range(E)]
+            want = eager_reference(xs[0].float(), idxs[0], ws[0], torch.stack([d[0] for d in deq]),
+                                   torch.stack([d[1] for d in deq]), torch.nn.SiLU())
+            if lib:
+                run(lib, xs[0], idxs[0], ws[0], L, out, a.threads)
+            err = ((out.float() - want).norm() / want.norm()).item()
+            bf = eager_reference(xs[0].float(), idxs[0], ws[0], base[0][0].float(), base[0][1].float(), torch.nn.SiLU())
+            qerr = ((out.float() - bf).norm() / bf.norm()).item()
+            row = {"format": fmt, "T": T, "bytes": nbytes, "kernel_ms": kt * 1e3, "kernel_GBps": nbytes / kt / 1e9,
+                   "kernel_ratio": nbytes / kt / bw, "torch_ms": st * 1e3, "torch_GBps": nbytes / st / 1e9,
+                   "torch_ratio": nbytes / st / bw, "rel_err_vs_dequant_fp32": err, "rel_err_vs_bf16": qerr}
+            res["rows"].append(row)
+            print(f"{fmt:5} {T:3d} {kt * 1e3:9.3f} {row['kernel_GBps']:7.1f} {100 * row['kernel_ratio']:5.1f}% | "
+                  f"{st * 1e3:8.3f} {row['torch_GBps']:7.1f} {100 * row['torch_ratio']:5.1f}% | {err:.1e} {qerr:.1e}", flush=True)
+    if a.out:
+        write_atomic(a.out, json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Accuracy cost of int8 / int4 CPU experts on a tiny model: logits error and greedy agreement vs bf16.
+
+    python benchmarks/quant_accuracy.py --out benchmarks/results/quant-accuracy-tiny.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+
+def measure(root, tokens=48, group=32):
+    from ktcli.build.model import build
+    from ktcli.commands.options import machine_for, profile_from_flags
+    from ktcli.engine import Engine, GenerationConfig
+    from ktcli.placement.validate import validate
+    from tiny import make_checkpoint, write_profile
+    ckpt = make_checkpoint(root, "qwen2_moe", layers=4, hidden_size=128, moe_intermediate_size=64,
+                           shared_expert_intermediate_size=64)
+
+    def model(fmt):
+        rule = {"match": {"name": r"experts$"}, "replace": {"class": "Experts", "kwargs": {
+            "prefill_device": "cpu", "generate_device": "cpu", "prefill_op": "cpu", "generate_op": "cpu",
+            "weight_format": fmt, "group_size": group}}}
+        prof = profile_from_flags(write_profile(root, ckpt, [rule], name=f"{fmt}.yaml", dtype="bfloat16"))
+        return build(validate(prof, machine_for(None)))
+    ids = torch.randint(0, 400, (1, 64), generator=torch.Generator().manual_seed(0))
+    base = model("bf16")
+    with torch.no_grad():
+        ref_logits = base.model(ids).logits.float()
+    ref_tokens, _ = Engine(base).generate(ids[0].tolist(), GenerationConfig(max_new_tokens=tokens, ignore_eos=True))
+    out = {}
+    for fmt in ("int8", "int4"):
+        b = model(fmt)
+        with torch.no_grad():
+            lg = b.model(ids).logits.float()
+        toks, _ = Engine(b).generate(ids[0].tolist(), GenerationConfig(max_new_tokens=tokens, ignore_eos=True))
+        agree = next((i for i, (a, c) in enumerate(zip(toks, ref_tokens)) if a != c), len(toks))
+        out[fmt] = {"logits_rel_err": ((lg - ref_logits).norm() / ref_logits.norm()).item(),
+                    "top1_agreement": (lg.argmax(-1) == ref_logits.argmax(-1)).float().mean().item(),
+                    "greedy_tokens_equal_prefix": agree, "greedy_tokens": tokens, "group_size": group}
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        r = {"command": " ".join(["python", *sys.argv]), "results": measure(d)}
+    print(json.dumps(r, indent=2))
+    if a.out:
+        from ktcli.report.files import write_atomic
+        write_atomic(a.out, json.dumps(r, indent=2))

@@ -1,0 +1,120 @@
+"""The CPU expert kernel (csrc/moe_cpu.c): compiled from source on first use for this machine's CPU.
+
+Built with gcc -O3 -march=native (the instruction set is the running CPU's: AVX-512, AVX2, or plain), linked
+against torch's own libgomp so kernel and torch share one OpenMP thread pool. If gcc is missing or the build
+fails, `get()` returns None and the pure-torch path runs instead.
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import torch
+
+SRC = os.path.join(os.path.dirname(__file__), "csrc", "moe_cpu.c")
+FORMATS = {"bf16": 0, "int8": 1, "int4": 2}
+MAX_TOKENS = 16          # decode and small batches; larger prefill chunks go to torch's GEMMs
+_lock = threading.Lock()
+_state = {"lib": None, "error": None, "tried": False}
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((l for l in f if l.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def _torch_gomp() -> str | None:
+    libs = glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp*.so*"))
+    return libs[0] if libs else None
+
+
+def build(cache: str | None = None) -> str:
+    from ..build.demo import cache_dir
+    cc = shutil.which(os.environ.get("CC", "gcc"))
+    if cc is None:
+        raise RuntimeError("no C compiler (gcc) on PATH")
+    gomp = _torch_gomp()
+    with open(SRC, "rb") as f:
+        src = f.read()
+    key = hashlib.sha1(src + _cpu_flags().encode() + str(gomp).encode() + cc.encode()).hexdigest()[:16]
+    folder = cache or os.path.join(os.path.dirname(cache_dir()), "kernels")
+    out = os.path.join(folder, f"moe_cpu-{key}.so")
+    if os.path.isfile(out):
+        return out
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        obj, so = os.path.join(tmp, "k.o"), os.path.join(tmp, "k.so")
+        flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-fno-math-errno"]
+        subprocess.run([cc, *flags, "-c", SRC, "-o", obj], check=True, capture_output=True, text=True)
+        link = [gomp, f"-Wl,-rpath,{os.path.dirname(gomp)}"] if gomp else ["-fopenmp"]
+        subprocess.run([cc, "-shared", obj, "-o", so, *link, "-lm"], check=True, capture_output=True, text=True)
+        os.replace(so, out)
+    return out
+
+
+def get():
+    """The loaded kernel library, or None (with the reason in `error()`)."""
+    if not _state["tried"]:
+        with _lock:
+            if not _state["tried"]:
+                try:
+                    lib = ctypes.CDLL(build())
+                    lib.moe_forward.restype = ctypes.c_int
+                    lib.moe_scratch_floats.restype = ctypes.c_size_t
+                    lib.moe_scratch_floats.argtypes = [ctypes.c_int] * 4
+                    _state["lib"] = lib
+                except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+                    _state["error"] = getattr(e, "stderr", None) or str(e)
+                _state["tried"] = True
+    return _state["lib"]
+
+
+def enabled() -> bool:
+    """KTCLI_CPU_KERNEL=0 forces the pure-torch path (A/B runs, fallback tests)."""
+    return os.environ.get("KTCLI_CPU_KERNEL", "1") != "0"
+
+
+def error():
+    return _state["error"]
+
+
+def _p(t):
+    return ctypes.c_void_p(t.data_ptr()) if t is not None else ctypes.c_void_p(0)
+
+
+class Runner:
+    """Calls the kernel for one layer; reuses fp32 scratch buffers (no allocation once warmed up)."""
+
+    def __init__(self):
+        self.scratch = torch.empty(0)
+        self.xf = torch.empty(0)
+        self.of = torch.empty(0)
+
+    def __call__(self, lib, x, idx, w, weights, out, threads: int) -> None:
+        """x [T,H], idx [T,K] int64, w [T,K], out [T,H] (any float dtype); weights: a ExpertWeights."""
+        T, H = x.shape
+        K = idx.shape[1]
+        I = weights.inter
+        need = lib.moe_scratch_floats(T, K, H, I)
+        if self.scratch.numel() < need:
+            self.scratch = torch.empty(need, dtype=torch.float32)
+        xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+        of = out if out.dtype == torch.float32 and out.is_contiguous() else torch.empty(T, H, dtype=torch.float32)
+        idx = idx.contiguous() if idx.dtype == torch.int64 else idx.to(torch.int64).contiguous()
+        wf = w.float().contiguous()
+        rc = lib.moe_forward(T, K, H, I, _p(xf), _p(idx), _p(wf), FORMATS[weights.fmt], weights.group,
+                             _p(weights.gu), _p(weights.gu_s), _p(weights.dn), _p(weights.dn_s), _p(of),
+                             _p(self.scratch), threads)
+        if rc != 0:
+            raise RuntimeError(f"moe_forward rejected its arguments (T={T}, K={K}, group={weights.group})")
+        if of is not out:
+            out.copy_(of)

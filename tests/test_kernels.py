@@ -1,0 +1,96 @@
+"""The CPU expert kernel (every path this machine can build) against the fp32 reference, fresh random inputs."""
+import pytest
+import torch
+
+from ktcli.ops import kernels
+from ktcli.ops.base import eager_reference
+from ktcli.ops.quant import dequantize, pack, quantize
+
+lib = kernels.get()
+needs_kernel = pytest.mark.skipif(lib is None, reason=f"kernel did not build: {kernels.error()}")
+
+
+def case(E, H, I, K, T, seed):
+    g = torch.Generator().manual_seed(seed)
+    gu, dn = torch.randn(E, 2 * I, H, generator=g) * 0.05, torch.randn(E, H, I, generator=g) * 0.05
+    x = torch.randn(T, H, generator=g)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    w = torch.rand(T, K, generator=g).softmax(-1)
+    return gu, dn, x, idx, w
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def reference(ew, x, idx, w, E):
+    """fp32 reference on the same stored weights (dequantized), so only the kernel's arithmetic is tested."""
+    deq = [ew.expert(e, torch.float32) for e in range(E)]
+    return eager_reference(x, idx, w, torch.stack([d[0] for d in deq]), torch.stack([d[1] for d in deq]),
+                           torch.nn.SiLU())
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt,H,I,G", [("bf16", 64, 32, 0), ("bf16", 37, 19, 0), ("int8", 64, 48, 0),
+                                       ("int8", 45, 23, 0), ("int4", 64, 32, 32), ("int4", 96, 48, 48),
+                                       ("int4", 64, 32, 16), ("int4", 40, 20, 10), ("int4", 256, 128, 128)])
+@pytest.mark.parametrize("T", [1, 2, 5, 16])
+def test_kernel_matches_fp32_reference(fmt, H, I, G, T):
+    E, K = 8, 3
+    seed = torch.randint(0, 2**30, ()).item()
+    gu, dn, x, idx, w = case(E, H, I, K, T, seed)
+    src = (gu.bfloat16(), dn.bfloat16()) if fmt == "bf16" else (gu, dn)
+    ew = pack(fmt, *src, group=G or 128)
+    out = torch.full((T, H), float("nan"))                   # poisoned: every element must be written
+    kernels.Runner()(lib, x, idx, w, ew, out, 2)
+    assert torch.isfinite(out).all()
+    assert rel(out, reference(ew, x, idx, w, E)) <= 1e-5, (fmt, H, I, G, T, seed)
+
+
+@needs_kernel
+def test_kernel_bf16_io_and_thread_counts():
+    gu, dn, x, idx, w = case(8, 64, 32, 2, 3, 1)
+    ew = pack("bf16", gu.bfloat16(), dn.bfloat16())
+    outs = []
+    for threads in (1, 2, 3):
+        out = torch.empty(3, 64, dtype=torch.bfloat16)
+        kernels.Runner()(lib, x.bfloat16(), idx, w.bfloat16(), ew, out, threads)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
+
+
+@pytest.mark.parametrize("fmt,err", [("int8", 0.01), ("int4", 0.2)])
+def test_quantization_error_is_bounded(fmt, err):
+    w = torch.randn(4, 64, 128)
+    q, s = quantize(fmt, w, 32)
+    assert rel(dequantize(fmt, q, s, 32), w) <= err
+
+
+def test_int4_rejects_bad_groups():
+    with pytest.raises(ValueError, match="int4 needs an even group size dividing 100"):
+        quantize("int4", torch.randn(2, 100), 64)
+
+
+def test_torch_fallback_equals_kernel(monkeypatch):
+    """KTCLI_CPU_KERNEL=0 takes the pure-torch path: same answers."""
+    from ktcli.ops.cpu import CpuExperts
+    import types
+    gu, dn, x, idx, w = case(8, 64, 32, 2, 3, 2)
+    ew = pack("int8", gu, dn)
+    ex = types.SimpleNamespace(act_fn=torch.nn.SiLU(), packed=ew, expert_weights=lambda e, dt: ew.expert(e, dt))
+    op = CpuExperts(ex, torch.device("cpu"))
+    a = op(x, idx, w)
+    monkeypatch.setenv("KTCLI_CPU_KERNEL", "0")
+    b = op(x, idx, w)
+    assert rel(a, b) <= 1e-5 and rel(b, reference(ew, x, idx, w, 8)) <= 1e-5
+
+
+def test_quantized_experts_end_to_end_accuracy(tmp_path):
+    """int8 stays close to bf16 on a tiny model; int4 costs more but stays sane (numbers: benchmarks/README.md)."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from quant_accuracy import measure
+    r = measure(str(tmp_path), tokens=16)
+    assert r["int8"]["logits_rel_err"] < 0.05 and r["int8"]["top1_agreement"] > 0.9
+    assert r["int4"]["logits_rel_err"] < 0.3 and r["int4"]["top1_agreement"] > 0.5
