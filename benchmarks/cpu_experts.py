@@ -21,7 +21,7 @@ from ktcli.engine.sweep import machine_info
 from ktcli.ops import kernels
 from ktcli.ops.base import eager_reference
 from ktcli.ops.cpu import cpu_moe
-from ktcli.ops.quant import pack
+from ktcli.ops.quant import hugepages, pack
 from ktcli.report.files import write_atomic
 
 
@@ -63,6 +63,7 @@ def main():
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--reps", type=int, default=12)
+    ap.add_argument("--no-hugepages", action="store_true")
     ap.add_argument("--out")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -74,8 +75,12 @@ def main():
     print(f"DRAM read {bw / 1e9:.1f} GB/s; kernel {'built' if lib else 'MISSING: ' + str(kernels.error())}")
     print(f"{'fmt':5} {'T':>3} {'kernel ms':>9} {'GB/s':>7} {'% bw':>6} | {'torch ms':>8} {'GB/s':>7} {'% bw':>6} | err vs fp32 ref, vs bf16")
     g = torch.Generator().manual_seed(0)
-    base = [(torch.empty(E, 2 * I, H, dtype=torch.bfloat16).uniform_(-0.03, 0.03),
-             torch.empty(E, H, I, dtype=torch.bfloat16).uniform_(-0.03, 0.03)) for _ in range(a.layers)]
+    def weights(*shape):   # allocated as ktcli allocates CPU experts: huge pages advised before the fill
+        t = torch.empty(*shape, dtype=torch.bfloat16)
+        if not a.no_hugepages:
+            hugepages(t)
+        return t.uniform_(-0.03, 0.03)
+    base = [(weights(E, 2 * I, H), weights(E, H, I)) for _ in range(a.layers)]
     for fmt in a.formats.split(","):
         layers = [pack(fmt, gu, dn, a.group) for gu, dn in base]
         per_expert = layers[0].nbytes() / E

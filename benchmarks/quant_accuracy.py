@@ -33,13 +33,13 @@ def measure(root, tokens=48, group=32):
     ids = torch.randint(0, 400, (1, 64), generator=torch.Generator().manual_seed(0))
     base = model("bf16")
     with torch.no_grad():
-        ref_logits = base.model(ids).logits.float()
+        ref_logits = base.model(ids.to(base.main_device)).logits.float().cpu()
     ref_tokens, _ = Engine(base).generate(ids[0].tolist(), GenerationConfig(max_new_tokens=tokens, ignore_eos=True))
     out = {}
     for fmt in ("int8", "int4"):
         b = model(fmt)
         with torch.no_grad():
-            lg = b.model(ids).logits.float()
+            lg = b.model(ids.to(b.main_device)).logits.float().cpu()
         toks, _ = Engine(b).generate(ids[0].tolist(), GenerationConfig(max_new_tokens=tokens, ignore_eos=True))
         agree = next((i for i, (a, c) in enumerate(zip(toks, ref_tokens)) if a != c), len(toks))
         out[fmt] = {"logits_rel_err": ((lg - ref_logits).norm() / ref_logits.norm()).item(),

@@ -9,6 +9,7 @@ import torch
 from ..errors import CheckpointError, KtcliError
 from ..ops.base import HybridExperts, layout_problem
 from ..ops.cpu import Staging
+from ..ops.quant import hugepages
 from .config import meta_model
 from .weights import fill_synthetic, load_checkpoint
 
@@ -91,6 +92,9 @@ def build(validation, progress=None) -> Built:
         mod._buffers[attr] = b.to(_device_of(name, plan, experts_devices))
         if attr not in mod._non_persistent_buffers_set:
             buffers[name] = mod._buffers[attr]
+    for name, t in params.items():
+        if t.device.type == "cpu" and _device_of(name, plan, experts_devices) == "cpu" and t.ndim == 3:
+            hugepages(t)
     advance = progress(total) if progress else None
     if prof.weights == "synthetic" or src.checkpoint_dir is None:
         fill_synthetic(params, progress=advance)

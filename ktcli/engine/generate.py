@@ -42,6 +42,9 @@ class Engine:
         tok, gen = built.tokenizer, getattr(self.model, "generation_config", None)
         eos = [getattr(tok, "eos_token_id", None)] + _as_list(getattr(gen, "eos_token_id", None))
         self.eos = {int(i) for i in eos if i is not None}
+        # Waiting on a blocking-sync event sleeps instead of spinning: a spinning main thread would take a
+        # core from the CPU experts that run in host callbacks during a full-graph replay.
+        self._done = torch.cuda.Event(blocking=True) if self.device.type == "cuda" else None
         self._tok = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(1, 1, dtype=torch.long, device=self.device)
 
@@ -150,6 +153,9 @@ class Engine:
             logits = self.decode(tok)
             self.ids.append(tid)
             tok = sample(logits[0], cfg.temperature, cfg.top_k, cfg.top_p, gen)
+            if self._done is not None:
+                self._done.record()
+                self._done.synchronize()
             tid = int(tok)
             if self.graph is not None:
                 self.graph.bridge.check()

@@ -5,9 +5,32 @@ two per byte (low nibble = even input). Shapes: W [E, R, C] → q [E, R, C] int8
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
 from dataclasses import dataclass
 
 import torch
+
+
+def hugepages(t: torch.Tensor) -> None:
+    """Ask for transparent huge pages on a large CPU tensor before it is filled: streaming expert weights
+    through 4 KiB pages costs a TLB miss per page. Best effort (Linux madvise; no-op elsewhere)."""
+    nbytes = t.numel() * t.element_size()
+    if nbytes < 2**22 or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return
+    start = (t.data_ptr() + 2**21 - 1) & ~(2**21 - 1)
+    end = (t.data_ptr() + nbytes) & ~(2**21 - 1)
+    if end > start:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_HUGEPAGE)
+
+
+
+def _resident(t: torch.Tensor) -> torch.Tensor:
+    """A copy of `t` in memory advised for huge pages (quantized weights are streamed every token)."""
+    out = torch.empty(t.shape, dtype=t.dtype)
+    hugepages(out)
+    return out.copy_(t)
 
 
 @dataclass
@@ -65,4 +88,5 @@ def pack(fmt: str, gate_up: torch.Tensor, down: torch.Tensor, group: int = 128) 
                              down.to(torch.bfloat16).contiguous(), None)
     gq, gs = quantize(fmt, gate_up, group)
     dq, ds = quantize(fmt, down, group)
-    return ExpertWeights(fmt, inter, group, gq, gs.float().contiguous(), dq, ds.float().contiguous())
+    return ExpertWeights(fmt, inter, group, _resident(gq), gs.float().contiguous(), _resident(dq),
+                         ds.float().contiguous())
