@@ -44,7 +44,9 @@ def test_kernel_matches_fp32_reference(fmt, H, I, G, T):
     out = torch.full((T, H), float("nan"))                   # poisoned: every element must be written
     kernels.Runner()(lib, x, idx, w, ew, out, 2)
     assert torch.isfinite(out).all()
-    assert rel(out, reference(ew, x, idx, w, E)) <= 1e-5, (fmt, H, I, G, T, seed)
+    # with AVX-512 BF16 the bf16 path rounds x and the expert activations to bf16, as a bf16 model does
+    tol = 1e-2 if fmt == "bf16" and kernels.bf16_activations() else 1e-5
+    assert rel(out, reference(ew, x, idx, w, E)) <= tol, (fmt, H, I, G, T, seed)
 
 
 @needs_kernel

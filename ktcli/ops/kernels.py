@@ -71,11 +71,18 @@ def get():
                     lib.moe_forward.restype = ctypes.c_int
                     lib.moe_scratch_floats.restype = ctypes.c_size_t
                     lib.moe_scratch_floats.argtypes = [ctypes.c_int] * 4
+                    lib.moe_has_dpbf16.restype = ctypes.c_int
                     _state["lib"] = lib
                 except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
                     _state["error"] = getattr(e, "stderr", None) or str(e)
                 _state["tried"] = True
     return _state["lib"]
+
+
+def bf16_activations() -> bool:
+    """True when the bf16 path rounds activations to bf16 (AVX-512 BF16 dot products)."""
+    lib = get()
+    return bool(lib and lib.moe_has_dpbf16())
 
 
 def enabled() -> bool:
