@@ -18,7 +18,7 @@ case $what in
         profiles/qwen3-30b-a3b-gpu-half.yaml --tokens 256 --num-layers 8 --out $out/parity-256.json ;;
   bench30)
     python3 -m ktcli bench profiles/qwen3-30b-a3b-cpu-experts.yaml profiles/qwen3-30b-a3b-gpu-half.yaml \
-        -p 128 -n 32 -r 3 --graph-mode off,piecewise,full --baseline hf-accelerate,hf-gpu --baseline-n-gen 4 \
+        -p 128 -n 32 -r 2 --graph-mode off,piecewise,full --baseline hf-gpu,hf-accelerate --baseline-n-gen 2 \
         -o json --output-file $out/bench-qwen3-30b-a3b.json ;;
   bench57)
     python3 -m ktcli bench profiles/qwen2-57b-a14b-gpu01-graphs.yaml \

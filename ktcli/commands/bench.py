@@ -70,14 +70,23 @@ def bench(profiles: Annotated[Optional[list[str]], typer.Argument(help="Profiles
                                   max_seq_len=max_seq_len, cpu_threads=cpu_threads) for p in (profiles or [None])]
     btests = [(k, baseline_n_gen if k == "tg" and baseline_n_gen else n) for k, n in tests]
     sw = sweep.Sweep(profs, tests, modes, reps, warmup, bases, btests, o.machine_for(target_devices), measure_bw)
+    command = "ktcli bench " + " ".join(sys.argv[2:]) if "bench" in sys.argv[1:2] else None
+    machine = sweep.machine_info()
+
+    def report(records):
+        records = [finish(dict(r)) for r in records]
+        add_baseline_ratios(records)
+        meta = {"command": command, "machine": machine,
+                "notes": [f"{r['model']}: only {r['num_layers']} of {r['num_layers_full']} layers (--num-layers)"
+                          for r in records[:1] if r.get("num_layers") != r.get("num_layers_full")]}
+        return records, render(records, meta, output)
+
+    def saved(records):   # partial results survive a run cut short
+        if output_file:
+            write_atomic(output_file, report(records)[1])
+
     with steps_progress("bench", sweep.count_steps(sw)) as tick:
-        records = [finish(r) for r in sweep.run(sw, tick)]
-    add_baseline_ratios(records)
-    meta = {"command": "ktcli bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None,
-            "machine": sweep.machine_info(),
-            "notes": [f"{r['model']}: only {r['num_layers']} of {r['num_layers_full']} layers (--num-layers)"
-                      for r in records[:1] if r.get("num_layers") and r.get("num_layers") != r.get("num_layers_full")]}
-    text = render(records, meta, output)
+        records, text = report(sweep.run(sw, tick, saved))
     if output_file:
         write_atomic(output_file, text)
     else:

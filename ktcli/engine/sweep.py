@@ -62,7 +62,8 @@ def count_steps(sw: Sweep) -> int:
                   + len(sw.baselines) * len(sw.baseline_tests))
 
 
-def run(sw: Sweep, tick=None) -> list:
+def run(sw: Sweep, tick=None, saved=None) -> list:
+    """`saved(records)` is called after every row, so a long sweep cut short keeps what it measured."""
     from ..build.model import build
     from ..commands.run import refuse_if_failing
     from ..placement.validate import validate
@@ -119,6 +120,8 @@ def run(sw: Sweep, tick=None) -> list:
                     for _ in range(sw.warmup + sw.reps):
                         tick()
                 records.append(rec)
+                if saved:
+                    saved(records)
             del engine
             _free()
         if built is not None:
@@ -127,6 +130,8 @@ def run(sw: Sweep, tick=None) -> list:
             _free()
             for b in sw.baselines:
                 records += run_baseline(b, src, prof, sw, tick)
+                if saved:
+                    saved(records)
     return records
 
 
