@@ -18,13 +18,18 @@ def finish(rec: dict) -> dict:
     return rec
 
 
+def _kind(test: str) -> str:
+    """Decode rates compare across lengths (slow baselines run shorter tg); prefill compares like for like."""
+    return "tg" if test.startswith("tg") else test
+
+
 def add_baseline_ratios(records: list) -> None:
-    base = {(r["model"], r["test"], r["backend"]): r["tps_mean"] for r in records
+    base = {(r["model"], _kind(r["test"]), r["backend"]): r["tps_mean"] for r in records
             if r["backend"] != "ktcli" and not r.get("error") and r.get("tps_mean")}
     for r in records:
         if r["backend"] == "ktcli" and r.get("tps_mean"):
             r["vs_baseline"] = {b: r["tps_mean"] / v for (m, t, b), v in base.items()
-                                if m == r["model"] and t == r["test"]}
+                                if m == r["model"] and t == _kind(r["test"])}
 
 
 def _gib(n):
