@@ -107,3 +107,15 @@ def test_torch_op_cannot_be_captured():
     with pytest.raises(Exception, match="capturing|capture"):
         with torch.cuda.graph(g):
             op(x, idx, w)
+
+
+def test_cpu_worker_runs_jobs_in_order_and_reraises():
+    from ktcli.ops.worker import worker
+    seen = []
+    for i in range(20):
+        worker().run(lambda i=i: seen.append(i))
+    assert seen == list(range(20))
+    with pytest.raises(ZeroDivisionError):
+        worker().run(lambda: 1 / 0)
+    worker().run(lambda: seen.append("after"))
+    assert seen[-1] == "after"

@@ -13,6 +13,7 @@ import time
 from . import bridge as bridge_mod
 from . import kernels
 from .base import DeviceOp
+from .worker import worker
 
 
 class HostClock:
@@ -103,9 +104,10 @@ class CpuExperts(DeviceOp):
         st.idx[:T].copy_(idx, non_blocking=True)
         st.w[:T].copy_(w, non_blocking=True)
         bridge = bridge_mod.active()
+        step = lambda: worker().run(lambda: self._staged(T))   # noqa: E731
         if bridge is None:
             torch.cuda.current_stream(x.device).synchronize()
-            self._staged(T)
+            step()
         else:
-            bridge.cpu_step(lambda: self._staged(T))
+            bridge.cpu_step(step)
         return st.y[:T].to(x.device, non_blocking=True)
