@@ -24,4 +24,9 @@ case $what in
     python3 -m ktcli bench profiles/qwen2-57b-a14b-gpu01-graphs.yaml \
         -p 64 -n 16 -r 3 --graph-mode off,piecewise,full --baseline hf-accelerate --baseline-n-gen 2 \
         -o json --output-file $out/bench-qwen2-57b-a14b.json ;;
+  decode)   # decode-only sweep of the graph modes, both architectures (after the single CPU worker thread)
+    python3 -m ktcli bench profiles/qwen2-57b-a14b-gpu01-graphs.yaml -p 0 -n 32 -r 3 --graph-mode off,piecewise,full \
+        -o json --output-file $out/decode-qwen2-57b-a14b.json
+    python3 -m ktcli bench profiles/qwen3-30b-a3b-cpu-experts.yaml profiles/qwen3-30b-a3b-gpu-half.yaml -p 0 -n 64 -r 3 \
+        --graph-mode off,piecewise,full -o json --output-file $out/decode-qwen3-30b-a3b.json ;;
 esac
