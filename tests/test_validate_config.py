@@ -257,3 +257,13 @@ def test_num_layers_cut_turns_out_of_range_into_a_note(cli):
     assert r.exit_code == 0 and d["num_layers"] == 8
     assert any("targets layer 8-15…, cut by --num-layers 8" in f["message"] for f in d["findings"]) or \
         any("cut by --num-layers 8" in f["message"] for f in d["findings"])
+
+
+def test_unknown_replace_class(cli, tmp_path):
+    p = write(tmp_path, """
+        rules:
+          - match: {name: "experts$"}
+            replace: {class: FastExperts}
+    """)
+    r = cli("validate-config", p)
+    assert r.exit_code == 1 and f"error: {p}:3: rule 1: unknown replace class 'FastExperts'" in r.output

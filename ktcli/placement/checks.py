@@ -40,7 +40,10 @@ def fmt_bytes(n: float) -> str:
 
 def check_rules(profile, plan, model) -> list:
     """Rules that match nothing (warning), or that aim at layers the model does not have (error)."""
-    out = []
+    from ..profile.ktransformers import classify
+    out = [Finding(ERROR, "rule", f"{r.label}: unknown replace class '{r.replace_class}'", r.where,
+                   "use Experts, default, or a KTransformers class (see docs/reference.md)")
+           for r in profile.rules if classify(r.replace_class) == "unknown"]
     layer_names = [n for n, _ in model.named_modules() if re.search(r"layers\.0(\.|$)", n)]
     n_layers = plan.num_layers
     for rule in profile.rules:

@@ -8,11 +8,39 @@ from dataclasses import dataclass, field, replace as dc_replace
 from ..errors import ProfileError, UsageError
 from .yamlpos import PosDict, PosList, load_yaml
 
+# Every key a profile may hold, with the line docs/reference.md shows for it (generated from these tables).
+FIELDS = {
+    "model": "`demo` (default: the embedded tiny model), a local HF checkpoint directory, a config.json, or a "
+             "shipped architecture (`qwen2-57b-a14b`, `qwen3-30b-a3b`, `mixtral-8x7b`)",
+    "weights": "`checkpoint` (default: read the safetensors) or `synthetic` (real shapes, random values)",
+    "dtype": "`bfloat16` (default), `float16` or `float32`",
+    "device": "main device for attention, router, norms and shared experts: `auto` (default: cuda:0 if present), "
+              "`cpu`, `cuda`, `cuda:N`",
+    "num_layers": "keep only the first N decoder layers (quick runs on full-size shapes)",
+    "runtime": "run settings, below",
+    "rules": "placement rules (KTransformers shape), or the path of a KTransformers optimize-rule file",
+}
+RUNTIME_FIELDS = {
+    "use_cuda_graph": "replay decode as a CUDA graph (default false); `true` means graph_mode full",
+    "graph_mode": "`full` (one graph, CPU experts through host callbacks), `piecewise` (graphs between CPU-expert "
+                  "layers) or `off`; overrides use_cuda_graph",
+    "max_seq_len": "KV cache length, prompt + reply (default 4096)",
+    "cpu_threads": "threads for CPU experts (default: all physical cores)",
+    "prefill_chunk": "tokens per prefill step; also sizes the pinned staging buffers (default 512)",
+}
+KWARG_FIELDS = {
+    "generate_device": "where decode computes this module (experts: where their weights live)",
+    "prefill_device": "where prefill computes it; experts whose weights live elsewhere are copied in per layer",
+    "generate_op": "decode operator for experts (a name or KTransformers alias from the operator table)",
+    "prefill_op": "prefill operator for experts",
+    "out_device": "accepted for KTransformers files; outputs always return to the main device",
+    "weight_format": "CPU experts storage: `bf16` (default), `int8` (per-row scales) or `int4` (per-group scales)",
+    "group_size": "int4 group size along the input dimension (default 128; must divide hidden and intermediate)",
+}
 DTYPES = ("bfloat16", "float16", "float32")
 GRAPH_MODES = ("full", "piecewise", "off")
 WEIGHTS = ("checkpoint", "synthetic")
-RULE_KWARGS = ("generate_device", "prefill_device", "generate_op", "prefill_op", "out_device",
-               "weight_format", "group_size")
+RULE_KWARGS = tuple(KWARG_FIELDS)
 
 
 @dataclass
@@ -151,8 +179,7 @@ def _parse_rules(node, file: str) -> list:
 def _parse_runtime(node, file: str) -> Runtime:
     if not isinstance(node, PosDict):
         raise _err(file, getattr(node, "line", 1), "runtime must be a mapping")
-    _strict_keys(node, ("use_cuda_graph", "graph_mode", "max_seq_len", "cpu_threads", "prefill_chunk"),
-                 file, "runtime")
+    _strict_keys(node, tuple(RUNTIME_FIELDS), file, "runtime")
     rt = Runtime()
     for key, types in (("use_cuda_graph", bool), ("max_seq_len", int), ("cpu_threads", int),
                        ("prefill_chunk", int), ("graph_mode", str)):
@@ -177,7 +204,7 @@ def load_profile(path: str) -> Profile:
         return prof
     if not isinstance(data, PosDict):
         raise _err(path, 1, "a profile is a mapping (model, dtype, runtime, rules) or a list of rules")
-    _strict_keys(data, ("model", "weights", "dtype", "device", "num_layers", "runtime", "rules"), path, "profile")
+    _strict_keys(data, tuple(FIELDS), path, "profile")
     prof.lines = dict(data.key_lines)
     for key in ("model", "weights", "dtype", "device"):
         if key in data:
