@@ -87,3 +87,31 @@ def test_thinking_toggle_changes_the_prompt():
     off = conv.encode(conv.messages("hi"))
     assert off[: len(default)] == default and len(off) > len(default)
     assert "<think>" in tok.decode(off[len(default):])
+
+
+def test_ctrl_c_stops_the_reply_not_the_session(tmp_path):
+    """SIGINT during a reply ends that reply; the session reads the next line and exits cleanly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "ktcli", "chat", "-i", "-n", "2000", "--ignore-eos", "--max-seq-len", "4096"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(p.stdout.read()), daemon=True)
+    p.stdin.write(b"Hello!\n")
+    p.stdin.flush()
+    first = p.stdout.read(1)            # the reply has started streaming
+    reader.start()
+    time.sleep(0.3)
+    p.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    p.stdin.write(b"/exit\n")
+    p.stdin.flush()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 0, err
+    assert first and "[reply stopped]" in err
+    assert err.count("\neval count:") == 1 and "Traceback" not in err

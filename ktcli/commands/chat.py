@@ -24,6 +24,7 @@ def chat(profile: o.ProfileArg = None, model: o.Model = None, weights: o.Weights
          top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 1.0,
          seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
          stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable).")] = None,
+         ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past end-of-sequence (up to -n).")] = False,
          think: Annotated[Optional[bool], typer.Option("--think/--no-think", help="Thinking mode, where the chat template supports it.", show_default=False)] = None,
          context_policy: Annotated[str, typer.Option("--context-policy", help="When the context is full: drop-oldest turns, or stop.")] = "drop-oldest"):
     from ..engine import ContextFull, Engine, GenerationConfig
@@ -49,7 +50,7 @@ def chat(profile: o.ProfileArg = None, model: o.Model = None, weights: o.Weights
     ui = ChatUI(interactive=not one_shot)
     conv = Conversation(built.tokenizer, engine.max_len, system=system, thinking=think, policy=context_policy)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           seed=seed, stop=tuple(stop or ()))
+                           seed=seed, stop=tuple(stop or ()), ignore_eos=ignore_eos)
     if not one_shot:
         ui.banner(v.source.name, engine.mode, built.timings["load"], engine.capture_s)
     last = None

@@ -43,8 +43,9 @@ def machine_info() -> dict:
         info["gpu"] = torch.cuda.get_device_name(0)
     try:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        info["git_commit"] = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
-                                            timeout=5).stdout.strip() or None
+        sha = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        info["git_commit"] = sha if len(sha) == 40 else None   # a copy without history prints "HEAD"
     except (OSError, subprocess.SubprocessError):
         info["git_commit"] = None
     return info

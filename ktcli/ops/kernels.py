@@ -99,28 +99,30 @@ def _p(t):
 
 
 class Runner:
-    """Calls the kernel for one layer; reuses fp32 scratch buffers (no allocation once warmed up)."""
+    """Calls the kernel for one layer; its fp32 buffers grow once and are reused (no allocation afterwards)."""
 
     def __init__(self):
-        self.scratch = torch.empty(0)
-        self.xf = torch.empty(0)
-        self.of = torch.empty(0)
+        self.bufs = {}
+
+    def _buf(self, name, n, dtype=torch.float32):
+        b = self.bufs.get(name)
+        if b is None or b.numel() < n or b.dtype != dtype:
+            b = self.bufs[name] = torch.empty(n, dtype=dtype)
+        return b[:n]
 
     def __call__(self, lib, x, idx, w, weights, out, threads: int) -> None:
-        """x [T,H], idx [T,K] int64, w [T,K], out [T,H] (any float dtype); weights: a ExpertWeights."""
+        """x [T,H], idx [T,K], w [T,K], out [T,H] (any float dtype); weights: an ExpertWeights."""
         T, H = x.shape
         K = idx.shape[1]
         I = weights.inter
-        need = lib.moe_scratch_floats(T, K, H, I)
-        if self.scratch.numel() < need:
-            self.scratch = torch.empty(need, dtype=torch.float32)
-        xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
-        of = out if out.dtype == torch.float32 and out.is_contiguous() else torch.empty(T, H, dtype=torch.float32)
-        idx = idx.contiguous() if idx.dtype == torch.int64 else idx.to(torch.int64).contiguous()
-        wf = w.float().contiguous()
-        rc = lib.moe_forward(T, K, H, I, _p(xf), _p(idx), _p(wf), FORMATS[weights.fmt], weights.group,
+        scratch = self._buf("scratch", lib.moe_scratch_floats(T, K, H, I))
+        xf = self._buf("x", T * H).view(T, H).copy_(x)
+        wf = self._buf("w", T * K).view(T, K).copy_(w)
+        ix = self._buf("idx", T * K, torch.int64).view(T, K).copy_(idx)
+        of = out if out.dtype == torch.float32 and out.is_contiguous() else self._buf("out", T * H).view(T, H)
+        rc = lib.moe_forward(T, K, H, I, _p(xf), _p(ix), _p(wf), FORMATS[weights.fmt], weights.group,
                              _p(weights.gu), _p(weights.gu_s), _p(weights.dn), _p(weights.dn_s), _p(of),
-                             _p(self.scratch), threads)
+                             _p(scratch), threads)
         if rc != 0:
             raise RuntimeError(f"moe_forward rejected its arguments (T={T}, K={K}, group={weights.group})")
         if of is not out:

@@ -58,7 +58,7 @@ class ChatUI:
     def end_reply(self, interrupted=False):
         self.piece("\n")
         if interrupted:
-            self.err.print("[yellow][reply stopped][/]")
+            self.err.print("[yellow]" + escape("[reply stopped]") + "[/]")
 
     def notice(self, text: str):
         self.err.print(f"[yellow]{escape(text)}[/]")
