@@ -1,5 +1,5 @@
 """ktcli chat on the embedded default model, scripted through CliRunner."""
-from conftest import H100, profile
+from conftest import profile
 
 
 def test_one_shot_prompt(cli):

@@ -18,10 +18,6 @@ def copy_ckpt(tmp_path, src, name="c"):
     return dst
 
 
-def run_chat_build(cli, prof):
-    return cli("validate-config", prof)
-
-
 @pytest.fixture
 def qwen(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.getbasetemp(), "qwen2_moe")
