@@ -63,6 +63,8 @@ def chat(profile: o.ProfileArg = None, model: o.Model = None, weights: o.Weights
         text = prompt if one_shot else ui.ask()
         if text is None or text.strip() in ("/exit", "/quit"):
             break
+        if not one_shot and not text.strip():
+            continue
         cmd, _, arg = text.strip().partition(" ")
         if not one_shot and cmd.startswith("/"):
             if cmd == "/help":

@@ -50,6 +50,9 @@ class ChatUI:
             return None if line == "" else line.rstrip("\n")
         except EOFError:
             return None
+        except KeyboardInterrupt:   # Ctrl-C at the prompt: keep the session, say how to leave
+            self.err.print("\n[dim](/exit or Ctrl-D to leave)[/]")
+            return ""
 
     def piece(self, text: str):
         self.out.file.write(text)
