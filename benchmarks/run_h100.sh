@@ -24,6 +24,9 @@ case $what in
     python3 -m ktcli bench profiles/qwen2-57b-a14b-gpu01-graphs.yaml \
         -p 64 -n 16 -r 3 --graph-mode off,piecewise,full --baseline hf-accelerate --baseline-n-gen 2 \
         -o json --output-file $out/bench-qwen2-57b-a14b.json ;;
+  bench57cpu)   # Qwen2-57B-A14B with every layer's experts on the CPU
+    python3 -m ktcli bench profiles/qwen2-57b-a14b-cpu-experts.yaml -p 64 -n 16 -r 2 --graph-mode off,piecewise,full \
+        -o json --output-file $out/bench-qwen2-57b-a14b-cpu-experts.json ;;
   decode)   # decode-only sweep of the graph modes, both architectures (after the single CPU worker thread)
     python3 -m ktcli bench profiles/qwen2-57b-a14b-gpu01-graphs.yaml -p 0 -n 32 -r 3 --graph-mode off,piecewise,full \
         -o json --output-file $out/decode-qwen2-57b-a14b.json
