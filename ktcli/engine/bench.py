@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from ..ops.cpu import HostClock
+from ..ops.cpu import HostClock, SyncClock
 from .generate import GenerationConfig
 
 
@@ -23,26 +23,28 @@ def run_test(engine, kind: str, n: int, reps: int, warmup: int, seed: int = 0, t
     vocab = engine.model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
     engine.prepare()
-    samples, cpu_s, total_s, tokens = [], 0.0, 0.0, 0
+    samples, cpu_s, gpu_s, total_s, tokens = [], 0.0, 0.0, 0.0, 0
     for i in range(warmup + reps):
         engine.reset()
         if kind == "pp":
             ids = random_ids(vocab, n, gen)
             _sync(engine.device)
-            HostClock.take()
+            HostClock.take(), SyncClock.take()
             t0 = time.perf_counter()
             engine.prefill(ids)
             _sync(engine.device)
-            dt, cpu = time.perf_counter() - t0, HostClock.take()
+            dt, cpu, gpu = time.perf_counter() - t0, HostClock.take(), SyncClock.take()
         else:
             _, st = engine.generate(random_ids(vocab, 1, gen), GenerationConfig(max_new_tokens=n + 1, ignore_eos=True))
-            dt, cpu = st.decode_s, st.cpu_experts_s
+            dt, cpu, gpu = st.decode_s, st.cpu_experts_s, st.gpu_wait_s
         if i >= warmup:
             samples.append(n / dt)
-            cpu_s, total_s, tokens = cpu_s + cpu, total_s + dt, tokens + n
+            cpu_s, gpu_s, total_s, tokens = cpu_s + cpu, gpu_s + gpu, total_s + dt, tokens + n
         if tick:
             tick()
     per_tok = 1e3 / tokens if tokens else 0.0
     return {"samples": samples,
             "breakdown": {"ms_per_token": total_s * per_tok, "cpu_experts_ms": cpu_s * per_tok,
-                          "gpu_transfer_other_ms": max(total_s - cpu_s, 0.0) * per_tok}}
+                          "gpu_wait_ms": gpu_s * per_tok,
+                          "gpu_transfer_other_ms": max(total_s - cpu_s, 0.0) * per_tok,
+                          "other_ms": max(total_s - cpu_s - gpu_s, 0.0) * per_tok}}

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import KtcliError
 from ..ops.base import set_stage
-from ..ops.cpu import HostClock
+from ..ops.cpu import HostClock, SyncClock
 from .sampling import sample
 from .timing import GenerationStats, peak_host_bytes
 
@@ -128,7 +128,7 @@ class Engine:
         tid = int(tok)                                   # the one sync per token: read it to stream it
         st.prefill_s, st.prompt_tokens = time.perf_counter() - t0, len(prompt_ids) - self.reused
         new, text = [tid], ""
-        HostClock.take()
+        HostClock.take(), SyncClock.take()
         st.stop_reason = "length"
         while True:
             if on_token:
@@ -162,7 +162,7 @@ class Engine:
             st.latencies.append(time.perf_counter() - t1)
             new.append(tid)
         st.decode_tokens, st.decode_s = len(st.latencies), sum(st.latencies)
-        st.cpu_experts_s = HostClock.take()
+        st.cpu_experts_s, st.gpu_wait_s = HostClock.take(), SyncClock.take()
         st.peak_gpu_bytes = torch.cuda.max_memory_allocated(self.device) if cuda else 0
         st.peak_host_bytes = peak_host_bytes()
         return new, st

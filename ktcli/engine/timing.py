@@ -22,6 +22,7 @@ class GenerationStats:
     decode_s: float = 0.0
     latencies: list = field(default_factory=list)   # seconds per decoded token
     cpu_experts_s: float = 0.0       # host time inside CPU expert operators during decode
+    gpu_wait_s: float = 0.0          # host waiting for the GPU before CPU-expert layers (not seen under full graphs)
     load_s: float = 0.0
     capture_s: float = 0.0
     graph_mode: str = "off"

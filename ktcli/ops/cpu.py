@@ -26,6 +26,11 @@ class HostClock:
         return s
 
 
+class SyncClock(HostClock):
+    """Seconds the host waited for the GPU before CPU-expert layers (eager and piecewise decode): GPU time."""
+    seconds = 0.0
+
+
 class Staging:
     """Pinned host buffers for T ≤ capacity tokens, allocated once before any graph capture."""
 
@@ -106,7 +111,9 @@ class CpuExperts(DeviceOp):
         bridge = bridge_mod.active()
         step = lambda: worker().run(lambda: self._staged(T))   # noqa: E731
         if bridge is None:
+            t0 = time.perf_counter()
             torch.cuda.current_stream(x.device).synchronize()
+            SyncClock.seconds += time.perf_counter() - t0
             step()
         else:
             bridge.cpu_step(step)

@@ -80,10 +80,12 @@ class ChatUI:
                  ("token latency", f"p50 {st.latency_ms(.5):.1f} ms, p90 {st.latency_ms(.9):.1f} ms, "
                                    f"p99 {st.latency_ms(.99):.1f} ms")]
         if st.decode_tokens:
-            cpu = st.cpu_experts_s / st.decode_tokens * 1e3
-            rest = max(st.decode_s / st.decode_tokens * 1e3 - cpu, 0.0)
-            lines.append(("decode per token", f"CPU experts {cpu:.2f} ms, GPU + transfers + other {rest:.2f} ms "
-                                              f"(graphs {st.graph_mode})"))
+            n = st.decode_tokens / 1e3
+            cpu, gpu = st.cpu_experts_s / n, st.gpu_wait_s / n
+            rest = max(st.decode_s / n - cpu - gpu, 0.0)
+            gpu_txt = "GPU inside the graph" if st.graph_mode == "full" else f"waiting for GPU {gpu:.2f} ms"
+            lines.append(("decode per token", f"CPU experts {cpu:.2f} ms, {gpu_txt}, transfers + launch + other "
+                                              f"{rest:.2f} ms (graphs {st.graph_mode})"))
         mem = f"host {st.peak_host_bytes / 2**30:.2f} GiB"
         if st.peak_gpu_bytes:
             mem = f"GPU {st.peak_gpu_bytes / 2**30:.2f} GiB, " + mem
