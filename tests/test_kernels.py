@@ -96,3 +96,12 @@ def test_quantized_experts_end_to_end_accuracy(tmp_path):
     r = measure(str(tmp_path), tokens=16)
     assert r["int8"]["logits_rel_err"] < 0.05 and r["int8"]["top1_agreement"] > 0.9
     assert r["int4"]["logits_rel_err"] < 0.3 and r["int4"]["top1_agreement"] > 0.5
+
+
+@needs_kernel
+def test_stream_read_probe_reads_every_word():
+    import ctypes
+    x = torch.arange(1, 100_001, dtype=torch.int64)
+    lib.stream_read.restype = ctypes.c_uint64
+    for threads in (1, 2, 3):
+        assert lib.stream_read(ctypes.c_void_p(x.data_ptr()), ctypes.c_size_t(x.numel()), threads) == x.sum().item()

@@ -196,3 +196,12 @@ size_t moe_scratch_floats(int T, int K, int H, int I) {
     size_t P = (size_t)T * K;
     return P * (2 * I + I + H) + (size_t)T * H + P * I + ((size_t)T * H + P * I) / 2 + 128;
 }
+
+/* Bandwidth probe with the kernel's own thread team and access pattern (each thread streams one contiguous
+ * chunk): the roofline's CPU denominator. Returns a checksum so the reads cannot be optimised away. */
+uint64_t stream_read(const uint64_t *p, size_t n, int threads) {
+    uint64_t total = 0;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : total)
+    for (size_t i = 0; i < n; i++) total += p[i];
+    return total;
+}
