@@ -92,3 +92,10 @@ def test_synthetic_full_size_config_few_layers(cli):
     assert r.exit_code == 0, r
     d = json.loads(r.stdout)
     assert d["results"][0]["weights"] == "synthetic" and d["results"][0]["num_layers_full"] == 48
+
+
+def test_measure_bw_and_warmup_flags(cli):
+    r = cli("bench", "-p", "0", "-n", "3", "-r", "1", "--warmup", "1", "--measure-bw", "-o", "json")
+    assert r.exit_code == 0, r
+    d = json.loads(r.stdout)
+    assert len(d["results"][0]["samples"]) == 1 and d["results"][0]["roofline"]["bandwidth"]["cpu"] > 1e8

@@ -115,3 +115,20 @@ def test_ctrl_c_stops_the_reply_not_the_session(tmp_path):
     assert p.wait(timeout=120) == 0, err
     assert first and "[reply stopped]" in err
     assert err.count("\neval count:") == 1 and "Traceback" not in err
+
+
+def test_sampling_and_prompt_flags(cli):
+    args = ["chat", "--prompt", "Hello!", "-n", "12", "--ignore-eos", "--temperature", "0.8", "--top-k", "20",
+            "--top-p", "0.9", "--seed", "3", "--system", "Be brief.", "--no-think"]
+    a, b = cli(*args), cli(*args)
+    assert a.exit_code == 0 and a.stdout == b.stdout          # seeded sampling repeats
+    c = cli(*args[:-5], "--seed", "4")
+    assert c.exit_code == 0
+    assert "eval count:           11 token(s)" in a.stderr   # --ignore-eos runs to -n (first token is prefill's)
+
+
+def test_stop_string_flag(cli):
+    full = cli("chat", "--prompt", "Hello!", "-n", "12", "--ignore-eos")
+    text = full.stdout.strip()
+    cut = cli("chat", "--prompt", "Hello!", "-n", "12", "--ignore-eos", "--stop", text[len(text) // 2])
+    assert cut.exit_code == 0 and len(cut.stdout.strip()) <= len(text)
