@@ -99,3 +99,9 @@ def test_measure_bw_and_warmup_flags(cli):
     assert r.exit_code == 0, r
     d = json.loads(r.stdout)
     assert len(d["results"][0]["samples"]) == 1 and d["results"][0]["roofline"]["bandwidth"]["cpu"] > 1e8
+
+
+def test_baseline_runs_once_per_model(cli):
+    r = bench(cli, "-p", "8", "-n", "0", profile("demo.yaml"), profile("demo.yaml"), "--baseline", "hf-gpu", "-o", "json")
+    d = json.loads(r.stdout)
+    assert [x["backend"] for x in d["results"]] == ["ktcli", "ktcli", "hf-gpu"]

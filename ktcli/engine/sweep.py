@@ -59,8 +59,9 @@ def _free():
 
 def count_steps(sw: Sweep) -> int:
     per = (sw.warmup + sw.reps)
+    models = len({(p.model, p.num_layers) for p in sw.profiles})
     return per * (len(sw.profiles) * len(sw.tests) * max(len(sw.graph_modes), 1)
-                  + len(sw.baselines) * len(sw.baseline_tests))
+                  + models * len(sw.baselines) * len(sw.baseline_tests))
 
 
 def run(sw: Sweep, tick=None, saved=None) -> list:
@@ -71,6 +72,7 @@ def run(sw: Sweep, tick=None, saved=None) -> list:
     from .generate import Engine
     records = []
     bw = None
+    baselined = set()       # a baseline runs once per model, however many profiles share it
     for prof in sw.profiles:
         need = max(n for _, n in sw.tests) + 16
         if prof.runtime.max_seq_len < need:
@@ -130,6 +132,9 @@ def run(sw: Sweep, tick=None, saved=None) -> list:
             del built
             _free()
             for b in sw.baselines:
+                if (b, src.name, src.config.num_hidden_layers) in baselined:
+                    continue
+                baselined.add((b, src.name, src.config.num_hidden_layers))
                 records += run_baseline(b, src, prof, sw, tick)
                 if saved:
                     saved(records)
