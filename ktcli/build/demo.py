@@ -74,6 +74,8 @@ def ensure_demo() -> str:
     os.makedirs(os.path.dirname(target), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".demo-", dir=os.path.dirname(target))
     try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()     # ktcli shows its own progress; transformers' bar is noise here
         tok = build_tokenizer()
         cfg = demo_config(len(tok), eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
                           bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"))
