@@ -129,3 +129,13 @@ def test_peak_rss_during_load_is_bounded(tmp_path):
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["weights"] > 1.2e9
     assert r["peak"] - r["base"] <= 1.1 * r["weights"] + 64 * 2**20, r
+    # int8 experts are quantized layer by layer as they load: peak stays near the int8 size, not the bf16 one
+    prof8 = write_profile(tmp_path, ckpt, [{**experts_rule(".*", "cpu", "cpu", "cpu"), "replace": {
+        "class": "Experts", "kwargs": {"prefill_device": "cpu", "generate_device": "cpu", "prefill_op": "cpu",
+                                       "generate_op": "cpu", "weight_format": "int8"}}}], name="q.yaml", dtype="bfloat16")
+    out = subprocess.run([sys.executable, "-c", PEAK, prof8], capture_output=True, text=True, check=True)
+    q = json.loads(out.stdout.strip().splitlines()[-1])
+    assert q["weights"] < 0.55 * r["weights"]
+    layer_bf16 = r["weights"] / 6                      # 6 layers
+    assert q["peak"] - q["base"] <= q["weights"] + 2 * layer_bf16 + 64 * 2**20, q
+    assert q["peak"] - q["base"] < r["weights"], q       # below what the bf16 model alone would need

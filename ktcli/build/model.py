@@ -96,17 +96,30 @@ def build(validation, progress=None) -> Built:
         if t.device.type == "cpu" and _device_of(name, plan, experts_devices) == "cpu" and t.ndim == 3:
             hugepages(t)
     advance = progress(total) if progress else None
+    # Each layer's experts are packed (int8/int4: quantized, bf16 copy freed) as soon as both tensors are in,
+    # so peak RAM is the stored format plus about one layer, not the whole bf16 model.
+    owner = {f"{e.module}.{w}": model.get_submodule(e.module) for e in plan.experts for w in ("gate_up_proj", "down_proj")}
+    pending = {}
+
+    def done(name):
+        m = owner.get(name)
+        if m is not None:
+            params.pop(name, None)        # the module holds it; after finalize() nothing does
+            pending[id(m)] = pending.get(id(m), 0) + 1
+            if pending[id(m)] == 2:
+                m.finalize()
+
     if prof.weights == "synthetic" or src.checkpoint_dir is None:
-        fill_synthetic(params, progress=advance)
+        fill_synthetic(params, progress=advance, done=done)
     else:
         tied = getattr(cfg, "tie_word_embeddings", False)
         if tied and "lm_head.weight" in params:
             params.pop("lm_head.weight")
-        load_checkpoint(params, src.checkpoint_dir, progress=advance, buffers=buffers)
+        load_checkpoint(params, src.checkpoint_dir, progress=advance, buffers=buffers, done=done)
         if tied:
             model.tie_weights()
     for m in model.modules():
-        if isinstance(m, HybridExperts):
+        if isinstance(m, HybridExperts) and not hasattr(m, "packed"):
             m.finalize()
     # Modules off the main device (KTransformers puts embed_tokens on the CPU) hand their output back.
     emb = model.get_input_embeddings()

@@ -132,12 +132,14 @@ def _slot(param: torch.Tensor, t: Target, name: str) -> torch.Tensor:
     return param[t.expert, :half] if t.part == "gate" else param[t.expert, half:]
 
 
-def load_checkpoint(params: dict, ckpt: str, progress=None, buffers=None) -> None:
+def load_checkpoint(params: dict, ckpt: str, progress=None, buffers=None, done=None) -> None:
     """Copy every checkpoint tensor into `params` (name → preallocated tensor on its final device).
 
-    `buffers` (persistent buffers, e.g. DeepSeek's e_score_correction_bias) are filled when present."""
+    `buffers` (persistent buffers, e.g. DeepSeek's e_score_correction_bias) are filled when present;
+    `done(name)` is called as soon as a parameter is complete (quantization can start while loading goes on)."""
     params = {**(buffers or {}), **params}
     required = set(params) - set(buffers or {})
+    sizes = {n: p.numel() for n, p in params.items()}
     files = checkpoint_files(ckpt)
     filled = {name: 0 for name in params}
     by_file, bounce = {}, {}
@@ -158,22 +160,27 @@ def load_checkpoint(params: dict, ckpt: str, progress=None, buffers=None) -> Non
                                           f"{tuple(dst.shape)}", "does config.json belong to these weights?")
                 shard.read_into(name, dst, bounce)
                 filled[t.param] += dst.numel()
+                if done and filled[t.param] == sizes[t.param]:
+                    params[t.param] = None     # let done() free it (e.g. bf16 experts once quantized)
+                    done(t.param)
                 if progress:
                     progress(dst.numel() * dst.element_size())
+                del dst
         finally:
             shard.close()
-    missing = [n for n, p in params.items() if n in required and filled[n] < p.numel()]
+    missing = [n for n in params if n in required and filled[n] < sizes[n]]
     if missing:
         raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s), first: {missing[0]}",
                               "the checkpoint is incomplete or for another architecture")
 
 
-def fill_synthetic(params: dict, seed: int = 0, progress=None) -> None:
+def fill_synthetic(params: dict, seed: int = 0, progress=None, done=None) -> None:
     """Same shapes, random values: a 64 MiB random block tiled over each tensor (fast, parallel copy)."""
     g = torch.Generator().manual_seed(seed)
     block = (torch.rand(32 * 2**20, generator=g) * 0.04 - 0.02)
     blocks = {}
-    for i, (name, p) in enumerate(params.items()):
+    for i, name in enumerate(list(params)):     # names only: done() may drop finished tensors from params
+        p = params[name]
         if p.ndim == 1 and ("norm" in name or "layernorm" in name):
             p.fill_(1.0)
         elif "correction_bias" in name:
@@ -188,5 +195,9 @@ def fill_synthetic(params: dict, seed: int = 0, progress=None) -> None:
                 k = min(n - pos, src.numel() - off)
                 flat[pos:pos + k].copy_(src[off:off + k])
                 pos, off = pos + k, 0
+        nbytes = p.numel() * p.element_size()
+        del p
+        if done:
+            done(name)
         if progress:
-            progress(p.numel() * p.element_size())
+            progress(nbytes)

@@ -26,13 +26,6 @@ def hugepages(t: torch.Tensor) -> None:
 
 
 
-def _resident(t: torch.Tensor) -> torch.Tensor:
-    """A copy of `t` in memory advised for huge pages (quantized weights are streamed every token)."""
-    out = torch.empty(t.shape, dtype=t.dtype)
-    hugepages(out)
-    return out.copy_(t)
-
-
 @dataclass
 class ExpertWeights:
     fmt: str
@@ -86,7 +79,19 @@ def pack(fmt: str, gate_up: torch.Tensor, down: torch.Tensor, group: int = 128) 
     if fmt == "bf16":
         return ExpertWeights("bf16", inter, group, gate_up.to(torch.bfloat16).contiguous(), None,
                              down.to(torch.bfloat16).contiguous(), None)
-    gq, gs = quantize(fmt, gate_up, group)
-    dq, ds = quantize(fmt, down, group)
-    return ExpertWeights(fmt, inter, group, _resident(gq), gs.float().contiguous(), _resident(dq),
-                         ds.float().contiguous())
+    gq, gs = _quantize_experts(fmt, gate_up, group)
+    dq, ds = _quantize_experts(fmt, down, group)
+    return ExpertWeights(fmt, inter, group, gq, gs, dq, ds)
+
+
+def _quantize_experts(fmt, w, group):
+    """Expert by expert into preallocated (huge-page advised) storage: transient memory is one expert in fp32."""
+    q0, s0 = quantize(fmt, w[:1], group)
+    q = torch.empty((w.shape[0], *q0.shape[1:]), dtype=q0.dtype)
+    hugepages(q)
+    s = torch.empty((w.shape[0], *s0.shape[1:]), dtype=torch.float32)
+    for e in range(w.shape[0]):
+        qe, se = quantize(fmt, w[e:e + 1], group)
+        q[e:e + 1].copy_(qe)
+        s[e:e + 1].copy_(se)
+    return q, s
