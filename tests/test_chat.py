@@ -132,3 +132,9 @@ def test_stop_string_flag(cli):
     text = full.stdout.strip()
     cut = cli("chat", "--prompt", "Hello!", "-n", "12", "--ignore-eos", "--stop", text[len(text) // 2])
     assert cut.exit_code == 0 and len(cut.stdout.strip()) <= len(text)
+
+
+def test_chat_refuses_a_config_only_model_before_loading(cli):
+    r = cli("chat", "--model", "qwen3-30b-a3b", "--num-layers", "1", "--device", "cpu", "--prompt", "x")
+    assert r.exit_code == 1
+    assert r.stderr.startswith("Error: qwen3-30b-a3b is an architecture config without a checkpoint or tokenizer")

@@ -267,3 +267,10 @@ def test_unknown_replace_class(cli, tmp_path):
     """)
     r = cli("validate-config", p)
     assert r.exit_code == 1 and f"error: {p}:3: rule 1: unknown replace class 'FastExperts'" in r.output
+
+
+def test_bad_device_and_bad_size(cli):
+    r = cli("validate-config", "--device", "tpu")
+    assert r.exit_code == 1 and "Error: --device: 'tpu' is not a device ktcli runs on" in r.output
+    r = cli("validate-config", "--target-devices", "cuda:0=lots,cpu=1GiB")
+    assert r.exit_code == 2 and "Error: bad size 'lots'" in r.output

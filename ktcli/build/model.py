@@ -38,6 +38,24 @@ def _device_of(name: str, plan, experts_devices: dict) -> str:
     return plan.module_devices.get(mod, plan.main_device)
 
 
+def materialize(model, device_of):
+    """Give every meta parameter real, empty storage on `device_of(name)` (filled in place afterwards: no
+    whole-model copy in RAM) and move buffers likewise. Returns (params, persistent buffers) by name."""
+    params, buffers = {}, {}
+    for name, p in list(model.named_parameters()):
+        real = torch.empty(p.shape, dtype=p.dtype, device=device_of(name))
+        mod_name, attr = name.rsplit(".", 1)
+        model.get_submodule(mod_name)._parameters[attr] = torch.nn.Parameter(real, requires_grad=False)
+        params[name] = real
+    for name, b in list(model.named_buffers()):
+        mod_name, attr = name.rsplit(".", 1) if "." in name else ("", name)
+        mod = model.get_submodule(mod_name)
+        mod._buffers[attr] = b.to(device_of(name))
+        if attr not in mod._non_persistent_buffers_set:
+            buffers[name] = mod._buffers[attr]
+    return params, buffers
+
+
 def _move_output_hook(device):
     def hook(_mod, _inp, out):
         return out.to(device)
@@ -75,23 +93,8 @@ def build(validation, progress=None) -> Built:
         setattr(model.get_submodule(parent), attr, HybridExperts(orig, e, dtype, staging))
         experts_devices[e.module] = e.home
 
-    # Allocate every parameter on its final device, then fill it in place: no whole-model copy in RAM.
-    params, total = {}, 0
-    for name, p in list(model.named_parameters()):
-        dev = _device_of(name, plan, experts_devices)
-        real = torch.empty(p.shape, dtype=p.dtype, device=dev, pin_memory=False)
-        mod_name, attr = name.rsplit(".", 1)
-        mod = model.get_submodule(mod_name)
-        mod._parameters[attr] = torch.nn.Parameter(real, requires_grad=False)
-        params[name] = real
-        total += real.numel() * real.element_size()
-    buffers = {}
-    for name, b in list(model.named_buffers()):
-        mod_name, attr = name.rsplit(".", 1) if "." in name else ("", name)
-        mod = model.get_submodule(mod_name)
-        mod._buffers[attr] = b.to(_device_of(name, plan, experts_devices))
-        if attr not in mod._non_persistent_buffers_set:
-            buffers[name] = mod._buffers[attr]
+    params, buffers = materialize(model, lambda name: _device_of(name, plan, experts_devices))
+    total = sum(t.numel() * t.element_size() for t in params.values())
     for name, t in params.items():
         if t.device.type == "cpu" and _device_of(name, plan, experts_devices) == "cpu" and t.ndim == 3:
             hugepages(t)

@@ -29,7 +29,7 @@ def chat(profile: o.ProfileArg = None, model: o.Model = None, weights: o.Weights
          context_policy: Annotated[str, typer.Option("--context-policy", help="When the context is full: drop-oldest turns, or stop.")] = "drop-oldest"):
     from ..engine import ContextFull, Engine, GenerationConfig
     from ..engine.conversation import Conversation
-    from ..errors import KtcliError, UsageError
+    from ..errors import UsageError
     from ..report.chat_ui import HELP, ChatUI, Detokenizer
     from .run import load
     if context_policy not in ("drop-oldest", "stop"):
@@ -42,9 +42,7 @@ def chat(profile: o.ProfileArg = None, model: o.Model = None, weights: o.Weights
     prof = o.profile_from_flags(profile, model=model, weights=weights, dtype=dtype, device=device,
                                 num_layers=num_layers, use_cuda_graph=o.graph_switch(use_cuda_graph_kt, use_cuda_graph),
                                 graph_mode=graph_mode, max_seq_len=max_seq_len, cpu_threads=cpu_threads)
-    v, built = load(prof, o.machine_for(None))
-    if built.tokenizer is None:
-        raise KtcliError(f"{v.source.spec} has no tokenizer (synthetic weights)", "chat needs a checkpoint; use bench")
+    v, built = load(prof, o.machine_for(None), need_tokenizer=True)
     engine = Engine(built)
     engine.prepare()
     ui = ChatUI(interactive=not one_shot)

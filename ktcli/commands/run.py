@@ -12,7 +12,7 @@ def refuse_if_failing(v) -> None:
         raise KtcliError(errs[0].line() + more, errs[0].fix)
 
 
-def load(profile, machine):
+def load(profile, machine, need_tokenizer: bool = False):
     """Returns (validation, built). Every pre-launch check runs before any weight is read."""
     import torch
 
@@ -21,6 +21,9 @@ def load(profile, machine):
     from ..report.progress import bytes_progress
     v = validate(profile, machine)
     refuse_if_failing(v)
+    if need_tokenizer and v.source.checkpoint_dir is None:
+        raise KtcliError(f"{v.source.spec} is an architecture config without a checkpoint or tokenizer",
+                         "chat needs a checkpoint directory; use ktcli bench for config-only models")
     if profile.runtime.cpu_threads:
         torch.set_num_threads(profile.runtime.cpu_threads)
     with bytes_progress(f"loading {v.source.name}") as progress:

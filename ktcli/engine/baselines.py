@@ -9,7 +9,7 @@ import time
 import torch
 
 from ..build.config import find_experts, meta_model
-from ..build.model import DTYPES
+from ..build.model import DTYPES, materialize
 from ..build.weights import fill_synthetic, load_checkpoint
 from ..errors import KtcliError
 
@@ -21,20 +21,12 @@ def build_baseline(kind: str, source, dtype: str, synthetic: bool):
         raise KtcliError(f"baseline {kind} needs a GPU")
     model = meta_model(source.config, DTYPES[dtype]).eval().requires_grad_(False)
     experts = {n for n, _ in find_experts(model)}
-    params = {}
-    for name, p in list(model.named_parameters()):
-        on_cpu = kind == "hf-accelerate" and name.rsplit(".", 1)[0] in experts
-        real = torch.empty(p.shape, dtype=p.dtype, device="cpu" if on_cpu else "cuda")
-        mod, attr = name.rsplit(".", 1)
-        model.get_submodule(mod)._parameters[attr] = torch.nn.Parameter(real, requires_grad=False)
-        params[name] = real
-    for name, b in list(model.named_buffers()):
-        mod, attr = name.rsplit(".", 1) if "." in name else ("", name)
-        model.get_submodule(mod)._buffers[attr] = b.to("cuda")
+    on_cpu = lambda name: kind == "hf-accelerate" and name.rsplit(".", 1)[0] in experts   # noqa: E731
+    params, buffers = materialize(model, lambda name: "cpu" if on_cpu(name) else "cuda")
     if synthetic or source.checkpoint_dir is None:
         fill_synthetic(params)
     else:
-        load_checkpoint(params, source.checkpoint_dir)
+        load_checkpoint(params, source.checkpoint_dir, buffers=buffers)
     if kind == "hf-accelerate":
         # What a user tries first: device_map with the routed experts on "cpu" → accelerate offload hooks
         # move each experts module's weights to the GPU when it runs.

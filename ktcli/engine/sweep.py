@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..errors import KtcliError
+from ..placement.checks import check_graphs
 from .bandwidth import bandwidths, cpu_model
 from .roofline import decode_bytes, roofline
 
@@ -104,7 +105,9 @@ def run(sw: Sweep, tick=None, saved=None) -> list:
             err, engine = base_err, None
             if err is None:
                 try:
-                    refuse_if_failing(validate(replace(prof, runtime=replace(prof.runtime, graph_mode=mode)), sw.machine))
+                    # the plan does not change with the graph mode; only the graph check does
+                    prof_mode = replace(prof, runtime=replace(prof.runtime, graph_mode=mode))
+                    refuse_if_failing(replace(v, findings=check_graphs(prof_mode, v.plan)))
                     engine = Engine(built, graph_mode=mode)
                     engine.prepare()
                 except (KtcliError, RuntimeError) as e:
