@@ -5,6 +5,11 @@ stock-torch path beside it (bf16: F.linear per expert; int8: torch._weight_int8p
 F.linear). Layers are rotated so that every call reads cold weights (working set ≫ L3).
 
     python benchmarks/cpu_experts.py --hidden 3584 --inter 2560 --experts 64 --topk 8 --layers 6 --out r.json
+
+Kernel knobs can be swept (each a comma list): --chunk (dynamic-schedule rows, 0 = static split), --prefetch
+(software prefetch distance in bytes, 0 = off), --int8-act (int8/int4 weights: 1 = int8 activations with
+integer dot products, 0 = fp32 activations). The read bandwidth is measured before and after the kernels, with
+and without prefetch, and the largest reading is the reference.
 """
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ import sys
 import time
 
 import torch
+
+import itertools
 
 from ktcli.engine.bandwidth import measure_cpu_read
 from ktcli.engine.sweep import machine_info
@@ -42,6 +49,16 @@ def stock(fmt, ew, x, idx, w, out):
     cpu_moe(x, idx, w, None, None, torch.nn.SiLU(), out, weights=lambda e: ew.expert(e, x.dtype))
 
 
+def references(L, bf16, x, idx, w):
+    """fp32 reference on the stored (dequantized) weights and on the original bf16 ones, selected experts only."""
+    sel, local = torch.unique(idx, return_inverse=True)
+    deq = [L.expert(int(e), torch.float32) for e in sel]
+    want = eager_reference(x.float(), local, w, torch.stack([d[0] for d in deq]), torch.stack([d[1] for d in deq]),
+                           torch.nn.SiLU())
+    bf = eager_reference(x.float(), local, w, bf16[0][sel].float(), bf16[1][sel].float(), torch.nn.SiLU())
+    return want, bf
+
+
 def timeit(fn, n):
     ts = []
     for i in range(n):
@@ -64,16 +81,30 @@ def main():
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--reps", type=int, default=12)
     ap.add_argument("--no-hugepages", action="store_true")
+    ap.add_argument("--chunk", default="-1", help="comma list; -1 = the kernel's default")
+    ap.add_argument("--prefetch", default="-1", help="comma list of bytes; -1 = the kernel's default")
+    ap.add_argument("--int8-act", default="-1", help="comma list of 0/1; -1 = the kernel's default")
+    ap.add_argument("--stock-max-t", type=int, default=16, help="time stock torch only up to this batch")
     ap.add_argument("--out")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     lib = kernels.get()
-    bw = measure_cpu_read()
+    ints = lambda v: [int(t) for t in v.split(",")]  # noqa: E731
+    probes = {}
+
+    def probe(tag):   # the reference: DRAM read bandwidth, with and without software prefetch
+        for pf in sorted({0, *[p for p in ints(a.prefetch) if p > 0]}):
+            was = kernels.tune(prefetch=pf) if lib else None
+            probes[f"{tag}-pf{pf}"] = measure_cpu_read()
+            if was:
+                kernels.tune(*was)
+        return max(probes.values())
+    bw = probe("start")
     E, H, I, K = a.experts, a.hidden, a.inter, a.topk
     res = {"command": " ".join(["python", *sys.argv]), "machine": machine_info(), "read_bw": bw,
-           "kernel": lib is not None, "kernel_error": kernels.error(), "rows": []}
+           "kernel": lib is not None, "kernel_error": kernels.error(), "caps": kernels.caps(), "rows": []}
     print(f"DRAM read {bw / 1e9:.1f} GB/s; kernel {'built' if lib else 'MISSING: ' + str(kernels.error())}")
-    print(f"{'fmt':5} {'T':>3} {'kernel ms':>9} {'GB/s':>7} {'% bw':>6} | {'torch ms':>8} {'GB/s':>7} {'% bw':>6} | err vs fp32 ref, vs bf16")
+    print(f"{'fmt':5} {'T':>3} {'knobs':>14} {'kernel ms':>9} {'GB/s':>7} {'% bw':>6} | {'torch ms':>8} {'GB/s':>7} {'% bw':>6} | err vs fp32 ref, vs bf16")
     g = torch.Generator().manual_seed(0)
     def weights(*shape):   # allocated as ktcli allocates CPU experts: huge pages advised before the fill
         t = torch.empty(*shape, dtype=torch.bfloat16)
@@ -84,33 +115,46 @@ def main():
     for fmt in a.formats.split(","):
         layers = [pack(fmt, gu, dn, a.group) for gu, dn in base]
         per_expert = layers[0].nbytes() / E
-        for T in [int(b) for b in a.batches.split(",")]:
+        acts = [-1] if fmt == "bf16" else ints(a.int8_act)
+        for T in ints(a.batches):
             xs = [torch.randn(T, H, generator=g).to(torch.bfloat16) for _ in range(a.layers)]
             idxs = [torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) for _ in range(a.layers)]
             ws = [torch.rand(T, K, generator=g).softmax(-1) for _ in range(a.layers)]
             nbytes = len(torch.unique(idxs[0])) * per_expert
-            out = torch.empty(T, H, dtype=torch.bfloat16)
-            run = kernels.Runner()
-            kt = timeit(lambda i: run(lib, xs[i % a.layers], idxs[i % a.layers], ws[i % a.layers],
-                                      layers[i % a.layers], out, a.threads), a.reps) if lib else float("nan")
-            ref_out = torch.empty_like(out)
+            want, bf = references(layers[0], base[0], xs[0], idxs[0], ws[0])
+            ref_out = torch.empty(T, H, dtype=torch.bfloat16)
             st = timeit(lambda i: stock(fmt, layers[i % a.layers], xs[i % a.layers], idxs[i % a.layers],
-                                        ws[i % a.layers], ref_out), max(a.reps // 2, 3))
-            L = layers[0]
-            deq = [L.expert(e, torch.float32) for e in range(E)]
-            want = eager_reference(xs[0].float(), idxs[0], ws[0], torch.stack([d[0] for d in deq]),
-                                   torch.stack([d[1] for d in deq]), torch.nn.SiLU())
-            if lib:
-                run(lib, xs[0], idxs[0], ws[0], L, out, a.threads)
-            err = ((out.float() - want).norm() / want.norm()).item()
-            bf = eager_reference(xs[0].float(), idxs[0], ws[0], base[0][0].float(), base[0][1].float(), torch.nn.SiLU())
-            qerr = ((out.float() - bf).norm() / bf.norm()).item()
-            row = {"format": fmt, "T": T, "bytes": nbytes, "kernel_ms": kt * 1e3, "kernel_GBps": nbytes / kt / 1e9,
-                   "kernel_ratio": nbytes / kt / bw, "torch_ms": st * 1e3, "torch_GBps": nbytes / st / 1e9,
-                   "torch_ratio": nbytes / st / bw, "rel_err_vs_dequant_fp32": err, "rel_err_vs_bf16": qerr}
-            res["rows"].append(row)
-            print(f"{fmt:5} {T:3d} {kt * 1e3:9.3f} {row['kernel_GBps']:7.1f} {100 * row['kernel_ratio']:5.1f}% | "
-                  f"{st * 1e3:8.3f} {row['torch_GBps']:7.1f} {100 * row['torch_ratio']:5.1f}% | {err:.1e} {qerr:.1e}", flush=True)
+                                        ws[i % a.layers], ref_out), max(a.reps // 4, 3)) \
+                if T <= a.stock_max_t else float("nan")
+            for chunk, pf, act in itertools.product(ints(a.chunk), ints(a.prefetch), acts):
+                out = torch.empty(T, H, dtype=torch.bfloat16)
+                run = kernels.Runner()
+                was = kernels.tune(chunk, pf, act) if lib else None
+                kt = timeit(lambda i: run(lib, xs[i % a.layers], idxs[i % a.layers], ws[i % a.layers],
+                                          layers[i % a.layers], out, a.threads), a.reps) if lib else float("nan")
+                knobs = dict(zip(("chunk", "prefetch", "int8_act"), kernels.tune()) if lib else ())
+                if lib:
+                    run(lib, xs[0], idxs[0], ws[0], layers[0], out, a.threads)
+                    kernels.tune(*was)
+                err = ((out.float() - want).norm() / want.norm()).item()
+                qerr = ((out.float() - bf).norm() / bf.norm()).item()
+                row = {"format": fmt, "T": T, **knobs, "bytes": nbytes, "kernel_ms": kt * 1e3,
+                       "kernel_GBps": nbytes / kt / 1e9, "kernel_ratio": nbytes / kt / bw, "torch_ms": st * 1e3,
+                       "torch_GBps": nbytes / st / 1e9, "torch_ratio": nbytes / st / bw,
+                       "rel_err_vs_dequant_fp32": err, "rel_err_vs_bf16": qerr}
+                res["rows"].append(row)
+                tag = "/".join(str(knobs.get(k, "-")) for k in ("chunk", "prefetch", "int8_act"))
+                print(f"{fmt:5} {T:3d} {tag:>14} {kt * 1e3:9.3f} {row['kernel_GBps']:7.1f} {100 * row['kernel_ratio']:5.1f}% | "
+                      f"{st * 1e3:8.3f} {row['torch_GBps']:7.1f} {100 * row['torch_ratio']:5.1f}% | {err:.1e} {qerr:.1e}",
+                      flush=True)
+            if a.out:
+                write_atomic(a.out, json.dumps(res, indent=2))
+    res["read_bw_end"] = probe("end")
+    res["read_bw"] = bw = max(bw, res["read_bw_end"])
+    res["probes"] = probes
+    for row in res["rows"]:   # ratios against the largest reading of the run
+        row["kernel_ratio"], row["torch_ratio"] = row["kernel_GBps"] * 1e9 / bw, row["torch_GBps"] * 1e9 / bw
+    print("read bandwidth probes (GB/s): " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in probes.items()))
     if a.out:
         write_atomic(a.out, json.dumps(res, indent=2))
 

@@ -105,3 +105,61 @@ def test_stream_read_probe_reads_every_word():
     lib.stream_read.restype = ctypes.c_uint64
     for threads in (1, 2, 3):
         assert lib.stream_read(ctypes.c_void_p(x.data_ptr()), ctypes.c_size_t(x.numel()), threads) == x.sum().item()
+
+
+@pytest.fixture
+def int8_act():
+    """The int8-activation path (AVX-512 VNNI where the CPU has it, its plain-C twin elsewhere), restored after."""
+    was = kernels.tune(int8_act=1)
+    yield
+    kernels.tune(*was)
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt,H,I,G", [("int8", 256, 128, 0), ("int8", 384, 640, 0), ("int4", 256, 128, 128),
+                                       ("int4", 512, 256, 256), ("int4", 256, 384, 128)])
+@pytest.mark.parametrize("T", [1, 3, 16])
+def test_int8_activation_path_matches_reference(int8_act, fmt, H, I, G, T):
+    """int8/int4 weights × int8 activations (one scale per 128 inputs): within activation-rounding error of the
+    fp32 reference, and really a different path from the fp32-activation one."""
+    E, K = 8, 3
+    seed = torch.randint(0, 2**30, ()).item()
+    gu, dn, x, idx, w = case(E, H, I, K, T, seed)
+    x[0, 5] = 8.0                                             # an outlier: its block's scale grows, others don't
+    ew = pack(fmt, gu, dn, group=G or 128)
+    out = torch.full((T, H), float("nan"))
+    kernels.Runner()(lib, x, idx, w, ew, out, 3)
+    want = reference(ew, x, idx, w, E)
+    assert rel(out, want) <= 3e-2, (fmt, H, I, G, T, seed)
+    kernels.tune(int8_act=0)
+    exact = torch.empty_like(out)
+    kernels.Runner()(lib, x, idx, w, ew, exact, 3)
+    assert rel(exact, want) <= 1e-5 and rel(out, exact) > 1e-5
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+def test_schedule_and_prefetch_do_not_change_results(fmt):
+    """Dynamic row chunks and software prefetch move work between threads, never the arithmetic: bit-equal."""
+    gu, dn, x, idx, w = case(16, 256, 128, 4, 5, 3)
+    ew = pack(fmt, gu.bfloat16() if fmt == "bf16" else gu, dn.bfloat16() if fmt == "bf16" else dn)
+    outs = []
+    for chunk, prefetch in [(0, 0), (1, 0), (7, 512), (64, 4096)]:
+        was = kernels.tune(chunk, prefetch)
+        out = torch.empty(5, 256)
+        kernels.Runner()(lib, x, idx, w, ew, out, 3)
+        kernels.tune(*was)
+        outs.append(out)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+@needs_kernel
+def test_stream_read_with_prefetch_reads_every_word():
+    import ctypes
+    x = torch.arange(1, 100_003, dtype=torch.int64)
+    lib.stream_read.restype = ctypes.c_uint64
+    was = kernels.tune(prefetch=1024)
+    try:
+        assert lib.stream_read(ctypes.c_void_p(x.data_ptr()), ctypes.c_size_t(x.numel()), 3) == x.sum().item()
+    finally:
+        kernels.tune(*was)

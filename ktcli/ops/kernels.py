@@ -18,6 +18,7 @@ import threading
 import torch
 
 SRC = os.path.join(os.path.dirname(__file__), "csrc", "moe_cpu.c")
+HEADERS = [os.path.join(os.path.dirname(__file__), "csrc", "dots.h")]
 FORMATS = {"bf16": 0, "int8": 1, "int4": 2}
 MAX_TOKENS = 16          # decode and small batches; larger prefill chunks go to torch's GEMMs
 _lock = threading.Lock()
@@ -43,8 +44,10 @@ def build(cache: str | None = None) -> str:
     if cc is None:
         raise RuntimeError("no C compiler (gcc) on PATH")
     gomp = _torch_gomp()
-    with open(SRC, "rb") as f:
-        src = f.read()
+    src = b""
+    for path in (SRC, *HEADERS):
+        with open(path, "rb") as f:
+            src += f.read()
     key = hashlib.sha1(src + _cpu_flags().encode() + str(gomp).encode() + cc.encode()).hexdigest()[:16]
     folder = cache or os.path.join(os.path.dirname(cache_dir()), "kernels")
     out = os.path.join(folder, f"moe_cpu-{key}.so")
@@ -69,9 +72,12 @@ def get():
                 try:
                     lib = ctypes.CDLL(build())
                     lib.moe_forward.restype = ctypes.c_int
-                    lib.moe_scratch_floats.restype = ctypes.c_size_t
-                    lib.moe_scratch_floats.argtypes = [ctypes.c_int] * 4
-                    lib.moe_has_dpbf16.restype = ctypes.c_int
+                    lib.moe_scratch_bytes.restype = ctypes.c_size_t
+                    lib.moe_scratch_bytes.argtypes = [ctypes.c_int] * 4
+                    lib.moe_caps.restype = ctypes.c_int
+                    lib.moe_tune.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p]
+                    if os.environ.get("KTCLI_CPU_INT8_ACT") == "0":
+                        lib.moe_tune(-1, -1, 0, (ctypes.c_int * 3)())
                     _state["lib"] = lib
                 except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
                     _state["error"] = getattr(e, "stderr", None) or str(e)
@@ -79,10 +85,25 @@ def get():
     return _state["lib"]
 
 
+def caps() -> dict:
+    """Which fast paths this machine's build has: AVX-512 BF16 dot products, AVX-512 VNNI int8 dot products."""
+    lib = get()
+    c = lib.moe_caps() if lib else 0
+    return {"dpbf16": bool(c & 1), "vnni": bool(c & 2)}
+
+
 def bf16_activations() -> bool:
     """True when the bf16 path rounds activations to bf16 (AVX-512 BF16 dot products)."""
-    lib = get()
-    return bool(lib and lib.moe_has_dpbf16())
+    return caps()["dpbf16"]
+
+
+def tune(chunk: int = -1, prefetch: int = -1, int8_act: int = -1) -> tuple:
+    """Kernel knobs (benchmarks, tests): dynamic-schedule chunk in rows (0 = static split), software prefetch
+    distance in bytes (0 = off), int8 activations for int8/int4 weights (1 on, 0 off); -1 keeps a setting.
+    Returns the previous (chunk, prefetch, int8_act), which `tune(*was)` restores."""
+    was = (ctypes.c_int * 3)()
+    get().moe_tune(chunk, prefetch, int8_act, was)
+    return tuple(was)
 
 
 def enabled() -> bool:
@@ -115,7 +136,7 @@ class Runner:
         T, H = x.shape
         K = idx.shape[1]
         I = weights.inter
-        scratch = self._buf("scratch", lib.moe_scratch_floats(T, K, H, I))
+        scratch = self._buf("scratch", lib.moe_scratch_bytes(T, K, H, I), torch.uint8)
         xf = self._buf("x", T * H).view(T, H).copy_(x)
         wf = self._buf("w", T * K).view(T, K).copy_(w)
         ix = self._buf("idx", T * K, torch.int64).view(T, K).copy_(idx)
