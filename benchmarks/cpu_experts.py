@@ -6,10 +6,10 @@ F.linear). Layers are rotated so that every call reads cold weights (working set
 
     python benchmarks/cpu_experts.py --hidden 3584 --inter 2560 --experts 64 --topk 8 --layers 6 --out r.json
 
-Kernel knobs can be swept (each a comma list): --chunk (dynamic-schedule rows, 0 = static split), --prefetch
+Kernel knobs can be swept (each a comma list): --chunk (rows handed to threads in chunks of this many KiB, 0 = one range per thread), --prefetch
 (software prefetch distance in bytes, 0 = off), --int8-act (int8/int4 weights: 1 = int8 activations with
-integer dot products, 0 = fp32 activations). The read bandwidth is measured before and after the kernels, with
-and without prefetch, and the largest reading is the reference.
+integer dot products, 0 = fp32 activations). The read bandwidth is probed at the start, before each format
+and batch, and at the end; the largest reading of the run is every row's reference.
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def main():
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--reps", type=int, default=12)
     ap.add_argument("--no-hugepages", action="store_true")
-    ap.add_argument("--chunk", default="-1", help="comma list; -1 = the kernel's default")
+    ap.add_argument("--chunk", default="-1", help="comma list of KiB; -1 = the kernel's default")
     ap.add_argument("--prefetch", default="-1", help="comma list of bytes; -1 = the kernel's default")
     ap.add_argument("--int8-act", default="-1", help="comma list of 0/1; -1 = the kernel's default")
     ap.add_argument("--stock-max-t", type=int, default=16, help="time stock torch only up to this batch")
@@ -92,12 +92,10 @@ def main():
     ints = lambda v: [int(t) for t in v.split(",")]  # noqa: E731
     probes = {}
 
-    def probe(tag):   # the reference: DRAM read bandwidth, with and without software prefetch
-        for pf in sorted({0, *[p for p in ints(a.prefetch) if p > 0]}):
-            was = kernels.tune(prefetch=pf) if lib else None
-            probes[f"{tag}-pf{pf}"] = measure_cpu_read()
-            if was:
-                kernels.tune(*was)
+    def probe(tag):   # the reference: DRAM read bandwidth, several readers (ktcli/engine/bandwidth.py)
+        d = {}
+        measure_cpu_read(detail=d)
+        probes.update({f"{tag}:{k}": v for k, v in d.items()})
         return max(probes.values())
     bw = probe("start")
     E, H, I, K = a.experts, a.hidden, a.inter, a.topk
@@ -118,19 +116,21 @@ def main():
         acts = [-1] if fmt == "bf16" else ints(a.int8_act)
         for T in ints(a.batches):
             xs = [torch.randn(T, H, generator=g).to(torch.bfloat16) for _ in range(a.layers)]
-            idxs = [torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) for _ in range(a.layers)]
+            # fresh experts every call, so that nothing is still in L3 from an earlier call (300 MiB on the H100 host)
+            idxs = [torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) for _ in range(a.layers * a.reps)]
             ws = [torch.rand(T, K, generator=g).softmax(-1) for _ in range(a.layers)]
-            nbytes = len(torch.unique(idxs[0])) * per_expert
+            nbytes = sum(len(torch.unique(i)) for i in idxs) / len(idxs) * per_expert   # mean over calls
             want, bf = references(layers[0], base[0], xs[0], idxs[0], ws[0])
             ref_out = torch.empty(T, H, dtype=torch.bfloat16)
-            st = timeit(lambda i: stock(fmt, layers[i % a.layers], xs[i % a.layers], idxs[i % a.layers],
+            st = timeit(lambda i: stock(fmt, layers[i % a.layers], xs[i % a.layers], idxs[i % len(idxs)],
                                         ws[i % a.layers], ref_out), max(a.reps // 4, 3)) \
                 if T <= a.stock_max_t else float("nan")
+            bw = probe(f"{fmt}-T{T}")
             for chunk, pf, act in itertools.product(ints(a.chunk), ints(a.prefetch), acts):
                 out = torch.empty(T, H, dtype=torch.bfloat16)
                 run = kernels.Runner()
                 was = kernels.tune(chunk, pf, act) if lib else None
-                kt = timeit(lambda i: run(lib, xs[i % a.layers], idxs[i % a.layers], ws[i % a.layers],
+                kt = timeit(lambda i: run(lib, xs[i % a.layers], idxs[i % len(idxs)], ws[i % a.layers],
                                           layers[i % a.layers], out, a.threads), a.reps) if lib else float("nan")
                 knobs = dict(zip(("chunk", "prefetch", "int8_act"), kernels.tune()) if lib else ())
                 if lib:
@@ -154,7 +154,12 @@ def main():
     res["probes"] = probes
     for row in res["rows"]:   # ratios against the largest reading of the run
         row["kernel_ratio"], row["torch_ratio"] = row["kernel_GBps"] * 1e9 / bw, row["torch_GBps"] * 1e9 / bw
-    print("read bandwidth probes (GB/s): " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in probes.items()))
+    best = {}
+    for k, v in probes.items():
+        best[k.split(":")[0]] = max(best.get(k.split(":")[0], 0), v)
+    top = max(probes, key=probes.get)
+    print(f"read bandwidth (GB/s), best reader per probe: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in best.items())
+          + f"; reference {bw / 1e9:.1f} ({top})")
     if a.out:
         write_atomic(a.out, json.dumps(res, indent=2))
 

@@ -30,12 +30,20 @@ def reference(ew, x, idx, w, E):
                            torch.nn.SiLU())
 
 
+@pytest.fixture
+def fp32_act():
+    """int8/int4 weights with fp32 activations (exact up to fp32 rounding), restored after."""
+    was = kernels.tune(int8_act=0)
+    yield
+    kernels.tune(*was)
+
+
 @needs_kernel
 @pytest.mark.parametrize("fmt,H,I,G", [("bf16", 64, 32, 0), ("bf16", 37, 19, 0), ("int8", 64, 48, 0),
                                        ("int8", 45, 23, 0), ("int4", 64, 32, 32), ("int4", 96, 48, 48),
                                        ("int4", 64, 32, 16), ("int4", 40, 20, 10), ("int4", 256, 128, 128)])
 @pytest.mark.parametrize("T", [1, 2, 5, 16])
-def test_kernel_matches_fp32_reference(fmt, H, I, G, T):
+def test_kernel_matches_fp32_reference(fp32_act, fmt, H, I, G, T):
     E, K = 8, 3
     seed = torch.randint(0, 2**30, ()).item()
     gu, dn, x, idx, w = case(E, H, I, K, T, seed)
@@ -73,7 +81,7 @@ def test_int4_rejects_bad_groups():
         quantize("int4", torch.randn(2, 100), 64)
 
 
-def test_torch_fallback_equals_kernel(monkeypatch):
+def test_torch_fallback_equals_kernel(fp32_act, monkeypatch):
     """KTCLI_CPU_KERNEL=0 takes the pure-torch path: same answers."""
     from ktcli.ops.cpu import CpuExperts
     import types

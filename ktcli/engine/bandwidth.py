@@ -35,25 +35,35 @@ def _median_time(fn, reps=5):
     return sorted(ts)[len(ts) // 2]
 
 
-def measure_cpu_read(nbytes: int = 2 * 2**30) -> float:
-    """Bytes/s reading a buffer larger than any cache with all threads.
+PROBES = [(chunk, pf) for chunk in (0, 256) for pf in (0, 1024, 4096)]   # (chunk KiB, prefetch bytes)
 
-    With the CPU kernel built, its own streaming loop (same threads, same access pattern as the experts) is the
-    probe; otherwise torch's sum. The larger of the two is kept: the roofline needs a ceiling, not a floor."""
+
+def measure_cpu_read(nbytes: int = 2 * 2**30, detail: dict | None = None) -> float:
+    """Bytes/s reading a buffer larger than any cache with all threads: the roofline needs a ceiling, so the
+    largest of several readers is kept — torch's sum and, with the CPU kernel built, its own streaming loop
+    (same thread team) with static or dynamic chunks and with or without software prefetch. `detail`, if given,
+    receives every reading."""
     from ..ops import kernels
     from ..ops.quant import hugepages
     x = torch.empty(nbytes // 8, dtype=torch.int64)
     hugepages(x)
     x.fill_(1)
-    best = nbytes / _median_time(lambda: x.sum())
+    readings = {"torch-sum": nbytes / _median_time(lambda: x.sum())}
     lib = kernels.get()
     if lib is not None:
         import ctypes
         lib.stream_read.restype = ctypes.c_uint64
         threads = torch.get_num_threads()
         run = lambda: lib.stream_read(ctypes.c_void_p(x.data_ptr()), ctypes.c_size_t(x.numel()), threads)  # noqa: E731
-        best = max(best, nbytes / _median_time(run))
-    return best
+        for chunk, pf in PROBES:
+            was = kernels.tune(chunk, pf)
+            try:
+                readings[f"stream-chunk{chunk}-pf{pf}"] = nbytes / _median_time(run)
+            finally:
+                kernels.tune(*was)
+    if detail is not None:
+        detail.update(readings)
+    return max(readings.values())
 
 
 def measure_gpu_read(nbytes: int = 4 * 2**30) -> float:

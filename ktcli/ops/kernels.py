@@ -98,8 +98,8 @@ def bf16_activations() -> bool:
 
 
 def tune(chunk: int = -1, prefetch: int = -1, int8_act: int = -1) -> tuple:
-    """Kernel knobs (benchmarks, tests): dynamic-schedule chunk in rows (0 = static split), software prefetch
-    distance in bytes (0 = off), int8 activations for int8/int4 weights (1 on, 0 off); -1 keeps a setting.
+    """Kernel knobs (benchmarks, tests): rows handed to threads in chunks of this many KiB of weights (0 = one
+    contiguous range per thread), software prefetch distance in bytes (0 = off), int8 activations for int8/int4 weights (1 on, 0 off); -1 keeps a setting.
     Returns the previous (chunk, prefetch, int8_act), which `tune(*was)` restores."""
     was = (ctypes.c_int * 3)()
     get().moe_tune(chunk, prefetch, int8_act, was)

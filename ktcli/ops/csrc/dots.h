@@ -98,89 +98,126 @@ static inline float dot_i4(const uint8_t *w, const float *s, const float *xe, co
     return total;
 }
 
-/* ---- DPBF16: 32 products per instruction, no conversion µops ---- */
+/* ---- Fast paths: one pass over a weight row serves up to NT vectors (tokens routed to the same expert), so
+ * weights are loaded and unpacked once. Written for a constant nt (always_inline + NT_DISPATCH), which keeps the
+ * per-vector accumulators in registers. ---- */
+#define NT 4
+#define INL static inline __attribute__((always_inline))
+#define NT_DISPATCH(fn, nt, ...) switch (nt) { \
+    case 1: fn(__VA_ARGS__, 1); break; case 2: fn(__VA_ARGS__, 2); break; \
+    case 3: fn(__VA_ARGS__, 3); break; default: fn(__VA_ARGS__, 4); }
+
 #if HAS_DPBF16
-static inline float dot_bf16_dp(const uint16_t *w, const uint16_t *xb, int n) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+/* bf16 weights × bf16 activations: 32 products per vdpbf16ps, no conversion µops. */
+INL void dp_bf16(const uint16_t *w, const uint16_t *const *x, int n, float *res, int nt) {
+    __m512 a[NT][2];
+    for (int t = 0; t < nt; t++) a[t][0] = a[t][1] = _mm512_setzero_ps();
     int j = 0;
     for (; j + 64 <= n; j += 64) {
         PREFETCH(w + j);
         PREFETCH(w + j + 32);
-        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + j), (__m512bh)_mm512_loadu_si512(xb + j));
-        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + j + 32), (__m512bh)_mm512_loadu_si512(xb + j + 32));
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + j), w1 = (__m512bh)_mm512_loadu_si512(w + j + 32);
+        for (int t = 0; t < nt; t++) {
+            a[t][0] = _mm512_dpbf16_ps(a[t][0], w0, (__m512bh)_mm512_loadu_si512(x[t] + j));
+            a[t][1] = _mm512_dpbf16_ps(a[t][1], w1, (__m512bh)_mm512_loadu_si512(x[t] + j + 32));
+        }
     }
-    float acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-    for (; j < n; j++) acc += bf16f(w[j]) * bf16f(xb[j]);
-    return acc;
+    for (int t = 0; t < nt; t++) {
+        float acc = _mm512_reduce_add_ps(_mm512_add_ps(a[t][0], a[t][1]));
+        for (int k = j; k < n; k++) acc += bf16f(w[k]) * bf16f(x[t][k]);
+        res[t] = acc;
+    }
+}
+static void dot_bf16_dp(const uint16_t *w, const uint16_t *const *x, int n, float *res, int nt) {
+    NT_DISPATCH(dp_bf16, nt, w, x, n, res)
 }
 #endif
 
-/* ---- IDOT. q: the activation's int8 values (int4: its even inputs, then its odd ones), sc[c]: block c's
- * scale, ts[c] = sc[c]·Σq over block c. n % QB == 0. ---- */
+/* ---- IDOT. q[t]: vector t's int8 values (int4: its even inputs, then its odd ones), sc[t][c]: its block c's
+ * scale, ts[t][c] = sc[t][c]·Σq over block c. n % QB == 0. ---- */
 #if HAS_VNNI
-/* int8 row (per-row scale applied by the caller): returns Σ_c sc[c]·Σ_{j∈c} (w_j+128)·q_j */
-static inline float idot_i8(const int8_t *w, const int8_t *q, const float *sc, int n) {
+/* int8 rows: res[t] = Σ_c sc[t][c]·Σ_{j∈c} (w_j+128)·q_j (the caller removes the offset, applies the row scale) */
+INL void vnni_i8(const int8_t *w, const int8_t *const *q, const float *const *sc, int n, float *res, int nt) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
-    __m512 acc = _mm512_setzero_ps();
+    __m512 acc[NT];
+    for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
     for (int c = 0; c < n / QB; c++) {
-        const int8_t *wc = w + c * QB, *qc = q + c * QB;
+        const int8_t *wc = w + c * QB;
         PREFETCH(wc);
         PREFETCH(wc + 64);
-        __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(_mm512_loadu_si512(wc), flip),
-                                        _mm512_loadu_si512(qc));
-        s = _mm512_dpbusd_epi32(s, _mm512_xor_si512(_mm512_loadu_si512(wc + 64), flip), _mm512_loadu_si512(qc + 64));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(sc[c]), acc);
+        __m512i w0 = _mm512_xor_si512(_mm512_loadu_si512(wc), flip), w1 = _mm512_xor_si512(_mm512_loadu_si512(wc + 64), flip);
+        for (int t = 0; t < nt; t++) {
+            __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(q[t] + c * QB));
+            d = _mm512_dpbusd_epi32(d, w1, _mm512_loadu_si512(q[t] + c * QB + 64));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(sc[t][c]), acc[t]);
+        }
     }
-    return _mm512_reduce_add_ps(acc);
+    for (int t = 0; t < nt; t++) res[t] = _mm512_reduce_add_ps(acc[t]);
 }
 
-/* int4 row: 64 packed bytes = one block of 128 inputs (low nibbles: even inputs, high: odd); returns
- * Σ_c s_g(c)·sc[c]·Σ (w+8)·q  minus  8·Σ_c s_g(c)·ts[c], i.e. the exact Σ w·q with both scales. */
-static inline float idot_i4(const uint8_t *w, const float *s, int G, const int8_t *qe, const int8_t *qo,
-                            const float *sc, const float *ts, int n) {
+/* int4 rows: 64 packed bytes = one block of 128 inputs (low nibbles: even inputs, high: odd); res[t] =
+ * Σ_c s_g(c)·sc[t][c]·Σ (w+8)·q  −  8·Σ_c s_g(c)·ts[t][c], i.e. Σ w·q with both scales applied. */
+INL void vnni_i4(const uint8_t *w, const float *s, int G, const int8_t *const *q, const float *const *sc,
+                 const float *const *ts, int n, float *res, int nt) {
     const __m512i m = _mm512_set1_epi8(15);
-    __m512 acc = _mm512_setzero_ps();
-    float corr = 0.f;
+    __m512 acc[NT];
+    float corr[NT];
+    for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps(), corr[t] = 0.f;
     for (int g = 0, c = 0; g < n / G; g++) {
         for (int c1 = c + G / QB; c < c1; c++) {
             __m512i b = _mm512_loadu_si512(w + c * (QB / 2));
             PREFETCH(w + c * (QB / 2));
             __m512i lo = _mm512_and_si512(b, m), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), m);
-            __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(qe + c * (QB / 2)));
-            d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(qo + c * (QB / 2)));
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(s[g] * sc[c]), acc);
-            corr += s[g] * ts[c];
+            for (int t = 0; t < nt; t++) {
+                __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(q[t] + c * (QB / 2)));
+                d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(q[t] + n / 2 + c * (QB / 2)));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(s[g] * sc[t][c]), acc[t]);
+                corr[t] += s[g] * ts[t][c];
+            }
         }
     }
-    return _mm512_reduce_add_ps(acc) - 8.f * corr;
+    for (int t = 0; t < nt; t++) res[t] = _mm512_reduce_add_ps(acc[t]) - 8.f * corr[t];
+}
+static void idot_i8(const int8_t *w, const int8_t *const *q, const float *const *sc, int n, float *res, int nt) {
+    NT_DISPATCH(vnni_i8, nt, w, q, sc, n, res)
+}
+static void idot_i4(const uint8_t *w, const float *s, int G, const int8_t *const *q, const float *const *sc,
+                    const float *const *ts, int n, float *res, int nt) {
+    NT_DISPATCH(vnni_i4, nt, w, s, G, q, sc, ts, n, res)
 }
 #else
-static inline float idot_i8(const int8_t *w, const int8_t *q, const float *sc, int n) {
-    float acc = 0.f;
-    for (int c = 0; c < n / QB; c++) {
-        int32_t s = 0;
-        PREFETCH(w + c * QB);
-#pragma omp simd reduction(+ : s)
-        for (int j = c * QB; j < (c + 1) * QB; j++) s += (int32_t)(uint8_t)(w[j] ^ 0x80) * q[j];
-        acc += sc[c] * (float)s;
+/* Plain-C twins: the same integer arithmetic, one vector at a time. */
+static void idot_i8(const int8_t *w, const int8_t *const *q, const float *const *sc, int n, float *res, int nt) {
+    for (int t = 0; t < nt; t++) {
+        float acc = 0.f;
+        for (int c = 0; c < n / QB; c++) {
+            int32_t d = 0;
+            PREFETCH(w + c * QB);
+#pragma omp simd reduction(+ : d)
+            for (int j = c * QB; j < (c + 1) * QB; j++) d += (int32_t)(uint8_t)(w[j] ^ 0x80) * q[t][j];
+            acc += sc[t][c] * (float)d;
+        }
+        res[t] = acc;
     }
-    return acc;
 }
 
-static inline float idot_i4(const uint8_t *w, const float *s, int G, const int8_t *qe, const int8_t *qo,
-                            const float *sc, const float *ts, int n) {
-    float acc = 0.f, corr = 0.f;
-    for (int g = 0, c = 0; g < n / G; g++) {
-        for (int c1 = c + G / QB; c < c1; c++) {
-            int32_t d = 0;
-            PREFETCH(w + c * (QB / 2));
+static void idot_i4(const uint8_t *w, const float *s, int G, const int8_t *const *q, const float *const *sc,
+                    const float *const *ts, int n, float *res, int nt) {
+    for (int t = 0; t < nt; t++) {
+        const int8_t *qe = q[t], *qo = q[t] + n / 2;
+        float acc = 0.f, corr = 0.f;
+        for (int g = 0, c = 0; g < n / G; g++) {
+            for (int c1 = c + G / QB; c < c1; c++) {
+                int32_t d = 0;
+                PREFETCH(w + c * (QB / 2));
 #pragma omp simd reduction(+ : d)
-            for (int j = c * (QB / 2); j < (c + 1) * (QB / 2); j++) d += (w[j] & 15) * qe[j] + (w[j] >> 4) * qo[j];
-            acc += s[g] * sc[c] * (float)d;
-            corr += s[g] * ts[c];
+                for (int j = c * (QB / 2); j < (c + 1) * (QB / 2); j++) d += (w[j] & 15) * qe[j] + (w[j] >> 4) * qo[j];
+                acc += s[g] * sc[t][c] * (float)d;
+                corr += s[g] * ts[t][c];
+            }
         }
+        res[t] = acc - 8.f * corr;
     }
-    return acc - 8.f * corr;
 }
 #endif
 

@@ -17,15 +17,15 @@
 
 enum { FLOAT, DPBF16, IDOT };
 static int int_dot = HAS_VNNI;   /* int8/int4 use IDOT (int8 activations) where its sizes fit */
-static int chunk_rows = 0;       /* 0: static row split; else dynamic chunks of this many rows */
+static int chunk_kb = 0;         /* rows handed to threads in chunks of this many KiB of weights (0: static split) */
 
 int moe_caps(void) { return HAS_DPBF16 | HAS_VNNI << 1; }
 
 /* Tuning knobs for benchmarks and tests; a negative value keeps the current setting. Writes the settings
  * now in force to was[3] (chunk, prefetch, idot) first, so a caller can restore them. */
 void moe_tune(int chunk, int prefetch, int idot, int *was) {
-    was[0] = chunk_rows, was[1] = pf_bytes, was[2] = int_dot;
-    if (chunk >= 0) chunk_rows = chunk;
+    was[0] = chunk_kb, was[1] = pf_bytes, was[2] = int_dot;
+    if (chunk >= 0) chunk_kb = chunk;
     if (prefetch >= 0) pf_bytes = prefetch;
     if (idot >= 0) int_dot = idot;
 }
@@ -63,25 +63,58 @@ static void prep(Acts *a, int v) {
                                  a->ts + (size_t)v * (n / QB));
 }
 
-/* Row r of expert e (R rows of C inputs) dotted with input vector v. */
-static inline float row_dot(const Mat *m, int e, int r, int R, const Acts *a, int v) {
+/* Row r of expert e (R rows of C inputs) dotted with input vectors v[0..nt), nt ≤ NT: res[t]. */
+static void rows_dot(const Mat *m, int e, int r, int R, const Acts *a, const int *v, int nt, float *res) {
     int C = a->n;
-    size_t row = (size_t)e * R + r, off = (size_t)v * C;
-    if (m->fmt == 0) {
-#if HAS_DPBF16
-        return dot_bf16_dp((const uint16_t *)m->w + row * C, a->b + off, C);
-#else
-        return dot_bf16((const uint16_t *)m->w + row * C, a->f + off, C);
-#endif
-    }
+    size_t row = (size_t)e * R + r;
     if (m->path == IDOT) {
-        const float *sc = a->sc + (size_t)v * (C / QB), *ts = a->ts + (size_t)v * (C / QB);
-        if (m->fmt == 1) return m->scale[row] * (idot_i8((const int8_t *)m->w + row * C, a->q + off, sc, C) - 128.f * a->tot[v]);
-        return idot_i4((const uint8_t *)m->w + row * (C / 2), m->scale + row * (C / m->G), m->G, a->q + off,
-                       a->q + off + C / 2, sc, ts, C);
+        const int8_t *q[NT];
+        const float *sc[NT], *ts[NT];
+        for (int t = 0; t < nt; t++)
+            q[t] = a->q + (size_t)v[t] * C, sc[t] = a->sc + (size_t)v[t] * (C / QB), ts[t] = a->ts + (size_t)v[t] * (C / QB);
+        if (m->fmt == 1) {
+            idot_i8((const int8_t *)m->w + row * C, q, sc, C, res, nt);
+            for (int t = 0; t < nt; t++) res[t] = m->scale[row] * (res[t] - 128.f * a->tot[v[t]]);
+        } else {
+            idot_i4((const uint8_t *)m->w + row * (C / 2), m->scale + row * (C / m->G), m->G, q, sc, ts, C, res, nt);
+        }
+        return;
     }
-    if (m->fmt == 1) return m->scale[row] * dot_i8((const int8_t *)m->w + row * C, a->f + off, C);
-    return dot_i4((const uint8_t *)m->w + row * (C / 2), m->scale + row * (C / m->G), a->e + off / 2, a->o + off / 2, C, m->G);
+#if HAS_DPBF16
+    if (m->path == DPBF16) {
+        const uint16_t *x[NT];
+        for (int t = 0; t < nt; t++) x[t] = a->b + (size_t)v[t] * C;
+        dot_bf16_dp((const uint16_t *)m->w + row * C, x, C, res, nt);
+        return;
+    }
+#endif
+    for (int t = 0; t < nt; t++) {
+        size_t off = (size_t)v[t] * C;
+        if (m->fmt == 0) res[t] = dot_bf16((const uint16_t *)m->w + row * C, a->f + off, C);
+        else if (m->fmt == 1) res[t] = m->scale[row] * dot_i8((const int8_t *)m->w + row * C, a->f + off, C);
+        else res[t] = dot_i4((const uint8_t *)m->w + row * (C / 2), m->scale + row * (C / m->G), a->e + off / 2,
+                             a->o + off / 2, C, m->G);
+    }
+}
+
+/* Every selected expert's rows of one matrix against the vectors routed to it: out[p * R + row] for pair p.
+ * Rows are handed out in chunks of about chunk_kb KiB of weights (0: one contiguous range per thread). */
+static void matrix_rows(const Mat *m, int R, const Acts *a, int U, const int *uniq, const int *start,
+                        const int *order, int K, int by_token, float *out) {
+    long total = (long)U * R;
+    size_t row_bytes = m->fmt == 0 ? (size_t)a->n * 2 : m->fmt == 1 ? (size_t)a->n : (size_t)a->n / 2;
+    long chunk = chunk_kb > 0 ? (long)(chunk_kb * 1024 / row_bytes) : (total + omp_get_num_threads() - 1) / omp_get_num_threads();
+#pragma omp for schedule(dynamic, chunk > 0 ? chunk : 1)
+    for (long r = 0; r < total; r++) {
+        int u = (int)(r / R), row = (int)(r % R);
+        for (int q0 = start[u]; q0 < start[u + 1]; q0 += NT) {
+            int nt = start[u + 1] - q0 < NT ? start[u + 1] - q0 : NT, v[NT];
+            float res[NT];
+            for (int t = 0; t < nt; t++) v[t] = by_token ? order[q0 + t] / K : order[q0 + t];
+            rows_dot(m, uniq[u], row, R, a, v, nt, res);
+            for (int t = 0; t < nt; t++) out[(size_t)order[q0 + t] * R + row] = res[t];
+        }
+    }
 }
 
 /* Carves 64-byte aligned pieces out of the scratch buffer (base NULL: just counts the bytes). */
@@ -142,19 +175,10 @@ int moe_forward(int T, int K, int H, int I, const float *x, const int64_t *idx, 
     layout(&s, (char *)scratch, T, K, H, I, mg.path, md.path, fmt);
     s.xa.f = (float *)x;
     for (int t = 0; t < T; t++) prep(&s.xa, t);
-    if (chunk_rows > 0) omp_set_schedule(omp_sched_dynamic, chunk_rows);
-    else omp_set_schedule(omp_sched_static, 0);
 #pragma omp parallel num_threads(threads)
     {
         /* phase 1: gate and up rows of every selected expert */
-#pragma omp for schedule(runtime)
-        for (long r = 0; r < (long)U * 2 * I; r++) {
-            int u = (int)(r / (2 * I)), row = (int)(r % (2 * I));
-            for (int q = start[u]; q < start[u + 1]; q++) {
-                int p = order[q];
-                s.gu_out[(size_t)p * 2 * I + row] = row_dot(&mg, uniq[u], row, 2 * I, &s.xa, p / K);
-            }
-        }
+        matrix_rows(&mg, 2 * I, &s.xa, U, uniq, start, order, K, 1, s.gu_out);
         /* h = SiLU(gate) * up, prepared for the down rows */
 #pragma omp for schedule(static)
         for (int p = 0; p < P; p++) {
@@ -164,14 +188,7 @@ int moe_forward(int T, int K, int H, int I, const float *x, const int64_t *idx, 
             prep(&s.ha, p);
         }
         /* phase 2: down rows */
-#pragma omp for schedule(runtime)
-        for (long r = 0; r < (long)U * H; r++) {
-            int u = (int)(r / H), row = (int)(r % H);
-            for (int q = start[u]; q < start[u + 1]; q++) {
-                int p = order[q];
-                s.y[(size_t)p * H + row] = row_dot(&md, uniq[u], row, H, &s.ha, p);
-            }
-        }
+        matrix_rows(&md, H, &s.ha, U, uniq, start, order, K, 0, s.y);
         /* weighted sum over the K experts of each token */
 #pragma omp for schedule(static)
         for (long k = 0; k < (long)T * H; k++) {
@@ -184,16 +201,21 @@ int moe_forward(int T, int K, int H, int I, const float *x, const int64_t *idx, 
     return 0;
 }
 
-/* Bandwidth probe with the kernel's own thread team and access pattern (each thread streams one contiguous
- * chunk, with the kernel's prefetch setting): the roofline's CPU denominator. Returns a checksum so the reads
- * cannot be optimised away. */
+/* Bandwidth probe with the kernel's thread team and prefetch setting: each thread streams contiguous chunks
+ * of chunk_kb KiB (0: one contiguous range per thread). The roofline's CPU denominator. Returns a checksum so
+ * the reads cannot be optimised away. */
 uint64_t stream_read(const uint64_t *p, size_t n, int threads) {
     uint64_t total = 0;
-#pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : total)
-    for (size_t i0 = 0; i0 < n; i0 += 8) {
-        PREFETCH(p + i0);
-        size_t i1 = i0 + 8 < n ? i0 + 8 : n;
-        for (size_t i = i0; i < i1; i++) total += p[i];
+    long blocks = (long)((n + 7) / 8);
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+    {
+        long chunk = chunk_kb > 0 ? chunk_kb * 16L : (blocks + omp_get_num_threads() - 1) / omp_get_num_threads();
+#pragma omp for schedule(dynamic, chunk)
+        for (long b = 0; b < blocks; b++) {
+            PREFETCH(p + b * 8);
+            size_t i1 = (size_t)b * 8 + 8 < n ? (size_t)b * 8 + 8 : n;
+            for (size_t i = (size_t)b * 8; i < i1; i++) total += p[i];
+        }
     }
     return total;
 }
