@@ -49,6 +49,15 @@ def stock(fmt, ew, x, idx, w, out):
     cpu_moe(x, idx, w, None, None, torch.nn.SiLU(), out, weights=lambda e: ew.expert(e, x.dtype))
 
 
+def huge_pages_kb() -> int:
+    """This process's memory in transparent huge pages (kB), to check that madvise took effect."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("AnonHugePages"))
+    except (OSError, StopIteration):
+        return -1
+
+
 def references(L, bf16, x, idx, w):
     """fp32 reference on the stored (dequantized) weights and on the original bf16 ones, selected experts only."""
     sel, local = torch.unique(idx, return_inverse=True)
@@ -110,6 +119,8 @@ def main():
             hugepages(t)
         return t.uniform_(-0.03, 0.03)
     base = [(weights(E, 2 * I, H), weights(E, H, I)) for _ in range(a.layers)]
+    res["anon_huge_pages_kB"] = huge_pages_kb()
+    print(f"weights in transparent huge pages: {res['anon_huge_pages_kB'] / 2**20:.1f} GiB")
     for fmt in a.formats.split(","):
         layers = [pack(fmt, gu, dn, a.group) for gu, dn in base]
         per_expert = layers[0].nbytes() / E

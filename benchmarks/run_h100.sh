@@ -12,7 +12,8 @@ case $what in
         --prefetch 1024,4096,8192 --formats bf16 --out $out/cpu-experts-bf16.json
     python3 benchmarks/cpu_experts.py --layers 6 --threads 16 --reps 10 --batches 1,4,16 --chunk 0,64,256 \
         --prefetch 1024,2048,4096 --int8-act 1 --formats int8,int4 --stock-max-t 1 --out $out/cpu-experts-quant.json
-    grep AnonHugePages /proc/meminfo ;;
+    python3 benchmarks/cpu_experts.py --experts 1 --topk 1 --layers 1 --threads 16 --reps 20 --batches 1,16 \
+        --formats bf16,int8,int4 --stock-max-t 0 --out $out/cpu-experts-hot.json ;;   # compute ceiling: one expert, cache-resident
   parity)   # graph replay == eager, token for token, full-size seed placement and Qwen3-30B-A3B hybrid
     python3 benchmarks/graph_parity.py profiles/qwen3-30b-a3b-gpu-half.yaml profiles/qwen3-30b-a3b-cpu-experts.yaml \
         --tokens 64 --out $out/parity-qwen3-30b.json

@@ -90,6 +90,7 @@ def _quantize_experts(fmt, w, group):
     q = torch.empty((w.shape[0], *q0.shape[1:]), dtype=q0.dtype)
     hugepages(q)
     s = torch.empty((w.shape[0], *s0.shape[1:]), dtype=torch.float32)
+    hugepages(s)
     for e in range(w.shape[0]):
         qe, se = quantize(fmt, w[e:e + 1], group)
         q[e:e + 1].copy_(qe)

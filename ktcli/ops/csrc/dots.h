@@ -29,7 +29,7 @@
 
 /* Software prefetch `pf_bytes` ahead of the weight stream (0 = off): the hardware prefetchers stop at 4 KiB
  * page boundaries, and a weight row is a few KiB. */
-static int pf_bytes = 0;
+static int pf_bytes = 4096;
 #define PREFETCH(p) do { if (pf_bytes) __builtin_prefetch((const char *)(p) + pf_bytes, 0, 3); } while (0)
 
 static inline float bf16f(uint16_t v) { uint32_t b = (uint32_t)v << 16; float f; memcpy(&f, &b, 4); return f; }
@@ -134,7 +134,7 @@ static void dot_bf16_dp(const uint16_t *w, const uint16_t *const *x, int n, floa
 #endif
 
 /* ---- IDOT. q[t]: vector t's int8 values (int4: its even inputs, then its odd ones), sc[t][c]: its block c's
- * scale, ts[t][c] = sc[t][c]·Σq over block c. n % QB == 0. ---- */
+ * scale, ts[t][g] = Σ_{c∈g} sc[t][c]·Σq over block c, per weight group g. n % QB == 0, G % QB == 0. ---- */
 #if HAS_VNNI
 /* int8 rows: res[t] = Σ_c sc[t][c]·Σ_{j∈c} (w_j+128)·q_j (the caller removes the offset, applies the row scale) */
 INL void vnni_i8(const int8_t *w, const int8_t *const *q, const float *const *sc, int n, float *res, int nt) {
@@ -156,14 +156,15 @@ INL void vnni_i8(const int8_t *w, const int8_t *const *q, const float *const *sc
 }
 
 /* int4 rows: 64 packed bytes = one block of 128 inputs (low nibbles: even inputs, high: odd); res[t] =
- * Σ_c s_g(c)·sc[t][c]·Σ (w+8)·q  −  8·Σ_c s_g(c)·ts[t][c], i.e. Σ w·q with both scales applied. */
+ * Σ_c s_g(c)·sc[t][c]·Σ (w+8)·q  −  8·Σ_g s_g·ts[t][g], i.e. Σ w·q with both scales applied. The offset term is
+ * one short dot per row, kept out of the per-block loop. */
 INL void vnni_i4(const uint8_t *w, const float *s, int G, const int8_t *const *q, const float *const *sc,
                  const float *const *ts, int n, float *res, int nt) {
     const __m512i m = _mm512_set1_epi8(15);
     __m512 acc[NT];
-    float corr[NT];
-    for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps(), corr[t] = 0.f;
+    for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
     for (int g = 0, c = 0; g < n / G; g++) {
+        if (g % 16 == 0) PREFETCH(s + g);   /* the scales are a second, slower stream */
         for (int c1 = c + G / QB; c < c1; c++) {
             __m512i b = _mm512_loadu_si512(w + c * (QB / 2));
             PREFETCH(w + c * (QB / 2));
@@ -172,11 +173,15 @@ INL void vnni_i4(const uint8_t *w, const float *s, int G, const int8_t *const *q
                 __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(q[t] + c * (QB / 2)));
                 d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(q[t] + n / 2 + c * (QB / 2)));
                 acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(s[g] * sc[t][c]), acc[t]);
-                corr[t] += s[g] * ts[t][c];
             }
         }
     }
-    for (int t = 0; t < nt; t++) res[t] = _mm512_reduce_add_ps(acc[t]) - 8.f * corr[t];
+    for (int t = 0; t < nt; t++) {
+        float corr = 0.f;
+#pragma omp simd reduction(+ : corr)
+        for (int g = 0; g < n / G; g++) corr += s[g] * ts[t][g];
+        res[t] = _mm512_reduce_add_ps(acc[t]) - 8.f * corr;
+    }
 }
 static void idot_i8(const int8_t *w, const int8_t *const *q, const float *const *sc, int n, float *res, int nt) {
     NT_DISPATCH(vnni_i8, nt, w, q, sc, n, res)
@@ -213,18 +218,19 @@ static void idot_i4(const uint8_t *w, const float *s, int G, const int8_t *const
 #pragma omp simd reduction(+ : d)
                 for (int j = c * (QB / 2); j < (c + 1) * (QB / 2); j++) d += (w[j] & 15) * qe[j] + (w[j] >> 4) * qo[j];
                 acc += s[g] * sc[t][c] * (float)d;
-                corr += s[g] * ts[t][c];
             }
+            corr += s[g] * ts[t][g];
         }
         res[t] = acc - 8.f * corr;
     }
 }
 #endif
 
-/* Quantize one activation vector x[n] for IDOT: q (int4: even inputs then odd ones), block scales, ts;
- * returns Σ_c ts[c] (the int8 path's offset term). */
-static float quantize_act(const float *x, int n, int split, int8_t *q, float *sc, float *ts) {
+/* Quantize one activation vector x[n] for IDOT: q (int4: even inputs then odd ones), block scales, ts per
+ * group of G inputs; returns Σ_g ts[g] (the int8 path's offset term). */
+static float quantize_act(const float *x, int n, int split, int G, int8_t *q, float *sc, float *ts) {
     float total = 0.f;
+    for (int g = 0; g < n / G; g++) ts[g] = 0.f;
     for (int c = 0; c < n / QB; c++) {
         float amax = 0.f;
         for (int j = c * QB; j < (c + 1) * QB; j++) amax = fmaxf(amax, fabsf(x[j]));
@@ -237,8 +243,8 @@ static float quantize_act(const float *x, int n, int split, int8_t *q, float *sc
             sum += v;
         }
         sc[c] = s;
-        ts[c] = s * (float)sum;
-        total += ts[c];
+        ts[c * QB / G] += s * (float)sum;
+        total += s * (float)sum;
     }
     return total;
 }

@@ -17,7 +17,7 @@
 
 enum { FLOAT, DPBF16, IDOT };
 static int int_dot = HAS_VNNI;   /* int8/int4 use IDOT (int8 activations) where its sizes fit */
-static int chunk_kb = 0;         /* rows handed to threads in chunks of this many KiB of weights (0: static split) */
+static int chunk_kb = 256;       /* rows handed to threads in chunks of this many KiB of weights (0: static split) */
 
 int moe_caps(void) { return HAS_DPBF16 | HAS_VNNI << 1; }
 
@@ -44,7 +44,7 @@ static int path_for(int fmt, int C, int G) {
 
 /* N input vectors of n floats, prepared for the dot path of the matrix that reads them. */
 typedef struct {
-    int n, path, split;
+    int n, path, split, G;   /* G: the reading matrix's int4 group (n for int8) */
     float *f;            /* [N, n] fp32 */
     float *e, *o;        /* [N, n/2] even / odd inputs (int4 FLOAT) */
     uint16_t *b;         /* [N, n] bf16 (DPBF16) */
@@ -59,7 +59,7 @@ static void prep(Acts *a, int v) {
     if (a->path == FLOAT && a->split)
         for (int j = 0; j < n / 2; j++) { a->e[(size_t)v * n / 2 + j] = x[2 * j]; a->o[(size_t)v * n / 2 + j] = x[2 * j + 1]; }
     if (a->path == IDOT)
-        a->tot[v] = quantize_act(x, n, a->split, a->q + (size_t)v * n, a->sc + (size_t)v * (n / QB),
+        a->tot[v] = quantize_act(x, n, a->split, a->G, a->q + (size_t)v * n, a->sc + (size_t)v * (n / QB),
                                  a->ts + (size_t)v * (n / QB));
 }
 
@@ -124,8 +124,8 @@ static void *take(char **cur, size_t bytes) {
     return p;
 }
 
-static void acts_layout(Acts *a, char **cur, int N, int n, int path, int split) {
-    a->n = n, a->path = path, a->split = split;
+static void acts_layout(Acts *a, char **cur, int N, int n, int path, int split, int G) {
+    a->n = n, a->path = path, a->split = split, a->G = split ? G : n;
     a->e = take(cur, (size_t)N * n / 2 * 4), a->o = take(cur, (size_t)N * n / 2 * 4);
     a->b = take(cur, (size_t)N * n * 2 + 64), a->q = take(cur, (size_t)N * n + 64);
     a->sc = take(cur, (size_t)N * (n / QB + 1) * 4), a->ts = take(cur, (size_t)N * (n / QB + 1) * 4);
@@ -134,21 +134,21 @@ static void acts_layout(Acts *a, char **cur, int N, int n, int path, int split) 
 
 typedef struct { float *gu_out, *h, *y; Acts xa, ha; } Scratch;
 
-static size_t layout(Scratch *s, char *base, int T, int K, int H, int I, int gpath, int dpath, int fmt) {
+static size_t layout(Scratch *s, char *base, int T, int K, int H, int I, int gpath, int dpath, int fmt, int G) {
     char *cur = base;
     size_t P = (size_t)T * K;
     s->gu_out = take(&cur, P * 2 * I * 4);   /* [P, 2I] */
     s->h = take(&cur, P * I * 4);            /* [P, I] */
     s->y = take(&cur, P * H * 4);            /* [P, H] */
-    acts_layout(&s->xa, &cur, T, H, gpath, fmt == 2);
-    acts_layout(&s->ha, &cur, (int)P, I, dpath, fmt == 2);
+    acts_layout(&s->xa, &cur, T, H, gpath, fmt == 2, G);
+    acts_layout(&s->ha, &cur, (int)P, I, dpath, fmt == 2, G);
     s->ha.f = s->h;
     return (size_t)(cur - base) + 64;
 }
 
 size_t moe_scratch_bytes(int T, int K, int H, int I) {
     Scratch s;
-    return layout(&s, 0, T, K, H, I, FLOAT, FLOAT, 0);
+    return layout(&s, 0, T, K, H, I, FLOAT, FLOAT, 0, 0);
 }
 
 /* scratch: moe_scratch_bytes() bytes. Returns 0, or -1 for bad arguments. */
@@ -172,7 +172,7 @@ int moe_forward(int T, int K, int H, int I, const float *x, const int64_t *idx, 
     }
     start[U] = n;
     Scratch s;
-    layout(&s, (char *)scratch, T, K, H, I, mg.path, md.path, fmt);
+    layout(&s, (char *)scratch, T, K, H, I, mg.path, md.path, fmt, G);
     s.xa.f = (float *)x;
     for (int t = 0; t < T; t++) prep(&s.xa, t);
 #pragma omp parallel num_threads(threads)
@@ -206,16 +206,18 @@ int moe_forward(int T, int K, int H, int I, const float *x, const int64_t *idx, 
  * the reads cannot be optimised away. */
 uint64_t stream_read(const uint64_t *p, size_t n, int threads) {
     uint64_t total = 0;
-    long blocks = (long)((n + 7) / 8);
+    long blocks = (long)(n / 8);
 #pragma omp parallel num_threads(threads) reduction(+ : total)
     {
+        uint64_t acc[8] = {0};   /* one 64-byte line per step: a vector add, one horizontal sum per thread */
         long chunk = chunk_kb > 0 ? chunk_kb * 16L : (blocks + omp_get_num_threads() - 1) / omp_get_num_threads();
-#pragma omp for schedule(dynamic, chunk)
+#pragma omp for schedule(dynamic, chunk > 0 ? chunk : 1)
         for (long b = 0; b < blocks; b++) {
             PREFETCH(p + b * 8);
-            size_t i1 = (size_t)b * 8 + 8 < n ? (size_t)b * 8 + 8 : n;
-            for (size_t i = (size_t)b * 8; i < i1; i++) total += p[i];
+            for (int k = 0; k < 8; k++) acc[k] += p[b * 8 + k];
         }
+        for (int k = 0; k < 8; k++) total += acc[k];
     }
+    for (size_t i = (size_t)blocks * 8; i < n; i++) total += p[i];
     return total;
 }
