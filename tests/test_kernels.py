@@ -171,3 +171,13 @@ def test_stream_read_with_prefetch_reads_every_word():
         assert lib.stream_read(ctypes.c_void_p(x.data_ptr()), ctypes.c_size_t(x.numel()), 3) == x.sum().item()
     finally:
         kernels.tune(*was)
+
+
+@needs_kernel
+def test_silu_at_extreme_gate_values(fp32_act):
+    """The kernel's vectorized exp: gates of ±hundreds (exp over/underflows) still give SiLU's limits."""
+    gu, dn, x, idx, w = case(8, 64, 32, 2, 4, 5)
+    ew = pack("int8", gu * 400, dn)
+    out = torch.empty(4, 64)
+    kernels.Runner()(lib, x, idx, w, ew, out, 2)
+    assert torch.isfinite(out).all() and rel(out, reference(ew, x, idx, w, 8)) <= 1e-5

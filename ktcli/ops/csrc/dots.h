@@ -163,18 +163,19 @@ INL void vnni_i4(const uint8_t *w, const float *s, int G, const int8_t *const *q
     const __m512i m = _mm512_set1_epi8(15);
     __m512 acc[NT];
     for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
-    for (int g = 0, c = 0; g < n / G; g++) {
-        if (g % 16 == 0) PREFETCH(s + g);   /* the scales are a second, slower stream */
-        for (int c1 = c + G / QB; c < c1; c++) {
-            __m512i b = _mm512_loadu_si512(w + c * (QB / 2));
-            PREFETCH(w + c * (QB / 2));
-            __m512i lo = _mm512_and_si512(b, m), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), m);
-            for (int t = 0; t < nt; t++) {
-                __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(q[t] + c * (QB / 2)));
-                d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(q[t] + n / 2 + c * (QB / 2)));
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(s[g] * sc[t][c]), acc[t]);
-            }
+    const float *sg = s;   /* the scale of block c's group: advances every G/QB blocks */
+    for (int c = 0, k = 0; c < n / QB; c++) {
+        __m512i b = _mm512_loadu_si512(w + c * (QB / 2));
+        PREFETCH(w + c * (QB / 2));
+        if (c % 16 == 0) PREFETCH(sg);   /* the scales are a second, slower stream */
+        __m512i lo = _mm512_and_si512(b, m), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), m);
+        for (int t = 0; t < nt; t++) {
+            __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(q[t] + c * (QB / 2)));
+            d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(q[t] + n / 2 + c * (QB / 2)));
+            acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(sc[t][c])),
+                                     _mm512_set1_ps(*sg), acc[t]);
         }
+        if (++k == G / QB) k = 0, sg++;
     }
     for (int t = 0; t < nt; t++) {
         float corr = 0.f;
@@ -230,21 +231,50 @@ static void idot_i4(const uint8_t *w, const float *s, int G, const int8_t *const
  * group of G inputs; returns Σ_g ts[g] (the int8 path's offset term). */
 static float quantize_act(const float *x, int n, int split, int G, int8_t *q, float *sc, float *ts) {
     float total = 0.f;
+    int8_t tmp[QB];
     for (int g = 0; g < n / G; g++) ts[g] = 0.f;
     for (int c = 0; c < n / QB; c++) {
+        const float *xc = x + c * QB;
         float amax = 0.f;
-        for (int j = c * QB; j < (c + 1) * QB; j++) amax = fmaxf(amax, fabsf(x[j]));
+#pragma omp simd reduction(max : amax)
+        for (int j = 0; j < QB; j++) amax = fabsf(xc[j]) > amax ? fabsf(xc[j]) : amax;
         float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
         int32_t sum = 0;
-        for (int j = c * QB; j < (c + 1) * QB; j++) {
-            int v = (int)lrintf(x[j] * inv);
-            v = v > 127 ? 127 : v < -127 ? -127 : v;
-            q[split ? (j & 1) * (n / 2) + j / 2 : j] = (int8_t)v;
+#pragma omp simd reduction(+ : sum)
+        for (int j = 0; j < QB; j++) {
+            float r = xc[j] * inv;   /* |r| ≤ 127: round half away from zero */
+            int v = (int)(r + (r < 0.f ? -0.5f : 0.5f));
+            tmp[j] = (int8_t)v;
             sum += v;
         }
+        if (split)
+            for (int j = 0; j < QB / 2; j++) q[c * QB / 2 + j] = tmp[2 * j], q[n / 2 + c * QB / 2 + j] = tmp[2 * j + 1];
+        else
+            memcpy(q + c * QB, tmp, QB);
         sc[c] = s;
         ts[c * QB / G] += s * (float)sum;
         total += s * (float)sum;
     }
     return total;
+}
+
+/* exp(x) to about 1 ulp (Cephes expf: x = k·ln2 + r, polynomial in r, 2^k from the exponent bits), in plain
+ * arithmetic that gcc vectorizes (libm's expf is a scalar call per element). Out of range, k is clamped: the
+ * result is then tiny or huge, and SiLU's 1 + exp(-g) reads it correctly as 1 or ∞. */
+static inline float exp_approx(float x) {
+    float t = x * 1.44269504088896341f;
+    int32_t k = (int32_t)(t + (t < 0.f ? -0.5f : 0.5f));
+    k = k < -126 ? -126 : k;
+    k = k > 127 ? 127 : k;
+    float n = (float)k;
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    union { int32_t i; float f; } e = {.i = (k + 127) << 23};
+    return p * e.f;
 }

@@ -184,13 +184,14 @@ int moe_forward(int T, int K, int H, int I, const float *x, const int64_t *idx, 
         for (int p = 0; p < P; p++) {
             const float *g = s.gu_out + (size_t)p * 2 * I, *up = g + I;
             float *h = s.h + (size_t)p * I;
-            for (int i = 0; i < I; i++) h[i] = g[i] / (1.f + expf(-g[i])) * up[i];
+#pragma omp simd
+            for (int i = 0; i < I; i++) h[i] = g[i] / (1.f + exp_approx(-g[i])) * up[i];
             prep(&s.ha, p);
         }
         /* phase 2: down rows */
         matrix_rows(&md, H, &s.ha, U, uniq, start, order, K, 0, s.y);
         /* weighted sum over the K experts of each token */
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
         for (long k = 0; k < (long)T * H; k++) {
             int t = (int)(k / H), j = (int)(k % H);
             float acc = 0.f;
