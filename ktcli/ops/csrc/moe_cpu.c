@@ -63,20 +63,26 @@ static void prep(Acts *a, int v) {
                                  a->ts + (size_t)v * (n / QB));
 }
 
-/* Row r of expert e (R rows of C inputs) dotted with input vectors v[0..nt), nt ≤ NT: res[t]. */
-static void rows_dot(const Mat *m, int e, int r, int R, const Acts *a, const int *v, int nt, float *res) {
+/* Rows r0..r1 of expert e (R rows of C inputs) dotted with input vectors v[0..nt), nt ≤ NT: out[p[t] * R + r].
+ * Pointers are set up once per block, not per row: a row of int4 weights is only ~30 vector steps. */
+static void rows_block(const Mat *m, int e, int r0, int r1, int R, const Acts *a, const int *v, const int *p, int nt,
+                       float *out) {
     int C = a->n;
-    size_t row = (size_t)e * R + r;
+    float res[NT];
     if (m->path == IDOT) {
         const int8_t *q[NT];
         const float *sc[NT], *ts[NT];
         for (int t = 0; t < nt; t++)
             q[t] = a->q + (size_t)v[t] * C, sc[t] = a->sc + (size_t)v[t] * (C / QB), ts[t] = a->ts + (size_t)v[t] * (C / QB);
-        if (m->fmt == 1) {
-            idot_i8((const int8_t *)m->w + row * C, q, sc, C, res, nt);
-            for (int t = 0; t < nt; t++) res[t] = m->scale[row] * (res[t] - 128.f * a->tot[v[t]]);
-        } else {
-            idot_i4((const uint8_t *)m->w + row * (C / 2), m->scale + row * (C / m->G), m->G, q, sc, ts, C, res, nt);
+        for (int r = r0; r < r1; r++) {
+            size_t row = (size_t)e * R + r;
+            if (m->fmt == 1) {
+                idot_i8((const int8_t *)m->w + row * C, q, sc, C, res, nt);
+                for (int t = 0; t < nt; t++) out[(size_t)p[t] * R + r] = m->scale[row] * (res[t] - 128.f * a->tot[v[t]]);
+            } else {
+                idot_i4((const uint8_t *)m->w + row * (C / 2), m->scale + row * (C / m->G), m->G, q, sc, ts, C, res, nt);
+                for (int t = 0; t < nt; t++) out[(size_t)p[t] * R + r] = res[t];
+            }
         }
         return;
     }
@@ -84,35 +90,44 @@ static void rows_dot(const Mat *m, int e, int r, int R, const Acts *a, const int
     if (m->path == DPBF16) {
         const uint16_t *x[NT];
         for (int t = 0; t < nt; t++) x[t] = a->b + (size_t)v[t] * C;
-        dot_bf16_dp((const uint16_t *)m->w + row * C, x, C, res, nt);
+        for (int r = r0; r < r1; r++) {
+            dot_bf16_dp((const uint16_t *)m->w + ((size_t)e * R + r) * C, x, C, res, nt);
+            for (int t = 0; t < nt; t++) out[(size_t)p[t] * R + r] = res[t];
+        }
         return;
     }
 #endif
-    for (int t = 0; t < nt; t++) {
-        size_t off = (size_t)v[t] * C;
-        if (m->fmt == 0) res[t] = dot_bf16((const uint16_t *)m->w + row * C, a->f + off, C);
-        else if (m->fmt == 1) res[t] = m->scale[row] * dot_i8((const int8_t *)m->w + row * C, a->f + off, C);
-        else res[t] = dot_i4((const uint8_t *)m->w + row * (C / 2), m->scale + row * (C / m->G), a->e + off / 2,
-                             a->o + off / 2, C, m->G);
+    for (int r = r0; r < r1; r++) {
+        size_t row = (size_t)e * R + r;
+        for (int t = 0; t < nt; t++) {
+            size_t off = (size_t)v[t] * C;
+            float y;
+            if (m->fmt == 0) y = dot_bf16((const uint16_t *)m->w + row * C, a->f + off, C);
+            else if (m->fmt == 1) y = m->scale[row] * dot_i8((const int8_t *)m->w + row * C, a->f + off, C);
+            else y = dot_i4((const uint8_t *)m->w + row * (C / 2), m->scale + row * (C / m->G), a->e + off / 2,
+                            a->o + off / 2, C, m->G);
+            out[(size_t)p[t] * R + r] = y;
+        }
     }
 }
 
 /* Every selected expert's rows of one matrix against the vectors routed to it: out[p * R + row] for pair p.
- * Rows are handed out in chunks of about chunk_kb KiB of weights (0: one contiguous range per thread). */
+ * Rows go to threads in blocks of about chunk_kb KiB of weights within one expert (0: about one block per
+ * thread); a block's vectors are taken NT at a time, so a block of weights is re-read from L2, not DRAM. */
 static void matrix_rows(const Mat *m, int R, const Acts *a, int U, const int *uniq, const int *start,
                         const int *order, int K, int by_token, float *out) {
-    long total = (long)U * R;
     size_t row_bytes = m->fmt == 0 ? (size_t)a->n * 2 : m->fmt == 1 ? (size_t)a->n : (size_t)a->n / 2;
-    long chunk = chunk_kb > 0 ? (long)(chunk_kb * 1024 / row_bytes) : (total + omp_get_num_threads() - 1) / omp_get_num_threads();
-#pragma omp for schedule(dynamic, chunk > 0 ? chunk : 1)
-    for (long r = 0; r < total; r++) {
-        int u = (int)(r / R), row = (int)(r % R);
+    long nth = omp_get_num_threads();
+    long rpb = chunk_kb > 0 ? (long)(chunk_kb * 1024 / row_bytes) : ((long)U * R + nth - 1) / nth;
+    rpb = rpb < 1 ? 1 : rpb > R ? R : rpb;
+    long bpe = (R + rpb - 1) / rpb;   /* blocks per expert */
+#pragma omp for schedule(dynamic, 1)
+    for (long b = 0; b < U * bpe; b++) {
+        int u = (int)(b / bpe), r0 = (int)((b % bpe) * rpb), r1 = r0 + rpb < R ? r0 + (int)rpb : R;
         for (int q0 = start[u]; q0 < start[u + 1]; q0 += NT) {
             int nt = start[u + 1] - q0 < NT ? start[u + 1] - q0 : NT, v[NT];
-            float res[NT];
             for (int t = 0; t < nt; t++) v[t] = by_token ? order[q0 + t] / K : order[q0 + t];
-            rows_dot(m, uniq[u], row, R, a, v, nt, res);
-            for (int t = 0; t < nt; t++) out[(size_t)order[q0 + t] * R + row] = res[t];
+            rows_block(m, uniq[u], r0, r1, R, a, v, order + q0, nt, out);
         }
     }
 }
