@@ -33,6 +33,10 @@ case $what in
   bench57cpu)   # Qwen2-57B-A14B with every layer's experts on the CPU
     python3 -m ktcli bench profiles/qwen2-57b-a14b-cpu-experts.yaml -p 64 -n 16 -r 2 --graph-mode off,piecewise,full \
         -o json --output-file $out/bench-qwen2-57b-a14b-cpu-experts.json ;;
+  formats)  # decode with every layer's experts on the CPU as bf16 / int8 / int4 (16 of Qwen3-30B-A3B's 48 layers)
+    python3 -m ktcli bench profiles/qwen3-30b-a3b-cpu-experts.yaml profiles/qwen3-30b-a3b-cpu-experts-int8.yaml \
+        profiles/qwen3-30b-a3b-cpu-experts-int4.yaml -p 0 -n 32 -r 2 --graph-mode full --num-layers 16 \
+        -o json --output-file $out/decode-formats-qwen3-30b-16layers.json ;;
   decode)   # decode-only sweep of the graph modes, both architectures (after the single CPU worker thread)
     python3 -m ktcli bench profiles/qwen2-57b-a14b-gpu01-graphs.yaml -p 0 -n 32 -r 3 --graph-mode off,piecewise,full \
         -o json --output-file $out/decode-qwen2-57b-a14b.json
