@@ -105,3 +105,22 @@ def test_baseline_runs_once_per_model(cli):
     r = bench(cli, "-p", "8", "-n", "0", profile("demo.yaml"), profile("demo.yaml"), "--baseline", "hf-gpu", "-o", "json")
     d = json.loads(r.stdout)
     assert sorted(x["backend"] for x in d["results"]) == ["hf-gpu", "ktcli", "ktcli"]
+
+
+def test_roofline_counts_quantized_experts_at_their_stored_size(cli, tmp_path):
+    """int4 CPU experts: the roofline counts the packed bytes (scales included), not the checkpoint's."""
+    text = open(profile("demo.yaml")).read()
+    rows = {}
+    for fmt in ("bf16", "int4"):
+        p = tmp_path / f"{fmt}.yaml"
+        p.write_text(text.replace("prefill_op: cpu, generate_op: cpu}", f"prefill_op: cpu, generate_op: cpu, weight_format: {fmt}, group_size: 16}}"))
+        out = tmp_path / f"{fmt}.json"
+        r = bench(cli, "-p", "0", "-n", "2", str(p), "--output-file", str(out), "-o", "json")
+        assert r.exit_code == 0, r
+        rows[fmt] = json.loads(out.read_text())["results"][0]
+    from ktcli.build.demo import demo_config
+    c = demo_config(512)
+    per_token = 2 * c.num_experts_per_tok * 3 * c.hidden_size * c.moe_intermediate_size   # 2 CPU layers' params
+    cpu = {f: x["roofline"]["bytes_per_token"]["cpu"] for f, x in rows.items()}
+    # fp32 weights (the demo's dtype) → 0.5 B + one fp32 scale per 16 weights
+    assert rows["int4"]["tps_mean"] > 0 and cpu["bf16"] - cpu["int4"] == per_token * (4 - (0.5 + 4 / 16))

@@ -16,14 +16,21 @@ def decode_bytes(built, context: int) -> dict:
     out = {}
     emb = model.get_input_embeddings().weight
     experts = {e.module: e for e in plan.experts}
+    for mod, e in experts.items():
+        m = model.get_submodule(mod)
+        packed = getattr(m, "packed", None)
+        if packed is not None and packed.fmt != "bf16":   # quantized at load: the stored bytes, scales included
+            per_expert = packed.nbytes() / packed.gu.shape[0]
+        else:
+            per_expert = sum(p.numel() // p.shape[0] for p in m.parameters(recurse=False)) \
+                * expert_bytes_per_param(e.weight_format, db, e.group_size)
+        dev = "cpu" if e.decode.device == "cpu" else "cuda"
+        out[dev] = out.get(dev, 0) + k * per_expert
     for name, p in model.named_parameters():
         mod = name.rsplit(".", 1)[0]
         if mod in experts:
-            e = experts[mod]
-            per_expert = p.numel() // p.shape[0]
-            nbytes = k * per_expert * expert_bytes_per_param(e.weight_format, db, e.group_size)
-            dev = e.decode.device
-        elif p is emb:
+            continue
+        if p is emb:
             nbytes, dev = p.shape[-1] * db, str(p.device)
         else:
             nbytes, dev = p.numel() * p.element_size(), str(p.device)
