@@ -181,3 +181,14 @@ def test_silu_at_extreme_gate_values(fp32_act):
     out = torch.empty(4, 64)
     kernels.Runner()(lib, x, idx, w, ew, out, 2)
     assert torch.isfinite(out).all() and rel(out, reference(ew, x, idx, w, 8)) <= 1e-5
+
+
+@needs_kernel
+def test_int8_act_env_switch_turns_the_integer_path_off():
+    import subprocess
+    import sys
+    code = "from ktcli.ops import kernels; kernels.get(); print(kernels.tune()[2])"
+    out = lambda env: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    import os
+    assert out({**os.environ, "KTCLI_CPU_INT8_ACT": "0"}) == "0"
+    assert out({k: v for k, v in os.environ.items() if k != "KTCLI_CPU_INT8_ACT"}) == str(int(kernels.caps()["vnni"]))
