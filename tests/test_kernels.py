@@ -30,12 +30,17 @@ def reference(ew, x, idx, w, E):
                            torch.nn.SiLU())
 
 
-@pytest.fixture
-def fp32_act():
-    """int8/int4 weights with fp32 activations (exact up to fp32 rounding), restored after."""
-    was = kernels.tune(int8_act=0)
-    yield
-    kernels.tune(*was)
+def _act_fixture(int8_act, doc):
+    def fixture():
+        was = kernels.tune(int8_act=int8_act)
+        yield
+        kernels.tune(*was)
+    fixture.__doc__ = doc
+    return pytest.fixture(fixture)
+
+
+fp32_act = _act_fixture(0, "int8/int4 weights with fp32 activations (exact up to fp32 rounding), restored after.")
+int8_act = _act_fixture(1, "The int8-activation path (AVX-512 VNNI where the CPU has it, its plain-C twin elsewhere).")
 
 
 @needs_kernel
@@ -110,17 +115,8 @@ def test_quantized_experts_end_to_end_accuracy(tmp_path):
 def test_stream_read_probe_reads_every_word():
     import ctypes
     x = torch.arange(1, 100_001, dtype=torch.int64)
-    lib.stream_read.restype = ctypes.c_uint64
     for threads in (1, 2, 3):
         assert lib.stream_read(ctypes.c_void_p(x.data_ptr()), ctypes.c_size_t(x.numel()), threads) == x.sum().item()
-
-
-@pytest.fixture
-def int8_act():
-    """The int8-activation path (AVX-512 VNNI where the CPU has it, its plain-C twin elsewhere), restored after."""
-    was = kernels.tune(int8_act=1)
-    yield
-    kernels.tune(*was)
 
 
 @needs_kernel
@@ -165,7 +161,6 @@ def test_schedule_and_prefetch_do_not_change_results(fmt):
 def test_stream_read_with_prefetch_reads_every_word():
     import ctypes
     x = torch.arange(1, 100_003, dtype=torch.int64)
-    lib.stream_read.restype = ctypes.c_uint64
     was = kernels.tune(prefetch=1024)
     try:
         assert lib.stream_read(ctypes.c_void_p(x.data_ptr()), ctypes.c_size_t(x.numel()), 3) == x.sum().item()

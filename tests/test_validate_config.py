@@ -246,7 +246,8 @@ def test_json_and_exit_code_agree(cli):
 
 
 def test_qwen3_profiles_validate(cli):
-    for name in ("qwen3-30b-a3b-cpu-experts.yaml", "qwen3-30b-a3b-gpu-half.yaml", "qwen2-57b-a14b-cpu-experts.yaml"):
+    for name in ("qwen3-30b-a3b-cpu-experts.yaml", "qwen3-30b-a3b-gpu-half.yaml", "qwen2-57b-a14b-cpu-experts.yaml",
+                 "qwen3-30b-a3b-cpu-experts-int8.yaml", "qwen3-30b-a3b-cpu-experts-int4.yaml"):
         r = cli("validate-config", profile(name), H100)
         assert r.exit_code == 0, (name, r)
 

@@ -52,7 +52,6 @@ def measure_cpu_read(nbytes: int = 2 * 2**30, detail: dict | None = None) -> flo
     lib = kernels.get()
     if lib is not None:
         import ctypes
-        lib.stream_read.restype = ctypes.c_uint64
         threads = torch.get_num_threads()
         run = lambda: lib.stream_read(ctypes.c_void_p(x.data_ptr()), ctypes.c_size_t(x.numel()), threads)  # noqa: E731
         for chunk, pf in PROBES:

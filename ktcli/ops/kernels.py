@@ -75,6 +75,7 @@ def get():
                     lib.moe_scratch_bytes.restype = ctypes.c_size_t
                     lib.moe_scratch_bytes.argtypes = [ctypes.c_int] * 4
                     lib.moe_caps.restype = ctypes.c_int
+                    lib.stream_read.restype = ctypes.c_uint64
                     lib.moe_tune.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p]
                     if os.environ.get("KTCLI_CPU_INT8_ACT") == "0":
                         lib.moe_tune(-1, -1, 0, (ctypes.c_int * 3)())
