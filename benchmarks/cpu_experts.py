@@ -10,6 +10,10 @@ Kernel knobs can be swept (each a comma list): --chunk (rows handed to threads i
 (software prefetch distance in bytes, 0 = off), --int8-act (int8/int4 weights: 1 = int8 activations with
 integer dot products, 0 = fp32 activations). The read bandwidth is probed at the start, before each format
 and batch, and at the end; the largest reading of the run is every row's reference.
+
+--resident measures the compute ceiling instead: one expert of about --resident-mb MiB (the intermediate size is
+scaled per format), every token routed to it, rows split statically (--chunk 0) so that each thread re-reads its
+own share from its L2. Its GB/s is how fast the kernel can consume weights when memory is not the limit.
 """
 from __future__ import annotations
 
@@ -93,6 +97,8 @@ def main():
     ap.add_argument("--chunk", default="-1", help="comma list of KiB; -1 = the kernel's default")
     ap.add_argument("--prefetch", default="-1", help="comma list of bytes; -1 = the kernel's default")
     ap.add_argument("--int8-act", default="-1", help="comma list of 0/1; -1 = the kernel's default")
+    ap.add_argument("--resident", action="store_true", help="compute ceiling: weights L2-resident (see above)")
+    ap.add_argument("--resident-mb", type=float, default=13.0)
     ap.add_argument("--stock-max-t", type=int, default=16, help="time stock torch only up to this batch")
     ap.add_argument("--out")
     a = ap.parse_args()
@@ -108,6 +114,9 @@ def main():
         return max(probes.values())
     bw = probe("start")
     E, H, I, K = a.experts, a.hidden, a.inter, a.topk
+    if a.resident:
+        E = K = a.layers = 1
+        a.chunk = "0" if a.chunk == "-1" else a.chunk
     res = {"command": " ".join(["python", *sys.argv]), "machine": machine_info(), "read_bw": bw,
            "kernel": lib is not None, "kernel_error": kernels.error(), "caps": kernels.caps(), "rows": []}
     print(f"DRAM read {bw / 1e9:.1f} GB/s; kernel {'built' if lib else 'MISSING: ' + str(kernels.error())}")
@@ -122,6 +131,9 @@ def main():
     res["anon_huge_pages_kB"] = huge_pages_kb()
     print(f"weights in transparent huge pages: {res['anon_huge_pages_kB'] / 2**20:.1f} GiB")
     for fmt in a.formats.split(","):
+        if a.resident:   # one expert of ~resident_mb MiB in this format
+            I = max(128, int(a.resident_mb * 2**20 / (3 * H * {"bf16": 2, "int8": 1, "int4": 0.5}[fmt])) // 128 * 128)
+            base = [(weights(1, 2 * I, H), weights(1, H, I))]
         layers = [pack(fmt, gu, dn, a.group) for gu, dn in base]
         per_expert = layers[0].nbytes() / E
         acts = [-1] if fmt == "bf16" else ints(a.int8_act)
@@ -129,6 +141,8 @@ def main():
             xs = [torch.randn(T, H, generator=g).to(torch.bfloat16) for _ in range(a.layers)]
             # fresh experts every call, so that nothing is still in L3 from an earlier call (300 MiB on the H100 host)
             idxs = [torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) for _ in range(a.layers * a.reps)]
+            if a.resident:
+                idxs = idxs[:1]
             ws = [torch.rand(T, K, generator=g).softmax(-1) for _ in range(a.layers)]
             nbytes = sum(len(torch.unique(i)) for i in idxs) / len(idxs) * per_expert   # mean over calls
             want, bf = references(layers[0], base[0], xs[0], idxs[0], ws[0])
@@ -149,7 +163,7 @@ def main():
                     kernels.tune(*was)
                 err = ((out.float() - want).norm() / want.norm()).item()
                 qerr = ((out.float() - bf).norm() / bf.norm()).item()
-                row = {"format": fmt, "T": T, **knobs, "bytes": nbytes, "kernel_ms": kt * 1e3,
+                row = {"format": fmt, "T": T, "inter": I, "resident": a.resident, **knobs, "bytes": nbytes, "kernel_ms": kt * 1e3,
                        "kernel_GBps": nbytes / kt / 1e9, "kernel_ratio": nbytes / kt / bw, "torch_ms": st * 1e3,
                        "torch_GBps": nbytes / st / 1e9, "torch_ratio": nbytes / st / bw,
                        "rel_err_vs_dequant_fp32": err, "rel_err_vs_bf16": qerr}
