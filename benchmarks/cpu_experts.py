@@ -36,18 +36,29 @@ from ktcli.ops.quant import hugepages, pack
 from ktcli.report.files import write_atomic
 
 
+_signed = {}
+
+
+def signed_int8(ew):
+    """ktcli stores int8 weights offset by 128 (uint8); torch's int8 matmul wants them signed: converted once."""
+    if id(ew) not in _signed:
+        _signed[id(ew)] = ((ew.gu.short() - 128).to(torch.int8), (ew.dn.short() - 128).to(torch.int8))
+    return _signed[id(ew)]
+
+
 def stock(fmt, ew, x, idx, w, out):
     """What torch offers without our kernel."""
     if fmt == "int8":
+        gu_q, dn_q = signed_int8(ew)
         y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
         xb = x.to(torch.bfloat16)
         for t in range(idx.shape[0]):
             for k in range(idx.shape[1]):
                 e = int(idx[t, k])
-                gu = torch._weight_int8pack_mm(xb[t:t + 1], ew.gu[e], ew.gu_s[e].to(torch.bfloat16))
+                gu = torch._weight_int8pack_mm(xb[t:t + 1], gu_q[e], ew.gu_s[e].to(torch.bfloat16))
                 g, u = gu.float().chunk(2, -1)
                 h = (torch.nn.functional.silu(g) * u).to(torch.bfloat16)
-                y[t] += w[t, k] * torch._weight_int8pack_mm(h, ew.dn[e], ew.dn_s[e].to(torch.bfloat16))[0].float()
+                y[t] += w[t, k] * torch._weight_int8pack_mm(h, dn_q[e], ew.dn_s[e].to(torch.bfloat16))[0].float()
         out.copy_(y)
         return
     cpu_moe(x, idx, w, None, None, torch.nn.SiLU(), out, weights=lambda e: ew.expert(e, x.dtype))
@@ -97,6 +108,7 @@ def main():
     ap.add_argument("--chunk", default="-1", help="comma list of KiB; -1 = the kernel's default")
     ap.add_argument("--prefetch", default="-1", help="comma list of bytes; -1 = the kernel's default")
     ap.add_argument("--int8-act", default="-1", help="comma list of 0/1; -1 = the kernel's default")
+    ap.add_argument("--guided", default="-1", help="comma list of 0/1 (dynamic / guided chunks); -1 = default")
     ap.add_argument("--resident", action="store_true", help="compute ceiling: weights L2-resident (see above)")
     ap.add_argument("--resident-mb", type=float, default=13.0)
     ap.add_argument("--stock-max-t", type=int, default=16, help="time stock torch only up to this batch")
@@ -143,21 +155,21 @@ def main():
             idxs = [torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) for _ in range(a.layers * a.reps)]
             if a.resident:
                 idxs = idxs[:1]
-            ws = [torch.rand(T, K, generator=g).softmax(-1) for _ in range(a.layers)]
+            ws = [torch.rand(T, K, generator=g).softmax(-1).to(torch.bfloat16) for _ in range(a.layers)]
             nbytes = sum(len(torch.unique(i)) for i in idxs) / len(idxs) * per_expert   # mean over calls
-            want, bf = references(layers[0], base[0], xs[0], idxs[0], ws[0])
+            want, bf = references(layers[0], base[0], xs[0], idxs[0], ws[0].float())
             ref_out = torch.empty(T, H, dtype=torch.bfloat16)
             st = timeit(lambda i: stock(fmt, layers[i % a.layers], xs[i % a.layers], idxs[i % len(idxs)],
                                         ws[i % a.layers], ref_out), max(a.reps // 4, 3)) \
                 if T <= a.stock_max_t else float("nan")
             bw = probe(f"{fmt}-T{T}")
-            for chunk, pf, act in itertools.product(ints(a.chunk), ints(a.prefetch), acts):
+            for chunk, pf, act, guided in itertools.product(ints(a.chunk), ints(a.prefetch), acts, ints(a.guided)):
                 out = torch.empty(T, H, dtype=torch.bfloat16)
                 run = kernels.Runner()
-                was = kernels.tune(chunk, pf, act) if lib else None
+                was = kernels.tune(chunk, pf, act, guided) if lib else None
                 kt = timeit(lambda i: run(lib, xs[i % a.layers], idxs[i % len(idxs)], ws[i % a.layers],
                                           layers[i % a.layers], out, a.threads), a.reps) if lib else float("nan")
-                knobs = dict(zip(("chunk", "prefetch", "int8_act"), kernels.tune()) if lib else ())
+                knobs = dict(zip(kernels.KNOBS, kernels.tune()) if lib else ())
                 if lib:
                     run(lib, xs[0], idxs[0], ws[0], layers[0], out, a.threads)
                     kernels.tune(*was)
@@ -168,7 +180,7 @@ def main():
                        "torch_GBps": nbytes / st / 1e9, "torch_ratio": nbytes / st / bw,
                        "rel_err_vs_dequant_fp32": err, "rel_err_vs_bf16": qerr}
                 res["rows"].append(row)
-                tag = "/".join(str(knobs.get(k, "-")) for k in ("chunk", "prefetch", "int8_act"))
+                tag = "/".join(str(knobs.get(k, "-")) for k in kernels.KNOBS)
                 print(f"{fmt:5} {T:3d} {tag:>14} {kt * 1e3:9.3f} {row['kernel_GBps']:7.1f} {100 * row['kernel_ratio']:5.1f}% | "
                       f"{st * 1e3:8.3f} {row['torch_GBps']:7.1f} {100 * row['torch_ratio']:5.1f}% | {err:.1e} {qerr:.1e}",
                       flush=True)

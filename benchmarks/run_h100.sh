@@ -5,16 +5,20 @@ set -euo pipefail
 what=$1; out=$2
 export KTCLI_CACHE=/tmp/ktcli-cache PYTHONUNBUFFERED=1
 case $what in
-  kernel)   # CPU expert kernel vs stock torch, Qwen2-57B expert shape: the knobs off/on, int8 activations off/on
+  kernel)   # CPU expert kernel vs stock torch, Qwen2-57B expert shape (dynamic / guided chunks), compute ceiling,
+            # fixed cost per call, and Qwen3-30B-A3B's smaller experts
     python3 -m pytest -q tests/test_kernels.py 2>&1 | tail -3 || true
     (lscpu; grep -H . /sys/kernel/mm/transparent_hugepage/enabled) > $out/machine.txt
-    python3 benchmarks/cpu_experts.py --layers 3 --threads 16 --reps 10 --batches 1,4,16 --chunk 0,256 \
-        --prefetch 0,4096 --formats bf16 --out $out/cpu-experts-bf16.json
-    python3 benchmarks/cpu_experts.py --layers 6 --threads 16 --reps 10 --batches 1,4,16 --int8-act 0,1 \
+    python3 benchmarks/cpu_experts.py --resident --threads 16 --reps 30 --batches 1,2,4,16 --stock-max-t 0 \
+        --out $out/cpu-experts-resident.json
+    python3 benchmarks/cpu_experts.py --resident --resident-mb 0.1 --threads 16 --reps 30 --batches 1,4 \
+        --stock-max-t 0 --out $out/cpu-experts-overhead.json
+    python3 benchmarks/cpu_experts.py --layers 3 --threads 16 --reps 10 --batches 1,4,16 --guided 0,1 \
+        --formats bf16 --out $out/cpu-experts-bf16.json
+    python3 benchmarks/cpu_experts.py --layers 6 --threads 16 --reps 10 --batches 1,4,16 --guided 0,1 \
         --formats int8,int4 --stock-max-t 1 --out $out/cpu-experts-quant.json
-    # compute ceiling: the same 8 experts every call (L3-resident where the host's 300 MiB L3 allows)
-    python3 benchmarks/cpu_experts.py --experts 8 --topk 8 --layers 1 --threads 16 --reps 20 --batches 1,16 \
-        --formats bf16,int8,int4 --stock-max-t 0 --out $out/cpu-experts-hot.json ;;
+    python3 benchmarks/cpu_experts.py --hidden 2048 --inter 768 --experts 128 --topk 8 --layers 16 --threads 16 \
+        --reps 10 --batches 1,4 --guided 0,1 --stock-max-t 0 --out $out/cpu-experts-qwen3-shape.json ;;
   parity)   # graph replay == eager, token for token, full-size seed placement and Qwen3-30B-A3B hybrid
     python3 benchmarks/graph_parity.py profiles/qwen3-30b-a3b-gpu-half.yaml profiles/qwen3-30b-a3b-cpu-experts.yaml \
         --tokens 64 --out $out/parity-qwen3-30b.json

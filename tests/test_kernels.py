@@ -144,17 +144,39 @@ def test_int8_activation_path_matches_reference(int8_act, fmt, H, I, G, T):
 @needs_kernel
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
 def test_schedule_and_prefetch_do_not_change_results(fmt):
-    """Dynamic row chunks and software prefetch move work between threads, never the arithmetic: bit-equal."""
+    """Row chunks (static, dynamic, guided) and software prefetch move work between threads, never the
+    arithmetic: bit-equal."""
     gu, dn, x, idx, w = case(16, 256, 128, 4, 5, 3)
     ew = pack(fmt, gu.bfloat16() if fmt == "bf16" else gu, dn.bfloat16() if fmt == "bf16" else dn)
     outs = []
-    for chunk, prefetch in [(0, 0), (1, 0), (7, 512), (64, 4096)]:
-        was = kernels.tune(chunk, prefetch)
+    for chunk, prefetch, guided in [(0, 0, 0), (1, 0, 0), (7, 512, 1), (64, 4096, 0), (1, 4096, 1)]:
+        was = kernels.tune(chunk, prefetch, guided=guided)
         out = torch.empty(5, 256)
         kernels.Runner()(lib, x, idx, w, ew, out, 3)
         kernels.tune(*was)
         outs.append(out)
     assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", ["bf16", "int4"])
+def test_runner_dtypes_and_reuse(fmt):
+    """fp32 and bf16 activations go to the kernel as they are, fp16 through fp32 buffers; one Runner reused
+    across batch sizes (its cached arguments, its scratch growing) and new data in the same buffers."""
+    E, H, I, K = 8, 256, 128, 2
+    gu, dn, *_ = case(E, H, I, K, 1, 4)
+    ew = pack(fmt, gu.bfloat16() if fmt == "bf16" else gu, dn.bfloat16() if fmt == "bf16" else dn)
+    run = kernels.Runner()
+    bufs = {dt: (torch.empty(16, H, dtype=dt), torch.empty(16, K, dtype=dt), torch.empty(16, H, dtype=dt))
+            for dt in (torch.float32, torch.bfloat16, torch.float16)}
+    for T, seed in [(1, 10), (16, 11), (1, 12), (3, 13)]:
+        _, _, x, idx, w = case(E, H, I, K, T, seed)
+        want = reference(ew, x, idx, w, E)
+        for dt, (xb, wb, ob) in bufs.items():
+            xb[:T].copy_(x), wb[:T].copy_(w)
+            ob[:T].fill_(float("nan"))
+            run(lib, xb[:T], idx, wb[:T], ew, ob[:T], 2)
+            assert rel(ob[:T], want) <= 3e-2, (dt, T)   # bf16 rounding; int8 activations where VNNI
 
 
 @needs_kernel

@@ -76,9 +76,9 @@ def get():
                     lib.moe_scratch_bytes.argtypes = [ctypes.c_int] * 4
                     lib.moe_caps.restype = ctypes.c_int
                     lib.stream_read.restype = ctypes.c_uint64
-                    lib.moe_tune.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p]
+                    lib.moe_tune.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p]
                     if os.environ.get("KTCLI_CPU_INT8_ACT") == "0":
-                        lib.moe_tune(-1, -1, 0, (ctypes.c_int * 3)())
+                        lib.moe_tune(-1, -1, 0, -1, (ctypes.c_int * 4)())
                     _state["lib"] = lib
                 except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
                     _state["error"] = getattr(e, "stderr", None) or str(e)
@@ -98,12 +98,16 @@ def bf16_activations() -> bool:
     return caps()["dpbf16"]
 
 
-def tune(chunk: int = -1, prefetch: int = -1, int8_act: int = -1) -> tuple:
-    """Kernel knobs (benchmarks, tests): rows handed to threads in chunks of this many KiB of weights (0 = one
-    contiguous range per thread), software prefetch distance in bytes (0 = off), int8 activations for int8/int4 weights (1 on, 0 off); -1 keeps a setting.
-    Returns the previous (chunk, prefetch, int8_act), which `tune(*was)` restores."""
-    was = (ctypes.c_int * 3)()
-    get().moe_tune(chunk, prefetch, int8_act, was)
+KNOBS = ("chunk", "prefetch", "int8_act", "guided")
+
+
+def tune(chunk: int = -1, prefetch: int = -1, int8_act: int = -1, guided: int = -1) -> tuple:
+    """Kernel knobs (benchmarks, tests); -1 keeps a setting. chunk: rows handed to threads in chunks of this many
+    KiB of weights (0 = one contiguous range per thread); prefetch: software prefetch distance in bytes (0 = off);
+    int8_act: int8 activations for int8/int4 weights (1 on, 0 off); guided: chunks handed out guided (1) or
+    dynamic (0). Returns the previous settings, in KNOBS order, which `tune(*was)` restores."""
+    was = (ctypes.c_int * 4)()
+    get().moe_tune(chunk, prefetch, int8_act, guided, was)
     return tuple(was)
 
 
@@ -121,10 +125,12 @@ def _p(t):
 
 
 class Runner:
-    """Calls the kernel for one layer; its fp32 buffers grow once and are reused (no allocation afterwards)."""
+    """Calls the kernel for one layer. bf16 or fp32 activations go in as they are; other dtypes through fp32
+    buffers that grow once and are reused (no allocation afterwards). The ctypes arguments for a given set of
+    buffers are built once: decode calls it with the same staging buffers every step."""
 
     def __init__(self):
-        self.bufs = {}
+        self.bufs, self.calls = {}, {}
 
     def _buf(self, name, n, dtype=torch.float32):
         b = self.bufs.get(name)
@@ -136,16 +142,27 @@ class Runner:
         """x [T,H], idx [T,K], w [T,K], out [T,H] (any float dtype); weights: an ExpertWeights."""
         T, H = x.shape
         K = idx.shape[1]
-        I = weights.inter
-        scratch = self._buf("scratch", lib.moe_scratch_bytes(T, K, H, I), torch.uint8)
-        xf = self._buf("x", T * H).view(T, H).copy_(x)
-        wf = self._buf("w", T * K).view(T, K).copy_(w)
-        ix = self._buf("idx", T * K, torch.int64).view(T, K).copy_(idx)
-        of = out if out.dtype == torch.float32 and out.is_contiguous() else self._buf("out", T * H).view(T, H)
-        rc = lib.moe_forward(T, K, H, I, _p(xf), _p(ix), _p(wf), FORMATS[weights.fmt], weights.group,
-                             _p(weights.gu), _p(weights.gu_s), _p(weights.dn), _p(weights.dn_s), _p(of),
-                             _p(scratch), threads)
-        if rc != 0:
-            raise RuntimeError(f"moe_forward rejected its arguments (T={T}, K={K}, group={weights.group})")
-        if of is not out:
+        direct = next((io for io, dt in enumerate((torch.float32, torch.bfloat16))
+                       if x.dtype == w.dtype == out.dtype == dt), None)
+        if direct is None or not (x.is_contiguous() and w.is_contiguous() and out.is_contiguous()):
+            of = self._buf("out", T * H).view(T, H)
+            self(lib, self._buf("x", T * H).view(T, H).copy_(x), idx, self._buf("w", T * K).view(T, K).copy_(w),
+                 weights, of, threads)
             out.copy_(of)
+            return
+        if idx.dtype != torch.int64 or not idx.is_contiguous():
+            idx = self._buf("idx", T * K, torch.int64).view(T, K).copy_(idx)
+        wt = (weights.gu, weights.gu_s, weights.dn, weights.dn_s)
+        key = (x.data_ptr(), idx.data_ptr(), w.data_ptr(), out.data_ptr(), T, K, threads, direct, weights.fmt,
+               weights.group, weights.inter, *(t.data_ptr() if t is not None else 0 for t in wt))
+        args = self.calls.get(key)
+        if args is None:
+            I = weights.inter
+            need = lib.moe_scratch_bytes(T, K, H, I)
+            if len(self.calls) > 64 or self.bufs.get("scratch") is None or self.bufs["scratch"].numel() < need:
+                self.calls.clear()   # the cached argument lists point at the scratch buffer about to be replaced
+            scratch = self._buf("scratch", need, torch.uint8)
+            args = self.calls[key] = (T, K, H, I, _p(x), _p(idx), _p(w), FORMATS[weights.fmt], weights.group,
+                                      *(_p(t) for t in wt), _p(out), _p(scratch), threads, direct)
+        if lib.moe_forward(*args) != 0:
+            raise RuntimeError(f"moe_forward rejected its arguments (T={T}, K={K}, group={weights.group})")

@@ -1,7 +1,9 @@
 """Weight-only quantization of expert weights at load time, and the torch reference (dequantize) path.
 
-int8: per output row, scale = absmax / 127.  int4: per group of G inputs, scale = absmax / 7, values + 8 packed
-two per byte (low nibble = even input). Shapes: W [E, R, C] → q [E, R, C] int8 or [E, R, C/2] uint8.
+int8: per output row, scale = absmax / 127, values stored + 128 as uint8.  int4: per group of G inputs, scale =
+absmax / 7, values + 8 packed two per byte (low nibble = even input). Both offsets make the weights the unsigned
+operand of the CPU kernel's integer dot products without a conversion per load.
+Shapes: W [E, R, C] → q [E, R, C] or [E, R, C/2], uint8.
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ def quantize(fmt: str, w: torch.Tensor, group: int = 128):
     w = w.float()
     if fmt == "int8":
         s = (w.abs().amax(-1) / 127).clamp_min(1e-12)
-        return torch.round(w / s[..., None]).clamp(-127, 127).to(torch.int8), s
+        return (torch.round(w / s[..., None]).clamp(-127, 127) + 128).to(torch.uint8), s
     if fmt == "int4":
         C = w.shape[-1]
         if C % group or group % 2:
@@ -66,7 +68,7 @@ def dequantize(fmt: str, q: torch.Tensor, s, group: int, dtype=torch.float32) ->
     if fmt == "bf16":
         return q.to(dtype)
     if fmt == "int8":
-        return (q.float() * s[..., None]).to(dtype)
+        return ((q.float() - 128) * s[..., None]).to(dtype)
     lo, hi = (q & 15).to(torch.int8) - 8, (q >> 4).to(torch.int8) - 8
     v = torch.stack([lo, hi], -1).reshape(*q.shape[:-1], q.shape[-1] * 2).float()
     v = v.reshape(*v.shape[:-1], -1, group) * s[..., None]

@@ -6,8 +6,8 @@
  *   IDOT   int8/int4 weights × int8-quantized activations with vpdpbusd (AVX-512 VNNI); a plain-C twin with the
  *          same integer arithmetic runs where VNNI is missing, so CI tests this path's logic too.
  * IDOT activations are quantized per block of QB=128 inputs (scale = absmax/127). vpdpbusd multiplies unsigned
- * by signed bytes, so weights enter unsigned — int8 as w+128 (xor 0x80), int4 as its stored nibble w+8 — and the
- * offset is taken back with the block sums Σq: Σ(w+o)q = Σwq + o·Σq.
+ * by signed bytes, so weights are stored unsigned — int8 as w+128, int4 as its nibble w+8 — and the offset is
+ * taken back with the block sums Σq: Σ(w+o)q = Σwq + o·Σq.
  */
 #include <stdint.h>
 #include <string.h>
@@ -47,13 +47,13 @@ static inline float dot_bf16(const uint16_t *w, const float *x, int n) {
     return acc;
 }
 
-static inline float dot_i8(const int8_t *w, const float *x, int n) {
+static inline float dot_i8(const uint8_t *w, const float *x, int n) {   /* w: offset-binary, w+128 */
     float acc = 0.f;
     for (int j0 = 0; j0 < n; j0 += 64) {
         PREFETCH(w + j0);
         int j1 = j0 + 64 < n ? j0 + 64 : n;
 #pragma omp simd reduction(+ : acc)
-        for (int j = j0; j < j1; j++) acc += (float)w[j] * x[j];
+        for (int j = j0; j < j1; j++) acc += (float)((int)w[j] - 128) * x[j];
     }
     return acc;
 }
@@ -133,96 +133,83 @@ static void dot_bf16_dp(const uint16_t *w, const uint16_t *const *x, int n, floa
 }
 #endif
 
-/* ---- IDOT. q[t]: vector t's int8 values (int4: its even inputs, then its odd ones), sc[t][c]: its block c's
- * scale, ts[t][g] = Σ_{c∈g} sc[t][c]·Σq over block c, per weight group g. n % QB == 0, G % QB == 0. ---- */
+/* ---- IDOT. q[t]: vector t's int8 values (int4: its even inputs, then its odd ones). cs[t][c]: the scale of block
+ * c's products — the activation block scale sc[t][c], times the weight group's scale for int4 (the caller folds
+ * them once per row, so the block loop is one convert and one multiply-add). Two accumulators per vector (even /
+ * odd blocks) keep the multiply-add latency off the critical path. n % QB == 0. ---- */
 #if HAS_VNNI
-/* int8 rows: res[t] = Σ_c sc[t][c]·Σ_{j∈c} (w_j+128)·q_j (the caller removes the offset, applies the row scale) */
-INL void vnni_i8(const int8_t *w, const int8_t *const *q, const float *const *sc, int n, float *res, int nt) {
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    __m512 acc[NT];
-    for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
-    for (int c = 0; c < n / QB; c++) {
-        const int8_t *wc = w + c * QB;
-        PREFETCH(wc);
-        PREFETCH(wc + 64);
-        __m512i w0 = _mm512_xor_si512(_mm512_loadu_si512(wc), flip), w1 = _mm512_xor_si512(_mm512_loadu_si512(wc + 64), flip);
-        for (int t = 0; t < nt; t++) {
-            __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(q[t] + c * QB));
-            d = _mm512_dpbusd_epi32(d, w1, _mm512_loadu_si512(q[t] + c * QB + 64));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(sc[t][c]), acc[t]);
-        }
-    }
-    for (int t = 0; t < nt; t++) res[t] = _mm512_reduce_add_ps(acc[t]);
+#define BLOCK_PAIRS(n, STEP) do { int c = 0; \
+        for (; c + 2 <= (n) / QB; c += 2) { STEP(c, 0); STEP(c + 1, 1); } \
+        if (c < (n) / QB) STEP(c, 0); } while (0)
+
+/* int8 rows, stored offset-binary (w+128 as unsigned bytes: vpdpbusd's unsigned operand, no flip per load):
+ * res[t] = Σ_c cs[t][c]·Σ_{j∈c} (w_j+128)·q_j  (the caller removes the offset and applies the row scale). */
+INL void vnni_i8(const uint8_t *w, const int8_t *const *q, const float *const *cs, int n, float *res, int nt) {
+    __m512 acc[NT][2];
+    for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+#define I8_STEP(c, a) do { \
+        const uint8_t *wc = w + (c) * QB; \
+        PREFETCH(wc); PREFETCH(wc + 64); \
+        __m512i w0 = _mm512_loadu_si512(wc), w1 = _mm512_loadu_si512(wc + 64); \
+        for (int t = 0; t < nt; t++) { \
+            __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(q[t] + (c) * QB)); \
+            d = _mm512_dpbusd_epi32(d, w1, _mm512_loadu_si512(q[t] + (c) * QB + 64)); \
+            acc[t][a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(cs[t][c]), acc[t][a]); } } while (0)
+    BLOCK_PAIRS(n, I8_STEP);
+    for (int t = 0; t < nt; t++) res[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
 }
 
-/* int4 rows: 64 packed bytes = one block of 128 inputs (low nibbles: even inputs, high: odd); res[t] =
- * Σ_c s_g(c)·sc[t][c]·Σ (w+8)·q  −  8·Σ_g s_g·ts[t][g], i.e. Σ w·q with both scales applied. The offset term is
- * one short dot per row, kept out of the per-block loop. */
-INL void vnni_i4(const uint8_t *w, const float *s, int G, const int8_t *const *q, const float *const *sc,
-                 const float *const *ts, int n, float *res, int nt) {
+/* int4 rows: 64 packed bytes = one block of 128 inputs (low nibbles: even inputs, high: odd), stored w+8;
+ * res[t] = Σ_c cs[t][c]·Σ (w+8)·q  (the caller removes the offset 8·Σ_g s_g·ts[t][g]). */
+INL void vnni_i4(const uint8_t *w, const int8_t *const *q, const float *const *cs, int n, float *res, int nt) {
     const __m512i m = _mm512_set1_epi8(15);
-    __m512 acc[NT];
-    for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
-    const float *sg = s;   /* the scale of block c's group: advances every G/QB blocks */
-    for (int c = 0, k = 0; c < n / QB; c++) {
-        __m512i b = _mm512_loadu_si512(w + c * (QB / 2));
-        PREFETCH(w + c * (QB / 2));
-        if (c % 16 == 0) PREFETCH(sg);   /* the scales are a second, slower stream */
-        __m512i lo = _mm512_and_si512(b, m), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), m);
-        for (int t = 0; t < nt; t++) {
-            __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(q[t] + c * (QB / 2)));
-            d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(q[t] + n / 2 + c * (QB / 2)));
-            acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(sc[t][c])),
-                                     _mm512_set1_ps(*sg), acc[t]);
-        }
-        if (++k == G / QB) k = 0, sg++;
-    }
-    for (int t = 0; t < nt; t++) {
-        float corr = 0.f;
-#pragma omp simd reduction(+ : corr)
-        for (int g = 0; g < n / G; g++) corr += s[g] * ts[t][g];
-        res[t] = _mm512_reduce_add_ps(acc[t]) - 8.f * corr;
-    }
+    __m512 acc[NT][2];
+    for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+#define I4_STEP(c, a) do { \
+        __m512i b = _mm512_loadu_si512(w + (c) * (QB / 2)); \
+        PREFETCH(w + (c) * (QB / 2)); \
+        __m512i lo = _mm512_and_si512(b, m), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), m); \
+        for (int t = 0; t < nt; t++) { \
+            __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(q[t] + (c) * (QB / 2))); \
+            d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(q[t] + n / 2 + (c) * (QB / 2))); \
+            acc[t][a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(cs[t][c]), acc[t][a]); } } while (0)
+    BLOCK_PAIRS(n, I4_STEP);
+    for (int t = 0; t < nt; t++) res[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
 }
-static void idot_i8(const int8_t *w, const int8_t *const *q, const float *const *sc, int n, float *res, int nt) {
-    NT_DISPATCH(vnni_i8, nt, w, q, sc, n, res)
+static void idot_i8(const uint8_t *w, const int8_t *const *q, const float *const *cs, int n, float *res, int nt) {
+    NT_DISPATCH(vnni_i8, nt, w, q, cs, n, res)
 }
-static void idot_i4(const uint8_t *w, const float *s, int G, const int8_t *const *q, const float *const *sc,
-                    const float *const *ts, int n, float *res, int nt) {
-    NT_DISPATCH(vnni_i4, nt, w, s, G, q, sc, ts, n, res)
+static void idot_i4(const uint8_t *w, const int8_t *const *q, const float *const *cs, int n, float *res, int nt) {
+    NT_DISPATCH(vnni_i4, nt, w, q, cs, n, res)
 }
 #else
 /* Plain-C twins: the same integer arithmetic, one vector at a time. */
-static void idot_i8(const int8_t *w, const int8_t *const *q, const float *const *sc, int n, float *res, int nt) {
+static void idot_i8(const uint8_t *w, const int8_t *const *q, const float *const *cs, int n, float *res, int nt) {
     for (int t = 0; t < nt; t++) {
         float acc = 0.f;
         for (int c = 0; c < n / QB; c++) {
             int32_t d = 0;
             PREFETCH(w + c * QB);
 #pragma omp simd reduction(+ : d)
-            for (int j = c * QB; j < (c + 1) * QB; j++) d += (int32_t)(uint8_t)(w[j] ^ 0x80) * q[t][j];
-            acc += sc[t][c] * (float)d;
+            for (int j = c * QB; j < (c + 1) * QB; j++) d += (int32_t)w[j] * q[t][j];
+            acc += cs[t][c] * (float)d;
         }
         res[t] = acc;
     }
 }
 
-static void idot_i4(const uint8_t *w, const float *s, int G, const int8_t *const *q, const float *const *sc,
-                    const float *const *ts, int n, float *res, int nt) {
+static void idot_i4(const uint8_t *w, const int8_t *const *q, const float *const *cs, int n, float *res, int nt) {
     for (int t = 0; t < nt; t++) {
         const int8_t *qe = q[t], *qo = q[t] + n / 2;
-        float acc = 0.f, corr = 0.f;
-        for (int g = 0, c = 0; g < n / G; g++) {
-            for (int c1 = c + G / QB; c < c1; c++) {
-                int32_t d = 0;
-                PREFETCH(w + c * (QB / 2));
+        float acc = 0.f;
+        for (int c = 0; c < n / QB; c++) {
+            int32_t d = 0;
+            PREFETCH(w + c * (QB / 2));
 #pragma omp simd reduction(+ : d)
-                for (int j = c * (QB / 2); j < (c + 1) * (QB / 2); j++) d += (w[j] & 15) * qe[j] + (w[j] >> 4) * qo[j];
-                acc += s[g] * sc[t][c] * (float)d;
-            }
-            corr += s[g] * ts[t][g];
+            for (int j = c * (QB / 2); j < (c + 1) * (QB / 2); j++) d += (w[j] & 15) * qe[j] + (w[j] >> 4) * qo[j];
+            acc += cs[t][c] * (float)d;
         }
-        res[t] = acc - 8.f * corr;
+        res[t] = acc;
     }
 }
 #endif

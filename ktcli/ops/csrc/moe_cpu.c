@@ -5,8 +5,9 @@
  *
  * Shapes: T tokens, K top-k, H hidden, I intermediate, P = T*K (token, expert) pairs, U unique experts.
  * Weights: gate_up [E, 2I, H] (gate rows then up rows), down [E, H, I]; formats:
- *   0 bf16, 1 int8 + fp32 scale per row, 2 int4 (two per byte, low nibble first, offset 8) + fp32 scale
- *   per group of G inputs.
+ *   0 bf16, 1 int8 (stored w+128, unsigned) + fp32 scale per row, 2 int4 (two per byte, low nibble first,
+ *   offset 8) + fp32 scale per group of G inputs.
+ * Activations x [T, H], routing weights [T, K] and out [T, H] are fp32 (io = 0) or bf16 (io = 1).
  */
 #include <math.h>
 #include <omp.h>
@@ -16,18 +17,21 @@
 #include "dots.h"
 
 enum { FLOAT, DPBF16, IDOT };
+#define MAXB 256                 /* IDOT rows up to MAXB blocks of QB inputs (32768) */
 static int int_dot = HAS_VNNI;   /* int8/int4 use IDOT (int8 activations) where its sizes fit */
 static int chunk_kb = 256;       /* rows handed to threads in chunks of this many KiB of weights (0: static split) */
+static int guided = 0;           /* chunks handed out dynamically (0) or guided: large first, finer at the end (1) */
 
 int moe_caps(void) { return HAS_DPBF16 | HAS_VNNI << 1; }
 
 /* Tuning knobs for benchmarks and tests; a negative value keeps the current setting. Writes the settings
- * now in force to was[3] (chunk, prefetch, idot) first, so a caller can restore them. */
-void moe_tune(int chunk, int prefetch, int idot, int *was) {
-    was[0] = chunk_kb, was[1] = pf_bytes, was[2] = int_dot;
+ * now in force to was[4] (chunk, prefetch, idot, guided) first, so a caller can restore them. */
+void moe_tune(int chunk, int prefetch, int idot, int guide, int *was) {
+    was[0] = chunk_kb, was[1] = pf_bytes, was[2] = int_dot, was[3] = guided;
     if (chunk >= 0) chunk_kb = chunk;
     if (prefetch >= 0) pf_bytes = prefetch;
     if (idot >= 0) int_dot = idot;
+    if (guide >= 0) guided = guide;
 }
 
 typedef struct {
@@ -38,7 +42,7 @@ typedef struct {
 
 static int path_for(int fmt, int C, int G) {
     if (fmt == 0) return HAS_DPBF16 ? DPBF16 : FLOAT;
-    if (int_dot && C % QB == 0 && (fmt == 1 || G % QB == 0)) return IDOT;
+    if (int_dot && C % QB == 0 && C / QB <= MAXB && (fmt == 1 || G % QB == 0)) return IDOT;
     return FLOAT;
 }
 
@@ -71,18 +75,37 @@ static void rows_block(const Mat *m, int e, int r0, int r1, int R, const Acts *a
     float res[NT];
     if (m->path == IDOT) {
         const int8_t *q[NT];
-        const float *sc[NT], *ts[NT];
-        for (int t = 0; t < nt; t++)
+        const float *sc[NT], *ts[NT], *cs[NT];
+        float comb[NT][MAXB], corr[NT];   /* int4: block scales × the row's group scales; the offset term */
+        int ng = C / m->G, gb = m->G / QB;
+        for (int t = 0; t < nt; t++) {
             q[t] = a->q + (size_t)v[t] * C, sc[t] = a->sc + (size_t)v[t] * (C / QB), ts[t] = a->ts + (size_t)v[t] * (C / QB);
+            cs[t] = m->fmt == 1 ? sc[t] : comb[t];
+        }
         for (int r = r0; r < r1; r++) {
             size_t row = (size_t)e * R + r;
             if (m->fmt == 1) {
-                idot_i8((const int8_t *)m->w + row * C, q, sc, C, res, nt);
+                idot_i8((const uint8_t *)m->w + row * C, q, cs, C, res, nt);
                 for (int t = 0; t < nt; t++) out[(size_t)p[t] * R + r] = m->scale[row] * (res[t] - 128.f * a->tot[v[t]]);
-            } else {
-                idot_i4((const uint8_t *)m->w + row * (C / 2), m->scale + row * (C / m->G), m->G, q, sc, ts, C, res, nt);
-                for (int t = 0; t < nt; t++) out[(size_t)p[t] * R + r] = res[t];
+                continue;
             }
+            const float *s = m->scale + row * ng;
+            PREFETCH(s);   /* the scales are a second, slower stream: two lines ahead per row */
+            PREFETCH(s + 16);
+            for (int t = 0; t < nt; t++) {
+                float c8 = 0.f;
+#pragma omp simd reduction(+ : c8)
+                for (int g = 0; g < ng; g++) c8 += s[g] * ts[t][g];
+                corr[t] = 8.f * c8;
+                if (gb == 1) {
+#pragma omp simd
+                    for (int c = 0; c < ng; c++) comb[t][c] = s[c] * sc[t][c];
+                } else {
+                    for (int c = 0; c < C / QB; c++) comb[t][c] = s[c / gb] * sc[t][c];
+                }
+            }
+            idot_i4((const uint8_t *)m->w + row * (C / 2), q, cs, C, res, nt);
+            for (int t = 0; t < nt; t++) out[(size_t)p[t] * R + r] = res[t] - corr[t];
         }
         return;
     }
@@ -103,7 +126,7 @@ static void rows_block(const Mat *m, int e, int r0, int r1, int R, const Acts *a
             size_t off = (size_t)v[t] * C;
             float y;
             if (m->fmt == 0) y = dot_bf16((const uint16_t *)m->w + row * C, a->f + off, C);
-            else if (m->fmt == 1) y = m->scale[row] * dot_i8((const int8_t *)m->w + row * C, a->f + off, C);
+            else if (m->fmt == 1) y = m->scale[row] * dot_i8((const uint8_t *)m->w + row * C, a->f + off, C);
             else y = dot_i4((const uint8_t *)m->w + row * (C / 2), m->scale + row * (C / m->G), a->e + off / 2,
                             a->o + off / 2, C, m->G);
             out[(size_t)p[t] * R + r] = y;
@@ -111,24 +134,41 @@ static void rows_block(const Mat *m, int e, int r0, int r1, int R, const Acts *a
     }
 }
 
+/* Rows r0..r1 of unique expert u against every vector routed to it, NT at a time: a block of weights is
+ * re-read from L2, not DRAM, for the next NT vectors. */
+static void expert_rows(const Mat *m, int R, const Acts *a, int u, int r0, int r1, const int *uniq, const int *start,
+                        const int *order, int K, int by_token, float *out) {
+    for (int q0 = start[u]; q0 < start[u + 1]; q0 += NT) {
+        int nt = start[u + 1] - q0 < NT ? start[u + 1] - q0 : NT, v[NT];
+        for (int t = 0; t < nt; t++) v[t] = by_token ? order[q0 + t] / K : order[q0 + t];
+        rows_block(m, uniq[u], r0, r1, R, a, v, order + q0, nt, out);
+    }
+}
+
 /* Every selected expert's rows of one matrix against the vectors routed to it: out[p * R + row] for pair p.
- * Rows go to threads in blocks of about chunk_kb KiB of weights within one expert (0: about one block per
- * thread); a block's vectors are taken NT at a time, so a block of weights is re-read from L2, not DRAM. */
+ * Rows go to threads in blocks of about chunk_kb KiB of weights within one expert, handed out as threads free
+ * up (schedule(runtime): dynamic, or guided); chunk_kb = 0 splits the U·R rows into one contiguous range per
+ * thread instead (the same rows every call: benchmarks use it to keep weights in each core's L2). */
 static void matrix_rows(const Mat *m, int R, const Acts *a, int U, const int *uniq, const int *start,
                         const int *order, int K, int by_token, float *out) {
+    if (chunk_kb == 0) {
+        long N = (long)U * R, nth = omp_get_num_threads(), id = omp_get_thread_num();
+        for (long g = N * id / nth, g1 = N * (id + 1) / nth; g < g1;) {
+            int u = (int)(g / R), r0 = (int)(g % R), r1 = g1 - g < R - r0 ? r0 + (int)(g1 - g) : R;
+            expert_rows(m, R, a, u, r0, r1, uniq, start, order, K, by_token, out);
+            g += r1 - r0;
+        }
+#pragma omp barrier
+        return;
+    }
     size_t row_bytes = m->fmt == 0 ? (size_t)a->n * 2 : m->fmt == 1 ? (size_t)a->n : (size_t)a->n / 2;
-    long nth = omp_get_num_threads();
-    long rpb = chunk_kb > 0 ? (long)(chunk_kb * 1024 / row_bytes) : ((long)U * R + nth - 1) / nth;
+    long rpb = (long)(chunk_kb * 1024 / row_bytes);
     rpb = rpb < 1 ? 1 : rpb > R ? R : rpb;
     long bpe = (R + rpb - 1) / rpb;   /* blocks per expert */
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(runtime)
     for (long b = 0; b < U * bpe; b++) {
         int u = (int)(b / bpe), r0 = (int)((b % bpe) * rpb), r1 = r0 + rpb < R ? r0 + (int)rpb : R;
-        for (int q0 = start[u]; q0 < start[u + 1]; q0 += NT) {
-            int nt = start[u + 1] - q0 < NT ? start[u + 1] - q0 : NT, v[NT];
-            for (int t = 0; t < nt; t++) v[t] = by_token ? order[q0 + t] / K : order[q0 + t];
-            rows_block(m, uniq[u], r0, r1, R, a, v, order + q0, nt, out);
-        }
+        expert_rows(m, R, a, u, r0, r1, uniq, start, order, K, by_token, out);
     }
 }
 
@@ -147,17 +187,18 @@ static void acts_layout(Acts *a, char **cur, int N, int n, int path, int split, 
     a->tot = take(cur, (size_t)N * 4);
 }
 
-typedef struct { float *gu_out, *h, *y; Acts xa, ha; } Scratch;
+typedef struct { float *x32, *gu_out, *h, *y; Acts xa, ha; } Scratch;
 
 static size_t layout(Scratch *s, char *base, int T, int K, int H, int I, int gpath, int dpath, int fmt, int G) {
     char *cur = base;
     size_t P = (size_t)T * K;
+    s->x32 = take(&cur, (size_t)T * H * 4);  /* [T, H] the input in fp32 */
     s->gu_out = take(&cur, P * 2 * I * 4);   /* [P, 2I] */
     s->h = take(&cur, P * I * 4);            /* [P, I] */
     s->y = take(&cur, P * H * 4);            /* [P, H] */
     acts_layout(&s->xa, &cur, T, H, gpath, fmt == 2, G);
     acts_layout(&s->ha, &cur, (int)P, I, dpath, fmt == 2, G);
-    s->ha.f = s->h;
+    s->xa.f = s->x32, s->ha.f = s->h;
     return (size_t)(cur - base) + 64;
 }
 
@@ -166,10 +207,11 @@ size_t moe_scratch_bytes(int T, int K, int H, int I) {
     return layout(&s, 0, T, K, H, I, FLOAT, FLOAT, 0, 0);
 }
 
-/* scratch: moe_scratch_bytes() bytes. Returns 0, or -1 for bad arguments. */
-int moe_forward(int T, int K, int H, int I, const float *x, const int64_t *idx, const float *wts,
+/* scratch: moe_scratch_bytes() bytes. io: 0 = x, wts, out in fp32; 1 = in bf16 (the model's dtype, no
+ * conversion on the caller's side). Returns 0, or -1 for bad arguments. */
+int moe_forward(int T, int K, int H, int I, const void *x, const int64_t *idx, const void *wts,
                 int fmt, int G, const void *gu, const float *gu_s, const void *dn, const float *dn_s,
-                float *out, void *scratch, int threads) {
+                void *out, void *scratch, int threads, int io) {
     int P = T * K;
     if (P > 4096 || (fmt == 2 && (G % 2 || H % G || I % G))) return -1;
     Mat mg = {fmt, G, path_for(fmt, H, G), gu, gu_s}, md = {fmt, G, path_for(fmt, I, G), dn, dn_s};
@@ -188,10 +230,17 @@ int moe_forward(int T, int K, int H, int I, const float *x, const int64_t *idx, 
     start[U] = n;
     Scratch s;
     layout(&s, (char *)scratch, T, K, H, I, mg.path, md.path, fmt, G);
-    s.xa.f = (float *)x;
-    for (int t = 0; t < T; t++) prep(&s.xa, t);
+    const uint16_t *xb = x, *wb = wts;
+    const float *xf = x, *wf = wts;
+    omp_set_schedule(guided ? omp_sched_guided : omp_sched_dynamic, 1);   /* matrix_rows' schedule(runtime) */
 #pragma omp parallel num_threads(threads)
     {
+        /* the input in fp32, prepared for the gate/up rows' dot path */
+#pragma omp for schedule(static)
+        for (int t = 0; t < T; t++) {
+            for (int j = 0; j < H; j++) s.x32[(size_t)t * H + j] = io ? bf16f(xb[(size_t)t * H + j]) : xf[(size_t)t * H + j];
+            prep(&s.xa, t);
+        }
         /* phase 1: gate and up rows of every selected expert */
         matrix_rows(&mg, 2 * I, &s.xa, U, uniq, start, order, K, 1, s.gu_out);
         /* h = SiLU(gate) * up, prepared for the down rows */
@@ -210,8 +259,10 @@ int moe_forward(int T, int K, int H, int I, const float *x, const int64_t *idx, 
         for (long k = 0; k < (long)T * H; k++) {
             int t = (int)(k / H), j = (int)(k % H);
             float acc = 0.f;
-            for (int kk = 0; kk < K; kk++) acc += wts[t * K + kk] * s.y[(size_t)(t * K + kk) * H + j];
-            out[k] = acc;
+            for (int kk = 0; kk < K; kk++)
+                acc += (io ? bf16f(wb[t * K + kk]) : wf[t * K + kk]) * s.y[(size_t)(t * K + kk) * H + j];
+            if (io) ((uint16_t *)out)[k] = f2bf16(acc);
+            else ((float *)out)[k] = acc;
         }
     }
     return 0;
