@@ -9,7 +9,9 @@ F.linear). Layers are rotated so that every call reads cold weights (working set
 Kernel knobs can be swept (each a comma list): --chunk (rows handed to threads in chunks of this many KiB, 0 = one range per thread), --prefetch
 (software prefetch distance in bytes, 0 = off), --int8-act (int8/int4 weights: 1 = int8 activations with
 integer dot products, 0 = fp32 activations). The read bandwidth is probed at the start, before each format
-and batch, and at the end; the largest reading of the run is every row's reference.
+and batch, and at the end; the largest reading of the run is the conservative reference (`% max`). The host's
+bandwidth drifts by tens of percent within a run (other tenants), so each row also times the kernel --rounds
+times, each between two readings of the start probe's best reader, and reports the median ratio (`% pair`).
 
 --resident measures the compute ceiling instead: one expert of about --resident-mb MiB (the intermediate size is
 scaled per format), every token routed to it, rows split statically (--chunk 0) so that each thread re-reads its
@@ -27,7 +29,7 @@ import torch
 
 import itertools
 
-from ktcli.engine.bandwidth import measure_cpu_read
+from ktcli.engine.bandwidth import PROBES, measure_cpu_read, probe_buffer, stream_reader
 from ktcli.engine.sweep import machine_info
 from ktcli.ops import kernels
 from ktcli.ops.base import eager_reference
@@ -104,6 +106,7 @@ def main():
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--reps", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=5, help="kernel timings, each between two bandwidth readings")
     ap.add_argument("--no-hugepages", action="store_true")
     ap.add_argument("--chunk", default="-1", help="comma list of KiB; -1 = the kernel's default")
     ap.add_argument("--prefetch", default="-1", help="comma list of bytes; -1 = the kernel's default")
@@ -125,6 +128,19 @@ def main():
         probes.update({f"{tag}:{k}": v for k, v in d.items()})
         return max(probes.values())
     bw = probe("start")
+    if lib:   # the paired reference: the start probe's best streaming reader, on a 1 GiB buffer
+        chunk, pf = max(PROBES, key=lambda c: probes[f"start:stream-chunk{c[0]}-pf{c[1]}"])
+        reader = stream_reader(probe_buffer(2**30), chunk, pf, reps=3)
+
+    def paired(fn, nbytes):
+        """(median time, median of time's ratio to the mean of the readings just before and after, their median)."""
+        ts, refs = [], []
+        for _ in range(a.rounds):
+            b0 = reader()
+            ts.append(timeit(fn, a.reps))
+            refs.append((b0 + reader()) / 2)
+        return (statistics.median(ts), statistics.median(nbytes / t / r for t, r in zip(ts, refs)),
+                statistics.median(refs))
     E, H, I, K = a.experts, a.hidden, a.inter, a.topk
     if a.resident:
         E = K = a.layers = 1
@@ -132,7 +148,7 @@ def main():
     res = {"command": " ".join(["python", *sys.argv]), "machine": machine_info(), "read_bw": bw,
            "kernel": lib is not None, "kernel_error": kernels.error(), "caps": kernels.caps(), "rows": []}
     print(f"DRAM read {bw / 1e9:.1f} GB/s; kernel {'built' if lib else 'MISSING: ' + str(kernels.error())}")
-    print(f"{'fmt':5} {'T':>3} {'knobs':>14} {'kernel ms':>9} {'GB/s':>7} {'% bw':>6} | {'torch ms':>8} {'GB/s':>7} {'% bw':>6} | err vs fp32 ref, vs bf16")
+    print(f"{'fmt':5} {'T':>3} {'knobs':>14} {'kernel ms':>9} {'GB/s':>7} {'% max':>6} {'% pair':>6} | {'torch ms':>8} {'GB/s':>7} {'% max':>6} | err vs fp32 ref, vs bf16")
     g = torch.Generator().manual_seed(0)
     def weights(*shape):   # allocated as ktcli allocates CPU experts: huge pages advised before the fill
         t = torch.empty(*shape, dtype=torch.bfloat16)
@@ -169,8 +185,8 @@ def main():
                 out = torch.empty(T, H, dtype=torch.bfloat16)
                 run = kernels.Runner()
                 was = kernels.tune(chunk, pf, act, guided) if lib else None
-                kt = timeit(lambda i: run(lib, xs[i % a.layers], idxs[i % len(idxs)], ws[i % a.layers],
-                                          layers[i % a.layers], out, a.threads), a.reps) if lib else float("nan")
+                kt, pr, pref = paired(lambda i: run(lib, xs[i % a.layers], idxs[i % len(idxs)], ws[i % a.layers],
+                                                    layers[i % a.layers], out, a.threads), nbytes) if lib else (float("nan"),) * 3
                 knobs = dict(zip(kernels.KNOBS, kernels.tune()) if lib else ())
                 if lib:
                     run(lib, xs[0], idxs[0], ws[0], layers[0], out, a.threads)
@@ -178,12 +194,14 @@ def main():
                 err = ((out.float() - want).norm() / want.norm()).item()
                 qerr = ((out.float() - bf).norm() / bf.norm()).item()
                 row = {"format": fmt, "T": T, "inter": I, "resident": a.resident, **knobs, "bytes": nbytes, "kernel_ms": kt * 1e3,
-                       "kernel_GBps": nbytes / kt / 1e9, "kernel_ratio": nbytes / kt / bw, "torch_ms": st * 1e3,
+                       "kernel_GBps": nbytes / kt / 1e9, "kernel_ratio": nbytes / kt / bw, "kernel_ratio_paired": pr,
+                       "paired_ref_GBps": pref / 1e9, "torch_ms": st * 1e3,
                        "torch_GBps": nbytes / st / 1e9, "torch_ratio": nbytes / st / bw,
                        "rel_err_vs_dequant_fp32": err, "rel_err_vs_bf16": qerr}
                 res["rows"].append(row)
                 tag = "/".join(str(knobs.get(k, "-")) for k in kernels.KNOBS)
-                print(f"{fmt:5} {T:3d} {tag:>14} {kt * 1e3:9.3f} {row['kernel_GBps']:7.1f} {100 * row['kernel_ratio']:5.1f}% | "
+                print(f"{fmt:5} {T:3d} {tag:>14} {kt * 1e3:9.3f} {row['kernel_GBps']:7.1f} {100 * row['kernel_ratio']:5.1f}% "
+                      f"{100 * pr:5.1f}% | "
                       f"{st * 1e3:8.3f} {row['torch_GBps']:7.1f} {100 * row['torch_ratio']:5.1f}% | {err:.1e} {qerr:.1e}",
                       flush=True)
             if a.out:

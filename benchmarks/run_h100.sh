@@ -9,16 +9,17 @@ case $what in
             # fixed cost per call, and Qwen3-30B-A3B's smaller experts
     python3 -m pytest -q tests/test_kernels.py 2>&1 | tail -3 || true
     (lscpu; grep -H . /sys/kernel/mm/transparent_hugepage/enabled) > $out/machine.txt
+    gcc -O3 -march=native -fopenmp benchmarks/dot_micro.c -o /tmp/dot_micro -lm && /tmp/dot_micro | tee $out/dot-micro.txt
     python3 benchmarks/cpu_experts.py --resident --threads 16 --reps 30 --batches 1,2,4,16 --stock-max-t 0 \
         --out $out/cpu-experts-resident.json
     python3 benchmarks/cpu_experts.py --resident --resident-mb 0.1 --threads 16 --reps 30 --batches 1,4 \
         --stock-max-t 0 --out $out/cpu-experts-overhead.json
-    python3 benchmarks/cpu_experts.py --layers 3 --threads 16 --reps 10 --batches 1,4,16 --guided 0,1 \
+    python3 benchmarks/cpu_experts.py --layers 3 --threads 16 --reps 10 --batches 1,4,16 \
         --formats bf16 --out $out/cpu-experts-bf16.json
-    python3 benchmarks/cpu_experts.py --layers 6 --threads 16 --reps 10 --batches 1,4,16 --guided 0,1 \
+    python3 benchmarks/cpu_experts.py --layers 4 --threads 16 --reps 10 --batches 1,4,16 \
         --formats int8,int4 --stock-max-t 1 --out $out/cpu-experts-quant.json
     python3 benchmarks/cpu_experts.py --hidden 2048 --inter 768 --experts 128 --topk 8 --layers 16 --threads 16 \
-        --reps 10 --batches 1,4 --guided 0,1 --stock-max-t 0 --out $out/cpu-experts-qwen3-shape.json ;;
+        --reps 10 --batches 1,4,16 --stock-max-t 0 --out $out/cpu-experts-qwen3-shape.json ;;
   parity)   # graph replay == eager, token for token, full-size seed placement and Qwen3-30B-A3B hybrid
     python3 benchmarks/graph_parity.py profiles/qwen3-30b-a3b-gpu-half.yaml profiles/qwen3-30b-a3b-cpu-experts.yaml \
         --tokens 64 --out $out/parity-qwen3-30b.json

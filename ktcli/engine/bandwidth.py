@@ -38,28 +38,42 @@ def _median_time(fn, reps=5):
 PROBES = [(chunk, pf) for chunk in (0, 256) for pf in (0, 1024, 4096)]   # (chunk KiB, prefetch bytes)
 
 
+def stream_reader(x: torch.Tensor, chunk: int, pf: int, reps: int = 5):
+    """A callable giving the bytes/s of one reading of `x` by the CPU kernel's own streaming loop (its thread
+    team, `chunk` KiB dynamic chunks or 0 = static, software prefetch `pf` bytes ahead); median of `reps`."""
+    import ctypes
+    from ..ops import kernels
+    lib, threads, nbytes = kernels.get(), torch.get_num_threads(), x.numel() * x.element_size()
+    run = lambda: lib.stream_read(ctypes.c_void_p(x.data_ptr()), ctypes.c_size_t(x.numel()), threads)  # noqa: E731
+
+    def read() -> float:
+        was = kernels.tune(chunk, pf)
+        try:
+            return nbytes / _median_time(run, reps)
+        finally:
+            kernels.tune(*was)
+    return read
+
+
+def probe_buffer(nbytes: int) -> torch.Tensor:
+    """A buffer larger than any cache, in huge pages, touched."""
+    from ..ops.quant import hugepages
+    x = torch.empty(nbytes // 8, dtype=torch.int64)
+    hugepages(x)
+    return x.fill_(1)
+
+
 def measure_cpu_read(nbytes: int = 2 * 2**30, detail: dict | None = None) -> float:
     """Bytes/s reading a buffer larger than any cache with all threads: the roofline needs a ceiling, so the
     largest of several readers is kept — torch's sum and, with the CPU kernel built, its own streaming loop
     (same thread team) with static or dynamic chunks and with or without software prefetch. `detail`, if given,
     receives every reading."""
     from ..ops import kernels
-    from ..ops.quant import hugepages
-    x = torch.empty(nbytes // 8, dtype=torch.int64)
-    hugepages(x)
-    x.fill_(1)
+    x = probe_buffer(nbytes)
     readings = {"torch-sum": nbytes / _median_time(lambda: x.sum())}
-    lib = kernels.get()
-    if lib is not None:
-        import ctypes
-        threads = torch.get_num_threads()
-        run = lambda: lib.stream_read(ctypes.c_void_p(x.data_ptr()), ctypes.c_size_t(x.numel()), threads)  # noqa: E731
+    if kernels.get() is not None:
         for chunk, pf in PROBES:
-            was = kernels.tune(chunk, pf)
-            try:
-                readings[f"stream-chunk{chunk}-pf{pf}"] = nbytes / _median_time(run)
-            finally:
-                kernels.tune(*was)
+            readings[f"stream-chunk{chunk}-pf{pf}"] = stream_reader(x, chunk, pf)()
     if detail is not None:
         detail.update(readings)
     return max(readings.values())
