@@ -19,6 +19,7 @@
 static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
 
 static int8_t q[NT][N];
+static uint16_t xbf[NT][N];
 static float cs[NT][N / QB];
 static float sink;
 
@@ -32,7 +33,8 @@ int main(void) {
     for (int t = 0; t < NT; t++) {
         for (int j = 0; j < N; j++) q[t][j] = (int8_t)(rand() % 255 - 127);
         for (int c = 0; c < N / QB; c++) cs[t][c] = 1e-3f;
-        qp[t] = q[t], cp[t] = cs[t], xb[t] = (const uint16_t *)q[t];   /* bf16 activations: any bits will do */
+        for (int j = 0; j < N; j++) xbf[t][j] = f2bf16((float)q[t][j] / 64.f);
+        qp[t] = q[t], cp[t] = cs[t], xb[t] = xbf[t];
     }
     const char *names[] = {"bf16", "int8", "int4"};
     printf("%-11s %3s %11s %13s\n", "path", "nt", "ns/64B", "GB/s/core");
@@ -65,5 +67,6 @@ int main(void) {
         }
     }
     (void)quantize_act, (void)xb, (void)qp, (void)cp;
+    free(w);
     return sink == 12345.f;
 }
