@@ -18,7 +18,7 @@ import threading
 import torch
 
 SRC = os.path.join(os.path.dirname(__file__), "csrc", "moe_cpu.c")
-HEADERS = [os.path.join(os.path.dirname(__file__), "csrc", "dots.h")]
+HEADERS = [os.path.join(os.path.dirname(__file__), "csrc", h) for h in ("dots.h", "acts.h")]
 FORMATS = {"bf16": 0, "int8": 1, "int4": 2}
 MAX_TOKENS = 16          # decode and small batches; larger prefill chunks go to torch's GEMMs
 _lock = threading.Lock()
@@ -162,7 +162,8 @@ class Runner:
             if len(self.calls) > 64 or self.bufs.get("scratch") is None or self.bufs["scratch"].numel() < need:
                 self.calls.clear()   # the cached argument lists point at the scratch buffer about to be replaced
             scratch = self._buf("scratch", need, torch.uint8)
-            args = self.calls[key] = (T, K, H, I, _p(x), _p(idx), _p(w), FORMATS[weights.fmt], weights.group,
+            fmt = 3 if weights.interleaved else FORMATS[weights.fmt]
+            args = self.calls[key] = (T, K, H, I, _p(x), _p(idx), _p(w), fmt, weights.group,
                                       *(_p(t) for t in wt), _p(out), _p(scratch), threads, direct)
         if lib.moe_forward(*args) != 0:
             raise RuntimeError(f"moe_forward rejected its arguments (T={T}, K={K}, group={weights.group})")

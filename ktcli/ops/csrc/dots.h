@@ -187,6 +187,41 @@ INL void vnni_i4(const uint8_t *w, const int8_t *const *q, const float *const *c
 static void idot_i8(const uint8_t *w, const int8_t *const *q, const float *const *cs, int n, float *res, int nt) {
     NT_DISPATCH(vnni_i8, nt, w, q, cs, n, res)
 }
+/* Interleaved int4 rows (format 3, group = QB): in each run of m ≤ 16 blocks, the 4-byte words are stored step
+ * by step — word k of block 0, of block 1, … — so that 32-bit lane g of vpdpbusd accumulates block g's products
+ * across the run in integers, and the scales cost one convert and one multiply-add per run, not per block.
+ * Activations are interleaved the same way. Four int32 chains per vector (lo/hi × even/odd step) hide vpdpbusd's
+ * latency. res[t] = Σ_c cs[t][c]·Σ (w+8)·q, as vnni_i4. */
+INL void vnni_i4x(const uint8_t *w, const int8_t *const *q, const float *const *cs, int n, float *res, int nt) {
+    const __m512i m = _mm512_set1_epi8(15);
+    __m512 acc[NT];
+    for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
+    for (int S = 0; S < n / QB; S += 16) {
+        int mb = n / QB - S < 16 ? n / QB - S : 16;
+        __mmask64 bm = mb == 16 ? ~0ULL : (1ULL << (4 * mb)) - 1;
+        const uint8_t *ws = w + S * (QB / 2);
+        __m512i d[NT][4];
+        for (int t = 0; t < nt; t++) d[t][0] = d[t][1] = d[t][2] = d[t][3] = _mm512_setzero_si512();
+#define I4X_STEP(k, a) do { \
+            __m512i b = _mm512_maskz_loadu_epi8(bm, ws + (k) * 4 * mb); \
+            PREFETCH(ws + (k) * 4 * mb); \
+            __m512i lo = _mm512_and_si512(b, m), hi = HI_NIBBLES(b); \
+            for (int t = 0; t < nt; t++) { \
+                const int8_t *qs = q[t] + S * (QB / 2) + (k) * 4 * mb; \
+                d[t][a] = _mm512_dpbusd_epi32(d[t][a], lo, _mm512_maskz_loadu_epi8(bm, qs)); \
+                d[t][2 + (a)] = _mm512_dpbusd_epi32(d[t][2 + (a)], hi, _mm512_maskz_loadu_epi8(bm, qs + n / 2)); } } while (0)
+        for (int k = 0; k < 16; k += 2) { I4X_STEP(k, 0); I4X_STEP(k + 1, 1); }
+        for (int t = 0; t < nt; t++) {
+            __m512i dd = _mm512_add_epi32(_mm512_add_epi32(d[t][0], d[t][1]), _mm512_add_epi32(d[t][2], d[t][3]));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dd), _mm512_maskz_loadu_ps((__mmask16)((1u << mb) - 1), cs[t] + S), acc[t]);
+        }
+    }
+    for (int t = 0; t < nt; t++) res[t] = _mm512_reduce_add_ps(acc[t]);
+}
+static void idot_i4x(const uint8_t *w, const int8_t *const *q, const float *const *cs, int n, float *res, int nt) {
+    NT_DISPATCH(vnni_i4x, nt, w, q, cs, n, res)
+}
+
 static void idot_i4(const uint8_t *w, const int8_t *const *q, const float *const *cs, int n, float *res, int nt) {
     NT_DISPATCH(vnni_i4, nt, w, q, cs, n, res)
 }
@@ -220,56 +255,25 @@ static void idot_i4(const uint8_t *w, const int8_t *const *q, const float *const
         res[t] = acc;
     }
 }
-#endif
 
-/* Quantize one activation vector x[n] for IDOT: q (int4: even inputs then odd ones), block scales, ts per
- * group of G inputs; returns Σ_g ts[g] (the int8 path's offset term). */
-static float quantize_act(const float *x, int n, int split, int G, int8_t *q, float *sc, float *ts) {
-    float total = 0.f;
-    int8_t tmp[QB];
-    for (int g = 0; g < n / G; g++) ts[g] = 0.f;
-    for (int c = 0; c < n / QB; c++) {
-        const float *xc = x + c * QB;
-        float amax = 0.f;
-#pragma omp simd reduction(max : amax)
-        for (int j = 0; j < QB; j++) amax = fabsf(xc[j]) > amax ? fabsf(xc[j]) : amax;
-        float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-        int32_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int j = 0; j < QB; j++) {
-            float r = xc[j] * inv;   /* |r| ≤ 127: round half away from zero */
-            int v = (int)(r + (r < 0.f ? -0.5f : 0.5f));
-            tmp[j] = (int8_t)v;
-            sum += v;
+static void idot_i4x(const uint8_t *w, const int8_t *const *q, const float *const *cs, int n, float *res, int nt) {
+    for (int t = 0; t < nt; t++) {
+        float acc = 0.f;
+        for (int S = 0; S < n / QB; S += 16) {
+            int mb = n / QB - S < 16 ? n / QB - S : 16;
+            const uint8_t *ws = w + S * (QB / 2);
+            const int8_t *qe = q[t] + S * (QB / 2), *qo = qe + n / 2;
+            for (int g = 0; g < mb; g++) {
+                int32_t d = 0;
+                for (int k = 0; k < 16; k++)
+                    for (int i = 0; i < 4; i++) {
+                        int j = k * 4 * mb + g * 4 + i;
+                        d += (ws[j] & 15) * qe[j] + (ws[j] >> 4) * qo[j];
+                    }
+                acc += cs[t][S + g] * (float)d;
+            }
         }
-        if (split)
-            for (int j = 0; j < QB / 2; j++) q[c * QB / 2 + j] = tmp[2 * j], q[n / 2 + c * QB / 2 + j] = tmp[2 * j + 1];
-        else
-            memcpy(q + c * QB, tmp, QB);
-        sc[c] = s;
-        ts[c * QB / G] += s * (float)sum;
-        total += s * (float)sum;
+        res[t] = acc;
     }
-    return total;
 }
-
-/* exp(x) to about 1 ulp (Cephes expf: x = k·ln2 + r, polynomial in r, 2^k from the exponent bits), in plain
- * arithmetic that gcc vectorizes (libm's expf is a scalar call per element). Out of range, k is clamped: the
- * result is then tiny or huge, and SiLU's 1 + exp(-g) reads it correctly as 1 or ∞. */
-static inline float exp_approx(float x) {
-    float t = x * 1.44269504088896341f;
-    int32_t k = (int32_t)(t + (t < 0.f ? -0.5f : 0.5f));
-    k = k < -126 ? -126 : k;
-    k = k > 127 ? 127 : k;
-    float n = (float)k;
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.f;
-    union { int32_t i; float f; } e = {.i = (k + 127) << 23};
-    return p * e.f;
-}
+#endif

@@ -1,0 +1,72 @@
+/* Activation preparation for the CPU expert kernel's integer dot products (dots.h): quantization to int8 per
+ * block of QB inputs, format 3's interleaved layout, and the vectorizable exp behind SiLU. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* The interleaved int4 layout (see vnni_i4x) of n/2 bytes, in place: in each run of up to 16 blocks of QB/2
+ * bytes, 4-byte word k of block g moves from g·16 + k to k·mb + g */
+static void interleave_words(int8_t *v, int n) {
+    int8_t tmp[16 * QB / 2];
+    for (int S = 0; S < n / QB; S += 16) {
+        int mb = n / QB - S < 16 ? n / QB - S : 16;
+        int8_t *run = v + S * (QB / 2);
+        memcpy(tmp, run, (size_t)mb * QB / 2);
+        for (int g = 0; g < mb; g++)
+            for (int k = 0; k < 16; k++) memcpy(run + (k * mb + g) * 4, tmp + (g * 16 + k) * 4, 4);
+    }
+}
+
+/* Quantize one activation vector x[n] for IDOT: q (split 1, int4: even inputs then odd ones; split 2: each half
+ * interleaved as format 3's weights), block scales, ts per group of G inputs; returns Σ_g ts[g] (the int8
+ * path's offset term). */
+static float quantize_act(const float *x, int n, int split, int G, int8_t *q, float *sc, float *ts) {
+    float total = 0.f;
+    int8_t tmp[QB];
+    for (int g = 0; g < n / G; g++) ts[g] = 0.f;
+    for (int c = 0; c < n / QB; c++) {
+        const float *xc = x + c * QB;
+        float amax = 0.f;
+#pragma omp simd reduction(max : amax)
+        for (int j = 0; j < QB; j++) amax = fabsf(xc[j]) > amax ? fabsf(xc[j]) : amax;
+        float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        int32_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int j = 0; j < QB; j++) {
+            float r = xc[j] * inv;   /* |r| ≤ 127: round half away from zero */
+            int v = (int)(r + (r < 0.f ? -0.5f : 0.5f));
+            tmp[j] = (int8_t)v;
+            sum += v;
+        }
+        if (split)
+            for (int j = 0; j < QB / 2; j++) q[c * QB / 2 + j] = tmp[2 * j], q[n / 2 + c * QB / 2 + j] = tmp[2 * j + 1];
+        else
+            memcpy(q + c * QB, tmp, QB);
+        sc[c] = s;
+        ts[c * QB / G] += s * (float)sum;
+        total += s * (float)sum;
+    }
+    if (split == 2) interleave_words(q, n), interleave_words(q + n / 2, n);
+    return total;
+}
+
+/* exp(x) to about 1 ulp (Cephes expf: x = k·ln2 + r, polynomial in r, 2^k from the exponent bits), in plain
+ * arithmetic that gcc vectorizes (libm's expf is a scalar call per element). Out of range, k is clamped: the
+ * result is then tiny or huge, and SiLU's 1 + exp(-g) reads it correctly as 1 or ∞. */
+static inline float exp_approx(float x) {
+    float t = x * 1.44269504088896341f;
+    int32_t k = (int32_t)(t + (t < 0.f ? -0.5f : 0.5f));
+    k = k < -126 ? -126 : k;
+    k = k > 127 ? 127 : k;
+    float n = (float)k;
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    union { int32_t i; float f; } e = {.i = (k + 127) << 23};
+    return p * e.f;
+}
