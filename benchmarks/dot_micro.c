@@ -36,10 +36,10 @@ int main(void) {
         for (int j = 0; j < N; j++) xbf[t][j] = f2bf16((float)q[t][j] / 64.f);
         qp[t] = q[t], cp[t] = cs[t], xb[t] = xbf[t];
     }
-    const char *names[] = {"bf16", "int8", "int4", "int4-interleaved"};
+    const char *names[] = {"bf16", "int8", "int4"};
     printf("%-11s %3s %11s %13s\n", "path", "nt", "ns/64B", "GB/s/core");
-    int have[4] = {HAS_DPBF16, HAS_VNNI, HAS_VNNI, HAS_VNNI};
-    for (int path = 0; path < 4; path++) {
+    int have[3] = {HAS_DPBF16, HAS_VNNI, HAS_VNNI};
+    for (int path = 0; path < 3; path++) {
         if (!have[path]) { printf("%-11s n/a on this CPU\n", names[path]); continue; }
         for (int nt = 1; nt <= NT; nt *= 2) {
             double best = 1e9;
@@ -56,7 +56,6 @@ int main(void) {
 #if HAS_VNNI
                         if (path == 1) idot_i8(row, qp, cp, N, res, nt);
                         if (path == 2) idot_i4(row, qp, cp, N, res, nt);
-                        if (path == 3) idot_i4x(row, qp, cp, N, res, nt);
 #endif
                         for (int t = 0; t < nt; t++) sink += res[t];   /* every vector's result is used */
                     }

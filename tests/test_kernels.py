@@ -4,7 +4,7 @@ import torch
 
 from ktcli.ops import kernels
 from ktcli.ops.base import eager_reference
-from ktcli.ops.quant import dequantize, interleave_int4, pack, quantize
+from ktcli.ops.quant import dequantize, pack, quantize
 
 lib = kernels.get()
 needs_kernel = pytest.mark.skipif(lib is None, reason=f"kernel did not build: {kernels.error()}")
@@ -130,7 +130,7 @@ def test_int8_activation_path_matches_reference(int8_act, fmt, H, I, G, T):
     seed = torch.randint(0, 2**30, ()).item()
     gu, dn, x, idx, w = case(E, H, I, K, T, seed)
     x[0, 5] = 8.0                                             # an outlier: its block's scale grows, others don't
-    ew = pack(fmt, gu, dn, group=G or 128, interleave=False)
+    ew = pack(fmt, gu, dn, group=G or 128)
     out = torch.full((T, H), float("nan"))
     kernels.Runner()(lib, x, idx, w, ew, out, 3)
     want = reference(ew, x, idx, w, E)
@@ -139,32 +139,6 @@ def test_int8_activation_path_matches_reference(int8_act, fmt, H, I, G, T):
     exact = torch.empty_like(out)
     kernels.Runner()(lib, x, idx, w, ew, exact, 3)
     assert rel(exact, want) <= 1e-5 and rel(out, exact) > 1e-5
-
-
-def test_int4_interleave_round_trip():
-    """Runs of 16 groups and a shorter last run (28 = 16 + 12 groups), any leading dims."""
-    for shape in [(3, 5, 28 * 64), (2, 16 * 64), (4, 6 * 64)]:
-        q = torch.randint(0, 256, shape, dtype=torch.uint8)
-        x = interleave_int4(q)
-        assert x.shape == q.shape and torch.equal(interleave_int4(x, inverse=True), q)
-    assert not torch.equal(interleave_int4(q), q)
-
-
-@needs_kernel
-@pytest.mark.parametrize("H,I", [(256, 128), (2304, 640), (128, 2560)])
-@pytest.mark.parametrize("T", [1, 3, 16])
-def test_interleaved_int4_matches_reference(int8_act, H, I, T):
-    """Format 3 (int4, group 128, interleaved): the integer path's answer, from the other layout, within fp32
-    rounding; the torch path reads the layout back (dequantize)."""
-    seed = torch.randint(0, 2**30, ()).item()
-    gu, dn, x, idx, w = case(8, H, I, 3, T, seed)
-    ew, plain = pack("int4", gu, dn, 128), pack("int4", gu, dn, 128, interleave=False)
-    assert ew.interleaved and not plain.interleaved
-    assert all(torch.equal(a, b) for a, b in zip(ew.expert(2, torch.float32), plain.expert(2, torch.float32)))
-    out, want = torch.full((T, H), float("nan")), torch.full((T, H), float("nan"))
-    kernels.Runner()(lib, x, idx, w, ew, out, 3)
-    kernels.Runner()(lib, x, idx, w, plain, want, 3)
-    assert rel(out, want) <= 1e-5 and rel(out, reference(plain, x, idx, w, 8)) <= 3e-2, seed
 
 
 @needs_kernel

@@ -162,8 +162,7 @@ class Runner:
             if len(self.calls) > 64 or self.bufs.get("scratch") is None or self.bufs["scratch"].numel() < need:
                 self.calls.clear()   # the cached argument lists point at the scratch buffer about to be replaced
             scratch = self._buf("scratch", need, torch.uint8)
-            fmt = 3 if weights.interleaved else FORMATS[weights.fmt]
-            args = self.calls[key] = (T, K, H, I, _p(x), _p(idx), _p(w), fmt, weights.group,
+            args = self.calls[key] = (T, K, H, I, _p(x), _p(idx), _p(w), FORMATS[weights.fmt], weights.group,
                                       *(_p(t) for t in wt), _p(out), _p(scratch), threads, direct)
         if lib.moe_forward(*args) != 0:
             raise RuntimeError(f"moe_forward rejected its arguments (T={T}, K={K}, group={weights.group})")

@@ -4,8 +4,6 @@ int8: per output row, scale = absmax / 127, values stored + 128 as uint8.  int4:
 absmax / 7, values + 8 packed two per byte (low nibble = even input). Both offsets make the weights the unsigned
 operand of the CPU kernel's integer dot products without a conversion per load.
 Shapes: W [E, R, C] → q [E, R, C] or [E, R, C/2], uint8.
-int4 with group 128, where the CPU kernel takes integer dot products, is stored interleaved (`interleave_int4`):
-the kernel then applies the scales once per run of 16 groups instead of once per group.
 """
 from __future__ import annotations
 
@@ -30,19 +28,6 @@ def hugepages(t: torch.Tensor) -> None:
 
 
 
-def interleave_int4(q: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Packed int4 rows [..., C/2] ↔ the CPU kernel's interleaved layout (csrc/dots.h, vnni_i4x): in each run of
-    up to 16 groups of 128 inputs (64 bytes), 4-byte word k of group g moves from g·16 + k to k·m + g."""
-    w = q.contiguous().view(torch.int32)            # [..., C/8]
-    nb, parts = q.shape[-1] // 64, []
-    for S in range(0, nb, 16):
-        m = min(16, nb - S)
-        run = w[..., S * 16:(S + m) * 16]
-        parts.append(run.reshape(*run.shape[:-1], *((16, m) if inverse else (m, 16))).transpose(-1, -2)
-                     .reshape(run.shape))
-    return torch.cat(parts, -1).view(torch.uint8)
-
-
 @dataclass
 class ExpertWeights:
     fmt: str
@@ -52,16 +37,14 @@ class ExpertWeights:
     gu_s: torch.Tensor | None
     dn: torch.Tensor
     dn_s: torch.Tensor | None
-    interleaved: bool = False   # int4 in the kernel's interleaved layout
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.gu, self.gu_s, self.dn, self.dn_s) if t is not None)
 
     def expert(self, e: int, dtype) -> tuple:
         """(gate_up[e], down[e]) dequantized to `dtype`: the pure-torch path."""
-        un = (lambda q: interleave_int4(q, inverse=True)) if self.interleaved else (lambda q: q)  # noqa: E731
-        return (dequantize(self.fmt, un(self.gu[e]), None if self.gu_s is None else self.gu_s[e], self.group, dtype),
-                dequantize(self.fmt, un(self.dn[e]), None if self.dn_s is None else self.dn_s[e], self.group, dtype))
+        return (dequantize(self.fmt, self.gu[e], None if self.gu_s is None else self.gu_s[e], self.group, dtype),
+                dequantize(self.fmt, self.dn[e], None if self.dn_s is None else self.dn_s[e], self.group, dtype))
 
 
 def quantize(fmt: str, w: torch.Tensor, group: int = 128):
@@ -92,24 +75,18 @@ def dequantize(fmt: str, q: torch.Tensor, s, group: int, dtype=torch.float32) ->
     return v.reshape(*q.shape[:-1], q.shape[-1] * 2).to(dtype)
 
 
-def pack(fmt: str, gate_up: torch.Tensor, down: torch.Tensor, group: int = 128,
-         interleave: bool | None = None) -> ExpertWeights:
-    """bf16 expert weights → the stored format (bf16 keeps the tensors as they are). `interleave` (int4, group
-    128): None = where this machine's kernel takes integer dot products."""
+def pack(fmt: str, gate_up: torch.Tensor, down: torch.Tensor, group: int = 128) -> ExpertWeights:
+    """bf16 expert weights → the stored format (bf16 keeps the tensors as they are)."""
     inter = down.shape[-1]
     if fmt == "bf16":
         return ExpertWeights("bf16", inter, group, gate_up.to(torch.bfloat16).contiguous(), None,
                              down.to(torch.bfloat16).contiguous(), None)
-    if interleave is None:
-        from . import kernels
-        interleave = group == 128 and kernels.get() is not None and kernels.tune()[2] == 1
-    interleave = interleave and fmt == "int4" and group == 128
-    gq, gs = _quantize_experts(fmt, gate_up, group, interleave)
-    dq, ds = _quantize_experts(fmt, down, group, interleave)
-    return ExpertWeights(fmt, inter, group, gq, gs, dq, ds, interleave)
+    gq, gs = _quantize_experts(fmt, gate_up, group)
+    dq, ds = _quantize_experts(fmt, down, group)
+    return ExpertWeights(fmt, inter, group, gq, gs, dq, ds)
 
 
-def _quantize_experts(fmt, w, group, interleave=False):
+def _quantize_experts(fmt, w, group):
     """Expert by expert into preallocated (huge-page advised) storage: transient memory is one expert in fp32."""
     q0, s0 = quantize(fmt, w[:1], group)
     q = torch.empty((w.shape[0], *q0.shape[1:]), dtype=q0.dtype)
@@ -118,6 +95,6 @@ def _quantize_experts(fmt, w, group, interleave=False):
     hugepages(s)
     for e in range(w.shape[0]):
         qe, se = quantize(fmt, w[e:e + 1], group)
-        q[e:e + 1].copy_(interleave_int4(qe) if interleave else qe)
+        q[e:e + 1].copy_(qe)
         s[e:e + 1].copy_(se)
     return q, s

@@ -1,25 +1,11 @@
 /* Activation preparation for the CPU expert kernel's integer dot products (dots.h): quantization to int8 per
- * block of QB inputs, format 3's interleaved layout, and the vectorizable exp behind SiLU. */
+ * block of QB inputs, and the vectorizable exp behind SiLU. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-/* The interleaved int4 layout (see vnni_i4x) of n/2 bytes, in place: in each run of up to 16 blocks of QB/2
- * bytes, 4-byte word k of block g moves from g·16 + k to k·mb + g */
-static void interleave_words(int8_t *v, int n) {
-    int8_t tmp[16 * QB / 2];
-    for (int S = 0; S < n / QB; S += 16) {
-        int mb = n / QB - S < 16 ? n / QB - S : 16;
-        int8_t *run = v + S * (QB / 2);
-        memcpy(tmp, run, (size_t)mb * QB / 2);
-        for (int g = 0; g < mb; g++)
-            for (int k = 0; k < 16; k++) memcpy(run + (k * mb + g) * 4, tmp + (g * 16 + k) * 4, 4);
-    }
-}
-
-/* Quantize one activation vector x[n] for IDOT: q (split 1, int4: even inputs then odd ones; split 2: each half
- * interleaved as format 3's weights), block scales, ts per group of G inputs; returns Σ_g ts[g] (the int8
- * path's offset term). */
+/* Quantize one activation vector x[n] for IDOT: q (int4: even inputs then odd ones), block scales, ts per
+ * group of G inputs; returns Σ_g ts[g] (the int8 path's offset term). */
 static float quantize_act(const float *x, int n, int split, int G, int8_t *q, float *sc, float *ts) {
     float total = 0.f;
     int8_t tmp[QB];
@@ -46,7 +32,6 @@ static float quantize_act(const float *x, int n, int split, int G, int8_t *q, fl
         ts[c * QB / G] += s * (float)sum;
         total += s * (float)sum;
     }
-    if (split == 2) interleave_words(q, n), interleave_words(q + n / 2, n);
     return total;
 }
 

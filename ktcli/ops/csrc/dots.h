@@ -187,41 +187,6 @@ INL void vnni_i4(const uint8_t *w, const int8_t *const *q, const float *const *c
 static void idot_i8(const uint8_t *w, const int8_t *const *q, const float *const *cs, int n, float *res, int nt) {
     NT_DISPATCH(vnni_i8, nt, w, q, cs, n, res)
 }
-/* Interleaved int4 rows (format 3, group = QB): in each run of m ≤ 16 blocks, the 4-byte words are stored step
- * by step — word k of block 0, of block 1, … — so that 32-bit lane g of vpdpbusd accumulates block g's products
- * across the run in integers, and the scales cost one convert and one multiply-add per run, not per block.
- * Activations are interleaved the same way. Four int32 chains per vector (lo/hi × even/odd step) hide vpdpbusd's
- * latency. res[t] = Σ_c cs[t][c]·Σ (w+8)·q, as vnni_i4. */
-INL void vnni_i4x(const uint8_t *w, const int8_t *const *q, const float *const *cs, int n, float *res, int nt) {
-    const __m512i m = _mm512_set1_epi8(15);
-    __m512 acc[NT];
-    for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
-    for (int S = 0; S < n / QB; S += 16) {
-        int mb = n / QB - S < 16 ? n / QB - S : 16;
-        __mmask64 bm = mb == 16 ? ~0ULL : (1ULL << (4 * mb)) - 1;
-        const uint8_t *ws = w + S * (QB / 2);
-        __m512i d[NT][4];
-        for (int t = 0; t < nt; t++) d[t][0] = d[t][1] = d[t][2] = d[t][3] = _mm512_setzero_si512();
-#define I4X_STEP(k, a) do { \
-            __m512i b = _mm512_maskz_loadu_epi8(bm, ws + (k) * 4 * mb); \
-            PREFETCH(ws + (k) * 4 * mb); \
-            __m512i lo = _mm512_and_si512(b, m), hi = HI_NIBBLES(b); \
-            for (int t = 0; t < nt; t++) { \
-                const int8_t *qs = q[t] + S * (QB / 2) + (k) * 4 * mb; \
-                d[t][a] = _mm512_dpbusd_epi32(d[t][a], lo, _mm512_maskz_loadu_epi8(bm, qs)); \
-                d[t][2 + (a)] = _mm512_dpbusd_epi32(d[t][2 + (a)], hi, _mm512_maskz_loadu_epi8(bm, qs + n / 2)); } } while (0)
-        for (int k = 0; k < 16; k += 2) { I4X_STEP(k, 0); I4X_STEP(k + 1, 1); }
-        for (int t = 0; t < nt; t++) {
-            __m512i dd = _mm512_add_epi32(_mm512_add_epi32(d[t][0], d[t][1]), _mm512_add_epi32(d[t][2], d[t][3]));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dd), _mm512_maskz_loadu_ps((__mmask16)((1u << mb) - 1), cs[t] + S), acc[t]);
-        }
-    }
-    for (int t = 0; t < nt; t++) res[t] = _mm512_reduce_add_ps(acc[t]);
-}
-static void idot_i4x(const uint8_t *w, const int8_t *const *q, const float *const *cs, int n, float *res, int nt) {
-    NT_DISPATCH(vnni_i4x, nt, w, q, cs, n, res)
-}
-
 static void idot_i4(const uint8_t *w, const int8_t *const *q, const float *const *cs, int n, float *res, int nt) {
     NT_DISPATCH(vnni_i4, nt, w, q, cs, n, res)
 }
@@ -251,27 +216,6 @@ static void idot_i4(const uint8_t *w, const int8_t *const *q, const float *const
 #pragma omp simd reduction(+ : d)
             for (int j = c * (QB / 2); j < (c + 1) * (QB / 2); j++) d += (w[j] & 15) * qe[j] + (w[j] >> 4) * qo[j];
             acc += cs[t][c] * (float)d;
-        }
-        res[t] = acc;
-    }
-}
-
-static void idot_i4x(const uint8_t *w, const int8_t *const *q, const float *const *cs, int n, float *res, int nt) {
-    for (int t = 0; t < nt; t++) {
-        float acc = 0.f;
-        for (int S = 0; S < n / QB; S += 16) {
-            int mb = n / QB - S < 16 ? n / QB - S : 16;
-            const uint8_t *ws = w + S * (QB / 2);
-            const int8_t *qe = q[t] + S * (QB / 2), *qo = qe + n / 2;
-            for (int g = 0; g < mb; g++) {
-                int32_t d = 0;
-                for (int k = 0; k < 16; k++)
-                    for (int i = 0; i < 4; i++) {
-                        int j = k * 4 * mb + g * 4 + i;
-                        d += (ws[j] & 15) * qe[j] + (ws[j] >> 4) * qo[j];
-                    }
-                acc += cs[t][S + g] * (float)d;
-            }
         }
         res[t] = acc;
     }

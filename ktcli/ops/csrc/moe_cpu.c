@@ -6,8 +6,7 @@
  * Shapes: T tokens, K top-k, H hidden, I intermediate, P = T*K (token, expert) pairs, U unique experts.
  * Weights: gate_up [E, 2I, H] (gate rows then up rows), down [E, H, I]; formats:
  *   0 bf16, 1 int8 (stored w+128, unsigned) + fp32 scale per row, 2 int4 (two per byte, low nibble first,
- *   offset 8) + fp32 scale per group of G inputs, 3 int4 with G = QB in the interleaved layout (dots.h,
- *   vnni_i4x; always integer dot products).
+ *   offset 8) + fp32 scale per group of G inputs.
  * Activations x [T, H], routing weights [T, K] and out [T, H] are fp32 (io = 0) or bf16 (io = 1).
  */
 #include <math.h>
@@ -44,7 +43,6 @@ typedef struct {
 
 static int path_for(int fmt, int C, int G) {
     if (fmt == 0) return HAS_DPBF16 ? DPBF16 : FLOAT;
-    if (fmt == 3) return IDOT;
     if (int_dot && C % QB == 0 && C / QB <= MAXB && (fmt == 1 || G % QB == 0)) return IDOT;
     return FLOAT;
 }
@@ -107,8 +105,7 @@ static void rows_block(const Mat *m, int e, int r0, int r1, int R, const Acts *a
                     for (int c = 0; c < C / QB; c++) comb[t][c] = s[c / gb] * sc[t][c];
                 }
             }
-            if (m->fmt == 3) idot_i4x((const uint8_t *)m->w + row * (C / 2), q, cs, C, res, nt);
-            else idot_i4((const uint8_t *)m->w + row * (C / 2), q, cs, C, res, nt);
+            idot_i4((const uint8_t *)m->w + row * (C / 2), q, cs, C, res, nt);
             for (int t = 0; t < nt; t++) out[(size_t)p[t] * R + r] = res[t] - corr[t];
         }
         return;
@@ -200,9 +197,8 @@ static size_t layout(Scratch *s, char *base, int T, int K, int H, int I, int gpa
     s->gu_out = take(&cur, P * 2 * I * 4);   /* [P, 2I] */
     s->h = take(&cur, P * I * 4);            /* [P, I] */
     s->y = take(&cur, P * H * 4);            /* [P, H] */
-    int split = fmt == 2 ? 1 : fmt == 3 ? 2 : 0;   /* int4: even/odd halves; format 3: interleaved too */
-    acts_layout(&s->xa, &cur, T, H, gpath, split, G);
-    acts_layout(&s->ha, &cur, (int)P, I, dpath, split, G);
+    acts_layout(&s->xa, &cur, T, H, gpath, fmt == 2, G);
+    acts_layout(&s->ha, &cur, (int)P, I, dpath, fmt == 2, G);
     s->xa.f = s->x32, s->ha.f = s->h;
     return (size_t)(cur - base) + 64;
 }
@@ -218,9 +214,7 @@ int moe_forward(int T, int K, int H, int I, const void *x, const int64_t *idx, c
                 int fmt, int G, const void *gu, const float *gu_s, const void *dn, const float *dn_s,
                 void *out, void *scratch, int threads, int io) {
     int P = T * K;
-    if (P > 4096 || (fmt == 2 && (G % 2 || H % G || I % G)) ||
-        (fmt == 3 && (G != QB || H % QB || I % QB || H / QB > MAXB || I / QB > MAXB)))
-        return -1;
+    if (P > 4096 || (fmt == 2 && (G % 2 || H % G || I % G))) return -1;
     Mat mg = {fmt, G, path_for(fmt, H, G), gu, gu_s}, md = {fmt, G, path_for(fmt, I, G), dn, dn_s};
     /* group pairs by expert: order[] lists pair ids, expert by expert */
     int order[4096], uniq[4096], start[4097], U = 0;
