@@ -4,12 +4,11 @@
 #include <stdint.h>
 #include <string.h>
 
-/* Quantize one activation vector x[n] for IDOT: q (int4: even inputs then odd ones), block scales, ts per
- * group of G inputs; returns Σ_g ts[g] (the int8 path's offset term). */
-static float quantize_act(const float *x, int n, int split, int G, int8_t *q, float *sc, float *ts) {
-    float total = 0.f;
+/* Quantize one activation vector x[n] for IDOT: q (int4: even inputs then odd ones), block scales sc, and per
+ * block the accumulator's starting value init[c] (16 int32 lanes): −offset·Σq over the block in lane 0, so that
+ * the dot products of weights stored with an offset (w + offset, unsigned) come out as Σ w·q directly. */
+static void quantize_act(const float *x, int n, int split, int offset, int8_t *q, float *sc, int32_t *init) {
     int8_t tmp[QB];
-    for (int g = 0; g < n / G; g++) ts[g] = 0.f;
     for (int c = 0; c < n / QB; c++) {
         const float *xc = x + c * QB;
         float amax = 0.f;
@@ -29,10 +28,9 @@ static float quantize_act(const float *x, int n, int split, int G, int8_t *q, fl
         else
             memcpy(q + c * QB, tmp, QB);
         sc[c] = s;
-        ts[c * QB / G] += s * (float)sum;
-        total += s * (float)sum;
+        memset(init + c * 16, 0, 64);
+        init[c * 16] = -offset * sum;
     }
-    return total;
 }
 
 /* exp(x) to about 1 ulp (Cephes expf: x = k·ln2 + r, polynomial in r, 2^k from the exponent bits), in plain

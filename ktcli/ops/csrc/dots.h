@@ -133,18 +133,19 @@ static void dot_bf16_dp(const uint16_t *w, const uint16_t *const *x, int n, floa
 }
 #endif
 
-/* ---- IDOT. q[t]: vector t's int8 values (int4: its even inputs, then its odd ones). cs[t][c]: the scale of block
- * c's products — the activation block scale sc[t][c], times the weight group's scale for int4 (the caller folds
- * them once per row, so the block loop is one convert and one multiply-add). Two accumulators per vector (even /
- * odd blocks) keep the multiply-add latency off the critical path. n % QB == 0. ---- */
+/* ---- IDOT. q[t]: vector t's int8 values (int4: its even inputs, then its odd ones); init[t][c]: block c's
+ * accumulator start, which removes the weights' storage offset (acts.h); cs[t][c]: the scale of block c's
+ * products — the activation block scale, times the weight group's scale for int4 (the caller folds them once per
+ * row, so the block loop is one convert and one multiply-add). res[t] = Σ_c cs[t][c]·Σ_{j∈c} w_j·q_j.
+ * Two accumulators per vector (even / odd blocks) keep the multiply-add latency off the critical path. ---- */
 #if HAS_VNNI
 #define BLOCK_PAIRS(n, STEP) do { int c = 0; \
         for (; c + 2 <= (n) / QB; c += 2) { STEP(c, 0); STEP(c + 1, 1); } \
         if (c < (n) / QB) STEP(c, 0); } while (0)
 
-/* int8 rows, stored offset-binary (w+128 as unsigned bytes: vpdpbusd's unsigned operand, no flip per load):
- * res[t] = Σ_c cs[t][c]·Σ_{j∈c} (w_j+128)·q_j  (the caller removes the offset and applies the row scale). */
-INL void vnni_i8(const uint8_t *w, const int8_t *const *q, const float *const *cs, int n, float *res, int nt) {
+/* int8 rows, stored w+128 as unsigned bytes (vpdpbusd's unsigned operand, no flip per load) */
+INL void vnni_i8(const uint8_t *w, const int8_t *const *q, const int32_t *const *init, const float *const *cs,
+                 int n, float *res, int nt) {
     __m512 acc[NT][2];
     for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
 #define I8_STEP(c, a) do { \
@@ -152,7 +153,7 @@ INL void vnni_i8(const uint8_t *w, const int8_t *const *q, const float *const *c
         PREFETCH(wc); PREFETCH(wc + 64); \
         __m512i w0 = _mm512_loadu_si512(wc), w1 = _mm512_loadu_si512(wc + 64); \
         for (int t = 0; t < nt; t++) { \
-            __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(q[t] + (c) * QB)); \
+            __m512i d = _mm512_dpbusd_epi32(_mm512_load_si512(init[t] + (c) * 16), w0, _mm512_loadu_si512(q[t] + (c) * QB)); \
             d = _mm512_dpbusd_epi32(d, w1, _mm512_loadu_si512(q[t] + (c) * QB + 64)); \
             acc[t][a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(cs[t][c]), acc[t][a]); } } while (0)
     BLOCK_PAIRS(n, I8_STEP);
@@ -167,9 +168,9 @@ INL void vnni_i8(const uint8_t *w, const int8_t *const *q, const float *const *c
 #define HI_NIBBLES(b) _mm512_and_si512(_mm512_srli_epi16(b, 4), m)
 #endif
 
-/* int4 rows: 64 packed bytes = one block of 128 inputs (low nibbles: even inputs, high: odd), stored w+8;
- * res[t] = Σ_c cs[t][c]·Σ (w+8)·q  (the caller removes the offset 8·Σ_g s_g·ts[t][g]). */
-INL void vnni_i4(const uint8_t *w, const int8_t *const *q, const float *const *cs, int n, float *res, int nt) {
+/* int4 rows: 64 packed bytes = one block of 128 inputs (low nibbles: even inputs, high: odd), stored w+8 */
+INL void vnni_i4(const uint8_t *w, const int8_t *const *q, const int32_t *const *init, const float *const *cs,
+                 int n, float *res, int nt) {
     const __m512i m = _mm512_set1_epi8(15);
     __m512 acc[NT][2];
     for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
@@ -178,25 +179,28 @@ INL void vnni_i4(const uint8_t *w, const int8_t *const *q, const float *const *c
         PREFETCH(w + (c) * (QB / 2)); \
         __m512i lo = _mm512_and_si512(b, m), hi = HI_NIBBLES(b); \
         for (int t = 0; t < nt; t++) { \
-            __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(q[t] + (c) * (QB / 2))); \
+            __m512i d = _mm512_dpbusd_epi32(_mm512_load_si512(init[t] + (c) * 16), lo, _mm512_loadu_si512(q[t] + (c) * (QB / 2))); \
             d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(q[t] + n / 2 + (c) * (QB / 2))); \
             acc[t][a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(cs[t][c]), acc[t][a]); } } while (0)
     BLOCK_PAIRS(n, I4_STEP);
     for (int t = 0; t < nt; t++) res[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
 }
-static void idot_i8(const uint8_t *w, const int8_t *const *q, const float *const *cs, int n, float *res, int nt) {
-    NT_DISPATCH(vnni_i8, nt, w, q, cs, n, res)
+static void idot_i8(const uint8_t *w, const int8_t *const *q, const int32_t *const *init, const float *const *cs,
+                    int n, float *res, int nt) {
+    NT_DISPATCH(vnni_i8, nt, w, q, init, cs, n, res)
 }
-static void idot_i4(const uint8_t *w, const int8_t *const *q, const float *const *cs, int n, float *res, int nt) {
-    NT_DISPATCH(vnni_i4, nt, w, q, cs, n, res)
+static void idot_i4(const uint8_t *w, const int8_t *const *q, const int32_t *const *init, const float *const *cs,
+                    int n, float *res, int nt) {
+    NT_DISPATCH(vnni_i4, nt, w, q, init, cs, n, res)
 }
 #else
 /* Plain-C twins: the same integer arithmetic, one vector at a time. */
-static void idot_i8(const uint8_t *w, const int8_t *const *q, const float *const *cs, int n, float *res, int nt) {
+static void idot_i8(const uint8_t *w, const int8_t *const *q, const int32_t *const *init, const float *const *cs,
+                    int n, float *res, int nt) {
     for (int t = 0; t < nt; t++) {
         float acc = 0.f;
         for (int c = 0; c < n / QB; c++) {
-            int32_t d = 0;
+            int32_t d = init[t][c * 16];
             PREFETCH(w + c * QB);
 #pragma omp simd reduction(+ : d)
             for (int j = c * QB; j < (c + 1) * QB; j++) d += (int32_t)w[j] * q[t][j];
@@ -206,12 +210,13 @@ static void idot_i8(const uint8_t *w, const int8_t *const *q, const float *const
     }
 }
 
-static void idot_i4(const uint8_t *w, const int8_t *const *q, const float *const *cs, int n, float *res, int nt) {
+static void idot_i4(const uint8_t *w, const int8_t *const *q, const int32_t *const *init, const float *const *cs,
+                    int n, float *res, int nt) {
     for (int t = 0; t < nt; t++) {
         const int8_t *qe = q[t], *qo = q[t] + n / 2;
         float acc = 0.f;
         for (int c = 0; c < n / QB; c++) {
-            int32_t d = 0;
+            int32_t d = init[t][c * 16];
             PREFETCH(w + c * (QB / 2));
 #pragma omp simd reduction(+ : d)
             for (int j = c * (QB / 2); j < (c + 1) * (QB / 2); j++) d += (w[j] & 15) * qe[j] + (w[j] >> 4) * qo[j];
@@ -221,3 +226,18 @@ static void idot_i4(const uint8_t *w, const int8_t *const *q, const float *const
     }
 }
 #endif
+
+/* out[c] = s[c / gb]·sc[c] for the nb blocks of a row: its weight group scales times a vector's block scales
+ * (masked AVX-512 steps where available: a scalar remainder per row and vector cost more than the row's math). */
+static inline void block_scales(const float *s, int gb, const float *sc, int nb, float *out) {
+#if defined(__AVX512F__)
+    if (gb == 1) {
+        for (int c = 0; c < nb; c += 16) {
+            __mmask16 k = nb - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nb - c)) - 1);
+            _mm512_mask_storeu_ps(out + c, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + c), _mm512_maskz_loadu_ps(k, sc + c)));
+        }
+        return;
+    }
+#endif
+    for (int c = 0; c < nb; c++) out[c] = s[c / gb] * sc[c];
+}

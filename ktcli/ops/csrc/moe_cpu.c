@@ -49,12 +49,13 @@ static int path_for(int fmt, int C, int G) {
 
 /* N input vectors of n floats, prepared for the dot path of the matrix that reads them. */
 typedef struct {
-    int n, path, split, G;   /* G: the reading matrix's int4 group (n for int8) */
+    int n, path, split;  /* split: int4 (even / odd inputs apart) */
     float *f;            /* [N, n] fp32 */
     float *e, *o;        /* [N, n/2] even / odd inputs (int4 FLOAT) */
     uint16_t *b;         /* [N, n] bf16 (DPBF16) */
     int8_t *q;           /* [N, n] int8 (IDOT) */
-    float *sc, *ts, *tot;/* [N, n/QB], [N, n/QB], [N] (IDOT) */
+    float *sc;           /* [N, n/QB] block scales (IDOT) */
+    int32_t *init;       /* [N, n/QB, 16] accumulator starts (IDOT) */
 } Acts;
 
 static void prep(Acts *a, int v) {
@@ -64,8 +65,8 @@ static void prep(Acts *a, int v) {
     if (a->path == FLOAT && a->split)
         for (int j = 0; j < n / 2; j++) { a->e[(size_t)v * n / 2 + j] = x[2 * j]; a->o[(size_t)v * n / 2 + j] = x[2 * j + 1]; }
     if (a->path == IDOT)
-        a->tot[v] = quantize_act(x, n, a->split, a->G, a->q + (size_t)v * n, a->sc + (size_t)v * (n / QB),
-                                 a->ts + (size_t)v * (n / QB));
+        quantize_act(x, n, a->split, a->split ? 8 : 128, a->q + (size_t)v * n, a->sc + (size_t)v * (n / QB),
+                     a->init + (size_t)v * (n / QB) * 16);
 }
 
 /* Rows r0..r1 of expert e (R rows of C inputs) dotted with input vectors v[0..nt), nt ≤ NT: out[p[t] * R + r].
@@ -76,37 +77,27 @@ static void rows_block(const Mat *m, int e, int r0, int r1, int R, const Acts *a
     float res[NT];
     if (m->path == IDOT) {
         const int8_t *q[NT];
-        const float *sc[NT], *ts[NT], *cs[NT];
-        float comb[NT][MAXB], corr[NT];   /* int4: block scales × the row's group scales; the offset term */
-        int ng = C / m->G, gb = m->G / QB;
+        const int32_t *init[NT];
+        const float *sc[NT], *cs[NT];
+        float comb[NT][MAXB];   /* int4: the row's group scales × the vectors' block scales */
         for (int t = 0; t < nt; t++) {
-            q[t] = a->q + (size_t)v[t] * C, sc[t] = a->sc + (size_t)v[t] * (C / QB), ts[t] = a->ts + (size_t)v[t] * (C / QB);
+            q[t] = a->q + (size_t)v[t] * C, sc[t] = a->sc + (size_t)v[t] * (C / QB);
+            init[t] = a->init + (size_t)v[t] * (C / QB) * 16;
             cs[t] = m->fmt == 1 ? sc[t] : comb[t];
         }
         for (int r = r0; r < r1; r++) {
             size_t row = (size_t)e * R + r;
             if (m->fmt == 1) {
-                idot_i8((const uint8_t *)m->w + row * C, q, cs, C, res, nt);
-                for (int t = 0; t < nt; t++) out[(size_t)p[t] * R + r] = m->scale[row] * (res[t] - 128.f * a->tot[v[t]]);
+                idot_i8((const uint8_t *)m->w + row * C, q, init, cs, C, res, nt);
+                for (int t = 0; t < nt; t++) out[(size_t)p[t] * R + r] = m->scale[row] * res[t];
                 continue;
             }
-            const float *s = m->scale + row * ng;
+            const float *s = m->scale + row * (C / m->G);
             PREFETCH(s);   /* the scales are a second, slower stream: two lines ahead per row */
             PREFETCH(s + 16);
-            for (int t = 0; t < nt; t++) {
-                float c8 = 0.f;
-#pragma omp simd reduction(+ : c8)
-                for (int g = 0; g < ng; g++) c8 += s[g] * ts[t][g];
-                corr[t] = 8.f * c8;
-                if (gb == 1) {
-#pragma omp simd
-                    for (int c = 0; c < ng; c++) comb[t][c] = s[c] * sc[t][c];
-                } else {
-                    for (int c = 0; c < C / QB; c++) comb[t][c] = s[c / gb] * sc[t][c];
-                }
-            }
-            idot_i4((const uint8_t *)m->w + row * (C / 2), q, cs, C, res, nt);
-            for (int t = 0; t < nt; t++) out[(size_t)p[t] * R + r] = res[t] - corr[t];
+            for (int t = 0; t < nt; t++) block_scales(s, m->G / QB, sc[t], C / QB, comb[t]);
+            idot_i4((const uint8_t *)m->w + row * (C / 2), q, init, cs, C, res, nt);
+            for (int t = 0; t < nt; t++) out[(size_t)p[t] * R + r] = res[t];
         }
         return;
     }
@@ -180,32 +171,31 @@ static void *take(char **cur, size_t bytes) {
     return p;
 }
 
-static void acts_layout(Acts *a, char **cur, int N, int n, int path, int split, int G) {
-    a->n = n, a->path = path, a->split = split, a->G = split ? G : n;
+static void acts_layout(Acts *a, char **cur, int N, int n, int path, int split) {
+    a->n = n, a->path = path, a->split = split;
     a->e = take(cur, (size_t)N * n / 2 * 4), a->o = take(cur, (size_t)N * n / 2 * 4);
     a->b = take(cur, (size_t)N * n * 2 + 64), a->q = take(cur, (size_t)N * n + 64);
-    a->sc = take(cur, (size_t)N * (n / QB + 1) * 4), a->ts = take(cur, (size_t)N * (n / QB + 1) * 4);
-    a->tot = take(cur, (size_t)N * 4);
+    a->sc = take(cur, (size_t)N * (n / QB + 1) * 4), a->init = take(cur, (size_t)N * (n / QB + 1) * 64);
 }
 
 typedef struct { float *x32, *gu_out, *h, *y; Acts xa, ha; } Scratch;
 
-static size_t layout(Scratch *s, char *base, int T, int K, int H, int I, int gpath, int dpath, int fmt, int G) {
+static size_t layout(Scratch *s, char *base, int T, int K, int H, int I, int gpath, int dpath, int fmt) {
     char *cur = base;
     size_t P = (size_t)T * K;
     s->x32 = take(&cur, (size_t)T * H * 4);  /* [T, H] the input in fp32 */
     s->gu_out = take(&cur, P * 2 * I * 4);   /* [P, 2I] */
     s->h = take(&cur, P * I * 4);            /* [P, I] */
     s->y = take(&cur, P * H * 4);            /* [P, H] */
-    acts_layout(&s->xa, &cur, T, H, gpath, fmt == 2, G);
-    acts_layout(&s->ha, &cur, (int)P, I, dpath, fmt == 2, G);
+    acts_layout(&s->xa, &cur, T, H, gpath, fmt == 2);
+    acts_layout(&s->ha, &cur, (int)P, I, dpath, fmt == 2);
     s->xa.f = s->x32, s->ha.f = s->h;
     return (size_t)(cur - base) + 64;
 }
 
 size_t moe_scratch_bytes(int T, int K, int H, int I) {
     Scratch s;
-    return layout(&s, 0, T, K, H, I, FLOAT, FLOAT, 0, 0);
+    return layout(&s, 0, T, K, H, I, FLOAT, FLOAT, 0);
 }
 
 /* scratch: moe_scratch_bytes() bytes. io: 0 = x, wts, out in fp32; 1 = in bf16 (the model's dtype, no
@@ -230,7 +220,7 @@ int moe_forward(int T, int K, int H, int I, const void *x, const int64_t *idx, c
     }
     start[U] = n;
     Scratch s;
-    layout(&s, (char *)scratch, T, K, H, I, mg.path, md.path, fmt, G);
+    layout(&s, (char *)scratch, T, K, H, I, mg.path, md.path, fmt);
     const uint16_t *xb = x, *wb = wts;
     const float *xf = x, *wf = wts;
     omp_set_schedule(guided ? omp_sched_guided : omp_sched_dynamic, 1);   /* matrix_rows' schedule(runtime) */
