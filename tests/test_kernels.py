@@ -201,11 +201,12 @@ def test_silu_at_extreme_gate_values(fp32_act):
 
 
 @needs_kernel
-def test_int8_act_env_switch_turns_the_integer_path_off():
+def test_int8_act_env_switch_turns_the_integer_path_off_and_on():
     import subprocess
     import sys
     code = "from ktcli.ops import kernels; kernels.get(); print(kernels.tune()[2])"
     out = lambda env: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip()  # noqa: E731
     import os
     assert out({**os.environ, "KTCLI_CPU_INT8_ACT": "0"}) == "0"
+    assert out({**os.environ, "KTCLI_CPU_INT8_ACT": "1"}) == "1"
     assert out({k: v for k, v in os.environ.items() if k != "KTCLI_CPU_INT8_ACT"}) == str(int(kernels.caps()["vnni"]))

@@ -77,8 +77,9 @@ def get():
                     lib.moe_caps.restype = ctypes.c_int
                     lib.stream_read.restype = ctypes.c_uint64
                     lib.moe_tune.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p]
-                    if os.environ.get("KTCLI_CPU_INT8_ACT") == "0":
-                        lib.moe_tune(-1, -1, 0, -1, (ctypes.c_int * 4)())
+                    act = os.environ.get("KTCLI_CPU_INT8_ACT")   # 0/1 overrides "where VNNI exists"
+                    if act in ("0", "1"):
+                        lib.moe_tune(-1, -1, int(act), -1, (ctypes.c_int * 4)())
                     _state["lib"] = lib
                 except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
                     _state["error"] = getattr(e, "stderr", None) or str(e)
