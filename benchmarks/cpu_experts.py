@@ -112,7 +112,6 @@ def main():
     ap.add_argument("--prefetch", default="-1", help="comma list of bytes; -1 = the kernel's default")
     ap.add_argument("--int8-act", default="-1", help="comma list of 0/1; -1 = the kernel's default")
     ap.add_argument("--guided", default="-1", help="comma list of 0/1 (dynamic / guided chunks); -1 = default")
-    ap.add_argument("--prefetch-l2", default="-1", help="comma list of 0/1 (prefetch into L1 / L2); -1 = default")
     ap.add_argument("--resident", action="store_true", help="compute ceiling: weights L2-resident (see above)")
     ap.add_argument("--resident-mb", type=float, default=13.0)
     ap.add_argument("--stock-max-t", type=int, default=16, help="time stock torch only up to this batch")
@@ -182,11 +181,10 @@ def main():
                                         ws[i % a.layers], ref_out), max(a.reps // 4, 3)) \
                 if T <= a.stock_max_t else float("nan")
             bw = probe(f"{fmt}-T{T}")
-            for chunk, pf, act, guided, l2 in itertools.product(ints(a.chunk), ints(a.prefetch), acts, ints(a.guided),
-                                                                ints(a.prefetch_l2)):
+            for chunk, pf, act, guided in itertools.product(ints(a.chunk), ints(a.prefetch), acts, ints(a.guided)):
                 out = torch.empty(T, H, dtype=torch.bfloat16)
                 run = kernels.Runner()
-                was = kernels.tune(chunk, pf, act, guided, l2) if lib else None
+                was = kernels.tune(chunk, pf, act, guided) if lib else None
                 kt, pr, pref = paired(lambda i: run(lib, xs[i % a.layers], idxs[i % len(idxs)], ws[i % a.layers],
                                                     layers[i % a.layers], out, a.threads), nbytes) if lib else (float("nan"),) * 3
                 knobs = dict(zip(kernels.KNOBS, kernels.tune()) if lib else ())

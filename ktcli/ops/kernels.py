@@ -76,10 +76,10 @@ def get():
                     lib.moe_scratch_bytes.argtypes = [ctypes.c_int] * 4
                     lib.moe_caps.restype = ctypes.c_int
                     lib.stream_read.restype = ctypes.c_uint64
-                    lib.moe_tune.argtypes = [ctypes.c_int] * 5 + [ctypes.c_void_p]
+                    lib.moe_tune.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p]
                     act = os.environ.get("KTCLI_CPU_INT8_ACT")   # 0/1 overrides "where VNNI exists"
                     if act in ("0", "1"):
-                        lib.moe_tune(-1, -1, int(act), -1, -1, (ctypes.c_int * 5)())
+                        lib.moe_tune(-1, -1, int(act), -1, (ctypes.c_int * 4)())
                     _state["lib"] = lib
                 except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
                     _state["error"] = getattr(e, "stderr", None) or str(e)
@@ -99,17 +99,16 @@ def bf16_activations() -> bool:
     return caps()["dpbf16"]
 
 
-KNOBS = ("chunk", "prefetch", "int8_act", "guided", "prefetch_l2")
+KNOBS = ("chunk", "prefetch", "int8_act", "guided")
 
 
-def tune(chunk: int = -1, prefetch: int = -1, int8_act: int = -1, guided: int = -1, prefetch_l2: int = -1) -> tuple:
+def tune(chunk: int = -1, prefetch: int = -1, int8_act: int = -1, guided: int = -1) -> tuple:
     """Kernel knobs (benchmarks, tests); -1 keeps a setting. chunk: rows handed to threads in chunks of this many
     KiB of weights (0 = one contiguous range per thread); prefetch: software prefetch distance in bytes (0 = off);
     int8_act: int8 activations for int8/int4 weights (1 on, 0 off); guided: chunks handed out guided (1) or
-    dynamic (0); prefetch_l2: software prefetch into L2 only (1) or into L1 (0). Returns the previous settings, in
-    KNOBS order, which `tune(*was)` restores."""
-    was = (ctypes.c_int * 5)()
-    get().moe_tune(chunk, prefetch, int8_act, guided, prefetch_l2, was)
+    dynamic (0). Returns the previous settings, in KNOBS order, which `tune(*was)` restores."""
+    was = (ctypes.c_int * 4)()
+    get().moe_tune(chunk, prefetch, int8_act, guided, was)
     return tuple(was)
 
 

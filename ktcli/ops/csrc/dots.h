@@ -30,9 +30,7 @@
 /* Software prefetch `pf_bytes` ahead of the weight stream (0 = off): the hardware prefetchers stop at 4 KiB
  * page boundaries, and a weight row is a few KiB. */
 static int pf_bytes = 4096;
-static int pf_l2 = 0;   /* 1: prefetch into L2 only (prefetcht1), 0: into L1 (prefetcht0) */
-#define PREFETCH(p) do { if (pf_bytes) { if (pf_l2) __builtin_prefetch((const char *)(p) + pf_bytes, 0, 2); \
-                                         else __builtin_prefetch((const char *)(p) + pf_bytes, 0, 3); } } while (0)
+#define PREFETCH(p) do { if (pf_bytes) __builtin_prefetch((const char *)(p) + pf_bytes, 0, 3); } while (0)
 
 static inline float bf16f(uint16_t v) { uint32_t b = (uint32_t)v << 16; float f; memcpy(&f, &b, 4); return f; }
 static inline uint16_t f2bf16(float f) { uint32_t u; memcpy(&u, &f, 4); u += 0x7fff + ((u >> 16) & 1); return (uint16_t)(u >> 16); }

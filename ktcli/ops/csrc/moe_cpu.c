@@ -26,10 +26,9 @@ static int guided = 0;           /* chunks handed out dynamically (0) or guided:
 int moe_caps(void) { return HAS_DPBF16 | HAS_VNNI << 1; }
 
 /* Tuning knobs for benchmarks and tests; a negative value keeps the current setting. Writes the settings
- * now in force to was[5] (chunk, prefetch, idot, guided, prefetch into L2) first, so a caller can restore them. */
-void moe_tune(int chunk, int prefetch, int idot, int guide, int l2, int *was) {
-    was[0] = chunk_kb, was[1] = pf_bytes, was[2] = int_dot, was[3] = guided, was[4] = pf_l2;
-    if (l2 >= 0) pf_l2 = l2;
+ * now in force to was[4] (chunk, prefetch, idot, guided) first, so a caller can restore them. */
+void moe_tune(int chunk, int prefetch, int idot, int guide, int *was) {
+    was[0] = chunk_kb, was[1] = pf_bytes, was[2] = int_dot, was[3] = guided;
     if (chunk >= 0) chunk_kb = chunk;
     if (prefetch >= 0) pf_bytes = prefetch;
     if (idot >= 0) int_dot = idot;
