@@ -95,8 +95,8 @@ def build(validation, progress=None) -> Built:
 
     params, buffers = materialize(model, lambda name: _device_of(name, plan, experts_devices))
     total = sum(t.numel() * t.element_size() for t in params.values())
-    for name, t in params.items():
-        if t.device.type == "cpu" and _device_of(name, plan, experts_devices) == "cpu" and t.ndim == 3:
+    for t in params.values():
+        if t.device.type == "cpu" and t.ndim == 3:   # expert stacks living on the CPU
             hugepages(t)
     advance = progress(total) if progress else None
     # Each layer's experts are packed (int8/int4: quantized, bf16 copy freed) as soon as both tensors are in,
@@ -137,9 +137,8 @@ def build(validation, progress=None) -> Built:
     for p in model.parameters():
         weight_bytes[str(p.device)] = weight_bytes.get(str(p.device), 0) + p.numel() * p.element_size()
     for m in model.modules():
-        packed = getattr(m, "packed", None)
-        if packed is not None and packed.fmt != "bf16":
-            weight_bytes["cpu"] = weight_bytes.get("cpu", 0) + packed.nbytes()
+        if isinstance(m, HybridExperts) and m.quantized:
+            weight_bytes["cpu"] = weight_bytes.get("cpu", 0) + m.quantized.nbytes()
     if main.type == "cuda":
         torch.cuda.synchronize()
     tokenizer = load_tokenizer(src.checkpoint_dir)

@@ -18,9 +18,8 @@ def decode_bytes(built, context: int) -> dict:
     experts = {e.module: e for e in plan.experts}
     for mod, e in experts.items():
         m = model.get_submodule(mod)
-        packed = getattr(m, "packed", None)
-        if packed is not None and packed.fmt != "bf16":   # quantized at load: the stored bytes, scales included
-            per_expert = packed.nbytes() / packed.gu.shape[0]
+        if m.quantized:   # quantized at load: the stored bytes, scales included
+            per_expert = m.quantized.nbytes() / m.quantized.gu.shape[0]
         else:
             per_expert = sum(p.numel() // p.shape[0] for p in m.parameters(recurse=False)) \
                 * expert_bytes_per_param(e.weight_format, db, e.group_size)

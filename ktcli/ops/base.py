@@ -64,15 +64,21 @@ class HybridExperts(nn.Module):
             self.gate_up_proj = nn.Parameter(torch.empty(0, dtype=self.gate_up_proj.dtype), requires_grad=False)
             self.down_proj = nn.Parameter(torch.empty(0, dtype=self.down_proj.dtype), requires_grad=False)
 
+    @property
+    def quantized(self):
+        """The packed int8/int4 weights when this layer's experts are stored quantized (after finalize), else None."""
+        packed = getattr(self, "packed", None)
+        return packed if packed is not None and packed.fmt != "bf16" else None
+
     def expert_weights(self, e: int, dtype):
         """(gate_up[e], down[e]) for the torch path, dequantized when the stored format is int8/int4."""
-        if getattr(self, "packed", None) is not None and self.packed.fmt != "bf16":
+        if self.quantized:
             return self.packed.expert(e, dtype)
         return self.gate_up_proj[e], self.down_proj[e]
 
     def weights_on(self, device: torch.device):
         """The weights on `device`: the resident ones, or a per-call copy (prefill away from home)."""
-        if getattr(self, "packed", None) is not None and self.packed.fmt != "bf16":   # prefill on another device
+        if self.quantized:   # prefill on another device
             dq = [self.packed.expert(e, self.gate_up_proj.dtype) for e in range(self.num_experts)]
             return (torch.stack([d[0] for d in dq]).to(device), torch.stack([d[1] for d in dq]).to(device))
         if device == self.gate_up_proj.device:
