@@ -8,7 +8,8 @@ F.linear). Layers are rotated so that every call reads cold weights (working set
 
 Kernel knobs can be swept (each a comma list): --chunk (rows handed to threads in chunks of this many KiB, 0 = one range per thread), --prefetch
 (software prefetch distance in bytes, 0 = off), --int8-act (int8/int4 weights: 1 = int8 activations with
-integer dot products, 0 = fp32 activations). The read bandwidth is probed at the start, before each format
+integer dot products, 0 = fp32 activations), --guided, --pipeline (see kernels.tune); --phases adds where each
+call's time goes (kernels.profile). The read bandwidth is probed at the start, before each format
 and batch, and at the end; the largest reading of the run is the conservative reference (`% max`). The host's
 bandwidth drifts by tens of percent within a run (other tenants), so each row also times the kernel --rounds
 times, each between two readings of the start probe's best reader, and reports the median ratio (`% pair`).
@@ -94,6 +95,21 @@ def timeit(fn, n):
     return statistics.median(ts[1:] if len(ts) > 2 else ts)
 
 
+def phase_times(call, n, threads):
+    """Where one call's time goes (µs, median over n calls): the team started (last thread in), the input ready,
+    the first and the last thread done with gate/up rows and with down rows, the output written; "call" is the
+    whole call as Python times it (the rest is the Runner and ctypes)."""
+    rows = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        p = kernels.profile(lambda: call(i), threads)
+        total = (time.perf_counter() - t0) * 1e6
+        rows.append({"team": max(p["start"]), "prep": max(p["prep"]), "gate_up_first": min(p["gate_up"]),
+                     "gate_up_last": max(p["gate_up"]), "down_first": min(p["down"]), "down_last": max(p["down"]),
+                     "end": max(p["end"]), "call": total})
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden", type=int, default=3584)
@@ -112,6 +128,8 @@ def main():
     ap.add_argument("--prefetch", default="-1", help="comma list of bytes; -1 = the kernel's default")
     ap.add_argument("--int8-act", default="-1", help="comma list of 0/1; -1 = the kernel's default")
     ap.add_argument("--guided", default="-1", help="comma list of 0/1 (dynamic / guided chunks); -1 = default")
+    ap.add_argument("--pipeline", default="-1", help="comma list of 0/1 (two phases / one task list); -1 = default")
+    ap.add_argument("--phases", action="store_true", help="per-thread timestamps of --reps calls per row")
     ap.add_argument("--resident", action="store_true", help="compute ceiling: weights L2-resident (see above)")
     ap.add_argument("--resident-mb", type=float, default=13.0)
     ap.add_argument("--stock-max-t", type=int, default=16, help="time stock torch only up to this batch")
@@ -181,13 +199,15 @@ def main():
                                         ws[i % a.layers], ref_out), max(a.reps // 4, 3)) \
                 if T <= a.stock_max_t else float("nan")
             bw = probe(f"{fmt}-T{T}")
-            for chunk, pf, act, guided in itertools.product(ints(a.chunk), ints(a.prefetch), acts, ints(a.guided)):
+            for knob in itertools.product(ints(a.chunk), ints(a.prefetch), acts, ints(a.guided), ints(a.pipeline)):
                 out = torch.empty(T, H, dtype=torch.bfloat16)
                 run = kernels.Runner()
-                was = kernels.tune(chunk, pf, act, guided) if lib else None
-                kt, pr, pref = paired(lambda i: run(lib, xs[i % a.layers], idxs[i % len(idxs)], ws[i % a.layers],
-                                                    layers[i % a.layers], out, a.threads), nbytes) if lib else (float("nan"),) * 3
+                was = kernels.tune(*knob) if lib else None
+                call = lambda i: run(lib, xs[i % a.layers], idxs[i % len(idxs)], ws[i % a.layers],  # noqa: E731
+                                     layers[i % a.layers], out, a.threads)
+                kt, pr, pref = paired(call, nbytes) if lib else (float("nan"),) * 3
                 knobs = dict(zip(kernels.KNOBS, kernels.tune()) if lib else ())
+                phases = phase_times(call, a.reps, a.threads) if lib and a.phases else None
                 if lib:
                     run(lib, xs[0], idxs[0], ws[0], layers[0], out, a.threads)
                     kernels.tune(*was)
@@ -197,13 +217,16 @@ def main():
                        "kernel_GBps": nbytes / kt / 1e9, "kernel_ratio": nbytes / kt / bw, "kernel_ratio_paired": pr,
                        "paired_ref_GBps": pref / 1e9, "torch_ms": st * 1e3,
                        "torch_GBps": nbytes / st / 1e9, "torch_ratio": nbytes / st / bw,
-                       "rel_err_vs_dequant_fp32": err, "rel_err_vs_bf16": qerr}
+                       "rel_err_vs_dequant_fp32": err, "rel_err_vs_bf16": qerr,
+                       **({"phases_us": phases} if phases else {})}
                 res["rows"].append(row)
                 tag = "/".join(str(knobs.get(k, "-")) for k in kernels.KNOBS)
                 print(f"{fmt:5} {T:3d} {tag:>14} {kt * 1e3:9.3f} {row['kernel_GBps']:7.1f} {100 * row['kernel_ratio']:5.1f}% "
                       f"{100 * pr:5.1f}% | "
                       f"{st * 1e3:8.3f} {row['torch_GBps']:7.1f} {100 * row['torch_ratio']:5.1f}% | {err:.1e} {qerr:.1e}",
                       flush=True)
+                if phases:
+                    print("      µs: " + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()))
             if a.out:
                 write_atomic(a.out, json.dumps(res, indent=2))
     res["read_bw_end"] = probe("end")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The device runs behind benchmarks/results/*-h100-*.json (H100 machine, 16-core Xeon, 125 GB RAM).
-# Usage (from the repo root on the GPU machine): bash benchmarks/run_h100.sh parity|kernel|bench57|bench30 OUTDIR
+# Usage (from the repo root on the GPU machine): bash benchmarks/run_h100.sh STAGE OUTDIR (stages below)
 set -euo pipefail
 what=$1; out=$2
 export KTCLI_CACHE=/tmp/ktcli-cache PYTHONUNBUFFERED=1
@@ -20,6 +20,15 @@ case $what in
         --formats int8,int4 --stock-max-t 1 --out $out/cpu-experts-quant.json
     python3 benchmarks/cpu_experts.py --hidden 2048 --inter 768 --experts 128 --topk 8 --layers 16 --threads 16 \
         --reps 10 --batches 1,4,16 --stock-max-t 0 --out $out/cpu-experts-qwen3-shape.json ;;
+  int4)     # session 4: four-block partial-sum tree in the integer dot products (A/B as compile-time builds),
+            # pipelined schedule vs two phases, and where each call's time goes
+    python3 -m pytest -q tests/test_kernels.py 2>&1 | tail -3 || true
+    for t in 1 0; do gcc -O3 -march=native -fopenmp -DIDOT_TREE=$t benchmarks/dot_micro.c -o /tmp/dot_micro$t -lm \
+        && echo "IDOT_TREE=$t" && /tmp/dot_micro$t; done | tee $out/dot-micro-tree.txt || true
+    python3 benchmarks/cpu_experts.py --layers 4 --threads 16 --reps 10 --rounds 5 --batches 1,4,16 \
+        --formats int4,int8 --pipeline 0,1 --phases --stock-max-t 0 --out $out/cpu-experts-tree1.json
+    KTCLI_CPU_CFLAGS=-DIDOT_TREE=0 python3 benchmarks/cpu_experts.py --layers 4 --threads 16 --reps 10 --rounds 5 \
+        --batches 1,4,16 --formats int4,int8 --pipeline 1 --stock-max-t 0 --out $out/cpu-experts-tree0.json ;;
   parity)   # graph replay == eager, token for token, full-size seed placement and Qwen3-30B-A3B hybrid
     python3 benchmarks/graph_parity.py profiles/qwen3-30b-a3b-gpu-half.yaml profiles/qwen3-30b-a3b-cpu-experts.yaml \
         --tokens 64 --out $out/parity-qwen3-30b.json

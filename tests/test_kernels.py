@@ -121,7 +121,7 @@ def test_stream_read_probe_reads_every_word():
 
 @needs_kernel
 @pytest.mark.parametrize("fmt,H,I,G", [("int8", 256, 128, 0), ("int8", 384, 640, 0), ("int4", 256, 128, 128),
-                                       ("int4", 512, 256, 256), ("int4", 256, 384, 128)])
+                                       ("int4", 512, 256, 256), ("int4", 256, 384, 128), ("int4", 896, 640, 128)])
 @pytest.mark.parametrize("T", [1, 3, 16])
 def test_int8_activation_path_matches_reference(int8_act, fmt, H, I, G, T):
     """int8/int4 weights × int8 activations (one scale per 128 inputs): within activation-rounding error of the
@@ -144,13 +144,14 @@ def test_int8_activation_path_matches_reference(int8_act, fmt, H, I, G, T):
 @needs_kernel
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
 def test_schedule_and_prefetch_do_not_change_results(fmt):
-    """Row chunks (static, dynamic, guided) and software prefetch move work between threads, never the
-    arithmetic: bit-equal."""
+    """Row chunks (static, dynamic, guided, pipelined) and software prefetch move work between threads, never
+    the arithmetic: bit-equal."""
     gu, dn, x, idx, w = case(16, 256, 128, 4, 5, 3)
     ew = pack(fmt, gu.bfloat16() if fmt == "bf16" else gu, dn.bfloat16() if fmt == "bf16" else dn)
     outs = []
-    for chunk, prefetch, guided in [(0, 0, 0), (1, 0, 0), (7, 512, 1), (64, 4096, 0), (1, 4096, 1)]:
-        was = kernels.tune(chunk, prefetch, guided=guided)
+    for chunk, prefetch, guided, pipe in [(0, 0, 0, 0), (1, 0, 0, 0), (7, 512, 1, 0), (64, 4096, 0, 0),
+                                          (1, 4096, 1, 0), (1, 0, 0, 1), (7, 512, 0, 1), (64, 4096, 0, 1)]:
+        was = kernels.tune(chunk, prefetch, guided=guided, pipeline=pipe)
         out = torch.empty(5, 256)
         kernels.Runner()(lib, x, idx, w, ew, out, 3)
         kernels.tune(*was)
@@ -177,6 +178,26 @@ def test_runner_dtypes_and_reuse(fmt):
             ob[:T].fill_(float("nan"))
             run(lib, xb[:T], idx, wb[:T], ew, ob[:T], 2)
             assert rel(ob[:T], want) <= 3e-2, (dt, T)   # bf16 rounding; int8 activations where VNNI
+
+
+@needs_kernel
+@pytest.mark.parametrize("pipeline", [0, 1])
+def test_profile_stamps_each_thread_in_order(pipeline):
+    """kernels.profile: every thread stamps start ≤ prep ≤ down ≤ end, its gate/up rows before its down rows
+    finish; the kernel's result is the same with stamps on."""
+    gu, dn, x, idx, w = case(16, 256, 128, 4, 5, 3)
+    ew = pack("int4", gu, dn)
+    out, plain = torch.empty(5, 256), torch.empty(5, 256)
+    was = kernels.tune(chunk=1, pipeline=pipeline)   # 1 KiB tasks: every thread gets gate/up rows
+    try:
+        kernels.Runner()(lib, x, idx, w, ew, plain, 3)
+        p = kernels.profile(lambda: kernels.Runner()(lib, x, idx, w, ew, out, 3), 3)
+    finally:
+        kernels.tune(*was)
+    assert torch.equal(out, plain) and set(p) == set(kernels.STAMPS)
+    for t in range(3):
+        assert 0 <= p["start"][t] <= p["prep"][t] <= p["down"][t] <= p["end"][t], (t, p)
+        assert p["gate_up"][t] <= p["down"][t]
 
 
 @needs_kernel

@@ -2,7 +2,8 @@
 
 Built with gcc -O3 -march=native (the instruction set is the running CPU's: AVX-512, AVX2, or plain), linked
 against torch's own libgomp so kernel and torch share one OpenMP thread pool. If gcc is missing or the build
-fails, `get()` returns None and the pure-torch path runs instead.
+fails, `get()` returns None and the pure-torch path runs instead. KTCLI_CPU_CFLAGS adds compiler flags (A/B
+builds of a compile-time variant in benchmarks, e.g. -DIDOT_TREE=0); they are part of the cached build's name.
 """
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def build(cache: str | None = None) -> str:
     for path in (SRC, *HEADERS):
         with open(path, "rb") as f:
             src += f.read()
-    key = hashlib.sha1(src + _cpu_flags().encode() + str(gomp).encode() + cc.encode()).hexdigest()[:16]
+    extra = os.environ.get("KTCLI_CPU_CFLAGS", "").split()
+    key = hashlib.sha1(src + _cpu_flags().encode() + str(gomp).encode() + cc.encode() + " ".join(extra).encode()).hexdigest()[:16]
     folder = cache or os.path.join(os.path.dirname(cache_dir()), "kernels")
     out = os.path.join(folder, f"moe_cpu-{key}.so")
     if os.path.isfile(out):
@@ -56,7 +58,7 @@ def build(cache: str | None = None) -> str:
     os.makedirs(folder, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         obj, so = os.path.join(tmp, "k.o"), os.path.join(tmp, "k.so")
-        flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-fno-math-errno"]
+        flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-fno-math-errno", *extra]
         subprocess.run([cc, *flags, "-c", SRC, "-o", obj], check=True, capture_output=True, text=True)
         link = [gomp, f"-Wl,-rpath,{os.path.dirname(gomp)}"] if gomp else ["-fopenmp"]
         subprocess.run([cc, "-shared", obj, "-o", so, *link, "-lm"], check=True, capture_output=True, text=True)
@@ -76,11 +78,12 @@ def get():
                     lib.moe_scratch_bytes.argtypes = [ctypes.c_int] * 4
                     lib.moe_caps.restype = ctypes.c_int
                     lib.stream_read.restype = ctypes.c_uint64
-                    lib.moe_tune.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p]
+                    lib.moe_tune.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+                    lib.moe_profile.argtypes = [ctypes.c_void_p]
+                    _state["lib"] = lib
                     act = os.environ.get("KTCLI_CPU_INT8_ACT")   # 0/1 overrides "where VNNI exists"
                     if act in ("0", "1"):
-                        lib.moe_tune(-1, -1, int(act), -1, (ctypes.c_int * 4)())
-                    _state["lib"] = lib
+                        _tune(lib, int8_act=int(act))
                 except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
                     _state["error"] = getattr(e, "stderr", None) or str(e)
                 _state["tried"] = True
@@ -99,17 +102,40 @@ def bf16_activations() -> bool:
     return caps()["dpbf16"]
 
 
-KNOBS = ("chunk", "prefetch", "int8_act", "guided")
+KNOBS = ("chunk", "prefetch", "int8_act", "guided", "pipeline")
 
 
-def tune(chunk: int = -1, prefetch: int = -1, int8_act: int = -1, guided: int = -1) -> tuple:
-    """Kernel knobs (benchmarks, tests); -1 keeps a setting. chunk: rows handed to threads in chunks of this many
+def tune(chunk: int = -1, prefetch: int = -1, int8_act: int = -1, guided: int = -1, pipeline: int = -1) -> tuple:
+    """Kernel knobs (benchmarks, tests); -1 keeps a setting. chunk: rows handed to threads in tasks of this many
     KiB of weights (0 = one contiguous range per thread); prefetch: software prefetch distance in bytes (0 = off);
-    int8_act: int8 activations for int8/int4 weights (1 on, 0 off); guided: chunks handed out guided (1) or
-    dynamic (0). Returns the previous settings, in KNOBS order, which `tune(*was)` restores."""
-    was = (ctypes.c_int * 4)()
-    get().moe_tune(chunk, prefetch, int8_act, guided, was)
+    int8_act: int8 activations for int8/int4 weights (1 on, 0 off); guided: two-phase tasks handed out guided (1)
+    or dynamic (0); pipeline: one task list over both matrices, an expert's down rows waiting only for its own
+    gate/up rows (1), or two phases with a barrier between (0). Returns the previous settings, in KNOBS order,
+    which `tune(*was)` restores."""
+    return _tune(get(), chunk=chunk, prefetch=prefetch, int8_act=int8_act, guided=guided, pipeline=pipeline)
+
+
+def _tune(lib, **knobs) -> tuple:
+    was = (ctypes.c_int * len(KNOBS))()
+    lib.moe_tune((ctypes.c_int * len(KNOBS))(*(knobs.get(k, -1) for k in KNOBS)), was)
     return tuple(was)
+
+
+STAMPS = ("start", "prep", "gate_up", "down", "end")   # moe_cpu.c's T_* slots, 8 per thread
+
+
+def profile(fn, threads: int) -> dict:
+    """Runs fn() (one kernel call) with per-thread timestamps on; returns µs from the call's start, per thread
+    and stamp: "start" the thread entering the parallel region, "prep" the input ready, "gate_up" its last gate/up
+    task done, "down" its last down task done (before the barrier), "end" its share of the output written."""
+    lib = get()
+    buf = (ctypes.c_double * (1 + 8 * threads))()
+    lib.moe_profile(buf)
+    try:
+        fn()
+    finally:
+        lib.moe_profile(None)
+    return {k: [1e6 * (buf[1 + 8 * t + i] - buf[0]) for t in range(threads)] for i, k in enumerate(STAMPS)}
 
 
 def enabled() -> bool:

@@ -1,8 +1,11 @@
-/* Activation preparation for the CPU expert kernel's integer dot products (dots.h): quantization to int8 per
- * block of QB inputs, and the vectorizable exp behind SiLU. */
+/* Activations for the CPU expert kernel: quantization to int8 per block of QB inputs for the integer dot
+ * products (dots.h), the vectorizable exp behind SiLU, each matrix's input vectors prepared for its dot path,
+ * and the layout of the scratch buffer that holds them. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+enum { FLOAT, DPBF16, IDOT };   /* dot paths (dots.h) */
 
 /* Quantize one activation vector x[n] for IDOT: q (int4: even inputs then odd ones), block scales sc, and per
  * block the accumulator's starting value init[c] (16 int32 lanes): −offset·Σq over the block in lane 0, so that
@@ -53,3 +56,59 @@ static inline float exp_approx(float x) {
     union { int32_t i; float f; } e = {.i = (k + 127) << 23};
     return p * e.f;
 }
+
+/* N input vectors of n floats, prepared for the dot path of the matrix that reads them. */
+typedef struct {
+    int n, path, split;  /* split: int4 (even / odd inputs apart) */
+    float *f;            /* [N, n] fp32 */
+    float *e, *o;        /* [N, n/2] even / odd inputs (int4 FLOAT) */
+    uint16_t *b;         /* [N, n] bf16 (DPBF16) */
+    int8_t *q;           /* [N, n] int8 (IDOT) */
+    float *sc;           /* [N, n/QB] block scales (IDOT) */
+    int32_t *init;       /* [N, n/QB, 16] accumulator starts (IDOT) */
+} Acts;
+
+static void prep(Acts *a, int v) {
+    const float *x = a->f + (size_t)v * a->n;
+    int n = a->n;
+    if (a->path == DPBF16) for (int j = 0; j < n; j++) a->b[(size_t)v * n + j] = f2bf16(x[j]);
+    if (a->path == FLOAT && a->split)
+        for (int j = 0; j < n / 2; j++) { a->e[(size_t)v * n / 2 + j] = x[2 * j]; a->o[(size_t)v * n / 2 + j] = x[2 * j + 1]; }
+    if (a->path == IDOT)
+        quantize_act(x, n, a->split, a->split ? 8 : 128, a->q + (size_t)v * n, a->sc + (size_t)v * (n / QB),
+                     a->init + (size_t)v * (n / QB) * 16);
+}
+
+/* Carves 64-byte aligned pieces out of the scratch buffer (base NULL: just counts the bytes). */
+static void *take(char **cur, size_t bytes) {
+    char *p = (char *)(((uintptr_t)*cur + 63) & ~(uintptr_t)63);
+    *cur = p + bytes;
+    return p;
+}
+
+static void acts_layout(Acts *a, char **cur, int N, int n, int path, int split) {
+    a->n = n, a->path = path, a->split = split;
+    a->e = take(cur, (size_t)N * n / 2 * 4), a->o = take(cur, (size_t)N * n / 2 * 4);
+    a->b = take(cur, (size_t)N * n * 2 + 64), a->q = take(cur, (size_t)N * n + 64);
+    a->sc = take(cur, (size_t)N * (n / QB + 1) * 4), a->init = take(cur, (size_t)N * (n / QB + 1) * 64);
+}
+
+/* The pipelined schedule's shared state (moe_cpu.c): task counter, gate/up tasks left per expert, h ready. */
+typedef struct { long next; int left[4096], ready[4096]; } Pipe;
+
+typedef struct { float *x32, *gu_out, *h, *y; Acts xa, ha; Pipe *pipe; } Scratch;
+
+static size_t layout(Scratch *s, char *base, int T, int K, int H, int I, int gpath, int dpath, int fmt) {
+    char *cur = base;
+    size_t P = (size_t)T * K;
+    s->x32 = take(&cur, (size_t)T * H * 4);  /* [T, H] the input in fp32 */
+    s->gu_out = take(&cur, P * 2 * I * 4);   /* [P, 2I] */
+    s->h = take(&cur, P * I * 4);            /* [P, I] */
+    s->y = take(&cur, P * H * 4);            /* [P, H] */
+    acts_layout(&s->xa, &cur, T, H, gpath, fmt == 2);
+    acts_layout(&s->ha, &cur, (int)P, I, dpath, fmt == 2);
+    s->xa.f = s->x32, s->ha.f = s->h;
+    s->pipe = take(&cur, sizeof(Pipe));
+    return (size_t)(cur - base) + 64;
+}
+

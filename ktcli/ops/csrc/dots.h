@@ -136,30 +136,8 @@ static void dot_bf16_dp(const uint16_t *w, const uint16_t *const *x, int n, floa
 /* ---- IDOT. q[t]: vector t's int8 values (int4: its even inputs, then its odd ones); init[t][c]: block c's
  * accumulator start, which removes the weights' storage offset (acts.h); cs[t][c]: the scale of block c's
  * products — the activation block scale, times the weight group's scale for int4 (the caller folds them once per
- * row, so the block loop is one convert and one multiply-add). res[t] = Σ_c cs[t][c]·Σ_{j∈c} w_j·q_j.
- * Two accumulators per vector (even / odd blocks) keep the multiply-add latency off the critical path. ---- */
+ * row). res[t] = Σ_c cs[t][c]·Σ_{j∈c} w_j·q_j. ---- */
 #if HAS_VNNI
-#define BLOCK_PAIRS(n, STEP) do { int c = 0; \
-        for (; c + 2 <= (n) / QB; c += 2) { STEP(c, 0); STEP(c + 1, 1); } \
-        if (c < (n) / QB) STEP(c, 0); } while (0)
-
-/* int8 rows, stored w+128 as unsigned bytes (vpdpbusd's unsigned operand, no flip per load) */
-INL void vnni_i8(const uint8_t *w, const int8_t *const *q, const int32_t *const *init, const float *const *cs,
-                 int n, float *res, int nt) {
-    __m512 acc[NT][2];
-    for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
-#define I8_STEP(c, a) do { \
-        const uint8_t *wc = w + (c) * QB; \
-        PREFETCH(wc); PREFETCH(wc + 64); \
-        __m512i w0 = _mm512_loadu_si512(wc), w1 = _mm512_loadu_si512(wc + 64); \
-        for (int t = 0; t < nt; t++) { \
-            __m512i d = _mm512_dpbusd_epi32(_mm512_load_si512(init[t] + (c) * 16), w0, _mm512_loadu_si512(q[t] + (c) * QB)); \
-            d = _mm512_dpbusd_epi32(d, w1, _mm512_loadu_si512(q[t] + (c) * QB + 64)); \
-            acc[t][a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(cs[t][c]), acc[t][a]); } } while (0)
-    BLOCK_PAIRS(n, I8_STEP);
-    for (int t = 0; t < nt; t++) res[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
-}
-
 #if defined(__GFNI__)
 /* High nibbles moved down in one GF(2) affine instruction (output bit i = input bit i+4), not a shift and a mask:
  * 15% less compute per int4 block (benchmarks/dot_micro.c). */
@@ -168,22 +146,71 @@ INL void vnni_i8(const uint8_t *w, const int8_t *const *q, const int32_t *const 
 #define HI_NIBBLES(b) _mm512_and_si512(_mm512_srli_epi16(b, 4), m)
 #endif
 
-/* int4 rows: 64 packed bytes = one block of 128 inputs (low nibbles: even inputs, high: odd), stored w+8 */
-INL void vnni_i4(const uint8_t *w, const int8_t *const *q, const int32_t *const *init, const float *const *cs,
-                 int n, float *res, int nt) {
-    const __m512i m = _mm512_set1_epi8(15);
+#ifndef IDOT_TREE
+#define IDOT_TREE 1
+#endif
+/* Block c's two 64-byte weight operands: int8 rows (stored w+128) as they are; int4 rows (64 packed bytes per
+ * block of 128 inputs, low nibbles the even inputs, high the odd, stored w+8) split into nibbles. */
+INL void wblock(int int4, const uint8_t *w, int c, __m512i *w0, __m512i *w1) {
+    if (int4) {
+        __m512i b = _mm512_loadu_si512(w + c * 64), m = _mm512_set1_epi8(15);
+        PREFETCH(w + c * 64);
+        *w0 = _mm512_and_si512(b, m), *w1 = HI_NIBBLES(b);
+    } else {
+        PREFETCH(w + c * 128); PREFETCH(w + c * 128 + 64);
+        *w0 = _mm512_loadu_si512(w + c * 128), *w1 = _mm512_loadu_si512(w + c * 128 + 64);
+    }
+}
+/* Block c's int32 partial sums (16 lanes) for one vector, started at init (the storage offset taken back). */
+INL __m512i dblock(int int4, __m512i w0, __m512i w1, const int8_t *q, const int32_t *init, int n, int c) {
+    const int8_t *q0 = int4 ? q + c * 64 : q + c * 128, *q1 = int4 ? q + n / 2 + c * 64 : q0 + 64;
+    __m512i d = _mm512_dpbusd_epi32(_mm512_load_si512(init + c * 16), w0, _mm512_loadu_si512(q0));
+    return _mm512_dpbusd_epi32(d, w1, _mm512_loadu_si512(q1));
+}
+/* Four blocks' partial sums → one vector, lane l holding block l % 4's (unpacks and adds: port 5 and either
+ * port), so that one convert and one multiply-add by [cs0..cs3] × 4 serve four blocks: vpdpbusd and the
+ * convert share port 0, which bounds the block loop. */
+INL __m512i sum4(__m512i d0, __m512i d1, __m512i d2, __m512i d3) {
+    __m512i e01 = _mm512_add_epi32(_mm512_unpacklo_epi32(d0, d1), _mm512_unpackhi_epi32(d0, d1));   /* A B A B */
+    __m512i e23 = _mm512_add_epi32(_mm512_unpacklo_epi32(d2, d3), _mm512_unpackhi_epi32(d2, d3));   /* C D C D */
+    return _mm512_add_epi32(_mm512_unpacklo_epi64(e01, e23), _mm512_unpackhi_epi64(e01, e23));     /* A B C D */
+}
+
+/* int8 (int4 = 0) or int4 (int4 = 1) rows: res[t] = Σ_c cs[t][c]·(block c's integer dot product). */
+INL void vnni_rows(int int4, const uint8_t *w, const int8_t *const *q, const int32_t *const *init,
+                   const float *const *cs, int n, float *res, int nt) {
     __m512 acc[NT][2];
     for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
-#define I4_STEP(c, a) do { \
-        __m512i b = _mm512_loadu_si512(w + (c) * (QB / 2)); \
-        PREFETCH(w + (c) * (QB / 2)); \
-        __m512i lo = _mm512_and_si512(b, m), hi = HI_NIBBLES(b); \
-        for (int t = 0; t < nt; t++) { \
-            __m512i d = _mm512_dpbusd_epi32(_mm512_load_si512(init[t] + (c) * 16), lo, _mm512_loadu_si512(q[t] + (c) * (QB / 2))); \
-            d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(q[t] + n / 2 + (c) * (QB / 2))); \
-            acc[t][a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(cs[t][c]), acc[t][a]); } } while (0)
-    BLOCK_PAIRS(n, I4_STEP);
+    int nb = n / QB, c = 0;
+#if IDOT_TREE
+    for (; c + 4 <= nb; c += 4) {
+        __m512i w0[4], w1[4];
+        for (int k = 0; k < 4; k++) wblock(int4, w, c + k, &w0[k], &w1[k]);
+        for (int t = 0; t < nt; t++) {
+            __m512i d[4];
+            for (int k = 0; k < 4; k++) d[k] = dblock(int4, w0[k], w1[k], q[t], init[t], n, c + k);
+            acc[t][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum4(d[0], d[1], d[2], d[3])),
+                                        _mm512_broadcast_f32x4(_mm_loadu_ps(cs[t] + c)), acc[t][0]);
+        }
+    }
+#endif
+    /* the rest a block at a time (IDOT_TREE=0: every block), even and odd blocks into two sums */
+#define ONE_BLOCK(c, a) do { __m512i w0, w1; \
+        wblock(int4, w, c, &w0, &w1); \
+        for (int t = 0; t < nt; t++) \
+            acc[t][a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dblock(int4, w0, w1, q[t], init[t], n, c)), \
+                                        _mm512_set1_ps(cs[t][c]), acc[t][a]); } while (0)
+    for (; c + 2 <= nb; c += 2) { ONE_BLOCK(c, 0); ONE_BLOCK(c + 1, 1); }
+    if (c < nb) ONE_BLOCK(c, 0);
     for (int t = 0; t < nt; t++) res[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+}
+INL void vnni_i8(const uint8_t *w, const int8_t *const *q, const int32_t *const *init, const float *const *cs,
+                 int n, float *res, int nt) {
+    vnni_rows(0, w, q, init, cs, n, res, nt);
+}
+INL void vnni_i4(const uint8_t *w, const int8_t *const *q, const int32_t *const *init, const float *const *cs,
+                 int n, float *res, int nt) {
+    vnni_rows(1, w, q, init, cs, n, res, nt);
 }
 static void idot_i8(const uint8_t *w, const int8_t *const *q, const int32_t *const *init, const float *const *cs,
                     int n, float *res, int nt) {

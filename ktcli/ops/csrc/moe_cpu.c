@@ -17,23 +17,30 @@
 #include "dots.h"
 #include "acts.h"
 
-enum { FLOAT, DPBF16, IDOT };
 #define MAXB 256                 /* IDOT rows up to MAXB blocks of QB inputs (32768) */
 static int int_dot = HAS_VNNI;   /* int8/int4 use IDOT (int8 activations) where its sizes fit */
 static int chunk_kb = 256;       /* rows handed to threads in chunks of this many KiB of weights (0: static split) */
-static int guided = 0;           /* chunks handed out dynamically (0) or guided: large first, finer at the end (1) */
+static int guided = 0;           /* two-phase schedule: chunks handed out dynamically (0) or guided (1) */
+static int pipelined = 1;        /* one task list for both matrices (1) or two phases with a barrier between (0) */
+static double *prof;             /* moe_profile(): per-thread timestamps of the last call, or NULL */
 
 int moe_caps(void) { return HAS_DPBF16 | HAS_VNNI << 1; }
 
-/* Tuning knobs for benchmarks and tests; a negative value keeps the current setting. Writes the settings
- * now in force to was[4] (chunk, prefetch, idot, guided) first, so a caller can restore them. */
-void moe_tune(int chunk, int prefetch, int idot, int guide, int *was) {
-    was[0] = chunk_kb, was[1] = pf_bytes, was[2] = int_dot, was[3] = guided;
-    if (chunk >= 0) chunk_kb = chunk;
-    if (prefetch >= 0) pf_bytes = prefetch;
-    if (idot >= 0) int_dot = idot;
-    if (guide >= 0) guided = guide;
+/* Tuning knobs for benchmarks and tests, in this order: chunk, prefetch, idot, guided, pipelined. Writes the
+ * settings in force to was[5], then applies set[5] (a negative value keeps a setting). */
+void moe_tune(const int *set, int *was) {
+    int *knob[] = {&chunk_kb, &pf_bytes, &int_dot, &guided, &pipelined};
+    for (int k = 0; k < 5; k++) {
+        was[k] = *knob[k];
+        if (set[k] >= 0) *knob[k] = set[k];
+    }
 }
+
+/* Timestamps (omp_get_wtime) of each call from now on: buf[0] the call's start, then per thread 8 slots
+ * (STAMPS below); NULL stops. buf holds 1 + 8 × threads doubles. */
+enum { T_START, T_PREP, T_GATE_UP, T_DOWN, T_END, STAMPS };
+void moe_profile(double *buf) { prof = buf; }
+#define STAMP(k) do { if (prof) prof[1 + 8 * omp_get_thread_num() + (k)] = omp_get_wtime(); } while (0)
 
 typedef struct {
     int fmt, G, path;
@@ -45,28 +52,6 @@ static int path_for(int fmt, int C, int G) {
     if (fmt == 0) return HAS_DPBF16 ? DPBF16 : FLOAT;
     if (int_dot && C % QB == 0 && C / QB <= MAXB && (fmt == 1 || G % QB == 0)) return IDOT;
     return FLOAT;
-}
-
-/* N input vectors of n floats, prepared for the dot path of the matrix that reads them. */
-typedef struct {
-    int n, path, split;  /* split: int4 (even / odd inputs apart) */
-    float *f;            /* [N, n] fp32 */
-    float *e, *o;        /* [N, n/2] even / odd inputs (int4 FLOAT) */
-    uint16_t *b;         /* [N, n] bf16 (DPBF16) */
-    int8_t *q;           /* [N, n] int8 (IDOT) */
-    float *sc;           /* [N, n/QB] block scales (IDOT) */
-    int32_t *init;       /* [N, n/QB, 16] accumulator starts (IDOT) */
-} Acts;
-
-static void prep(Acts *a, int v) {
-    const float *x = a->f + (size_t)v * a->n;
-    int n = a->n;
-    if (a->path == DPBF16) for (int j = 0; j < n; j++) a->b[(size_t)v * n + j] = f2bf16(x[j]);
-    if (a->path == FLOAT && a->split)
-        for (int j = 0; j < n / 2; j++) { a->e[(size_t)v * n / 2 + j] = x[2 * j]; a->o[(size_t)v * n / 2 + j] = x[2 * j + 1]; }
-    if (a->path == IDOT)
-        quantize_act(x, n, a->split, a->split ? 8 : 128, a->q + (size_t)v * n, a->sc + (size_t)v * (n / QB),
-                     a->init + (size_t)v * (n / QB) * 16);
 }
 
 /* Rows r0..r1 of expert e (R rows of C inputs) dotted with input vectors v[0..nt), nt ≤ NT: out[p[t] * R + r].
@@ -137,10 +122,24 @@ static void expert_rows(const Mat *m, int R, const Acts *a, int u, int r0, int r
     }
 }
 
-/* Every selected expert's rows of one matrix against the vectors routed to it: out[p * R + row] for pair p.
- * Rows go to threads in blocks of about chunk_kb KiB of weights within one expert, handed out as threads free
- * up (schedule(runtime): dynamic, or guided); chunk_kb = 0 splits the U·R rows into one contiguous range per
- * thread instead (the same rows every call: benchmarks use it to keep weights in each core's L2). */
+/* Rows per task: about chunk_kb KiB of one matrix's weights, within one expert. */
+static long rows_per_task(const Mat *m, int R, int C) {
+    size_t row_bytes = m->fmt == 0 ? (size_t)C * 2 : m->fmt == 1 ? (size_t)C : (size_t)C / 2;
+    long rpb = (long)(chunk_kb * 1024 / row_bytes);
+    return rpb < 1 ? 1 : rpb > R ? R : rpb;
+}
+
+/* Task b of a matrix cut into tasks of rpb rows, tpe tasks per expert. */
+static void task_rows(const Mat *m, int R, const Acts *a, long b, long rpb, long tpe, const int *uniq,
+                      const int *start, const int *order, int K, int by_token, float *out) {
+    int u = (int)(b / tpe), r0 = (int)((b % tpe) * rpb), r1 = r0 + rpb < R ? r0 + (int)rpb : R;
+    expert_rows(m, R, a, u, r0, r1, uniq, start, order, K, by_token, out);
+}
+
+/* Every selected expert's rows of one matrix against the vectors routed to it: out[p * R + row] for pair p
+ * (no barrier at the end: the caller's). Tasks handed out as threads free up (schedule(runtime): dynamic, or guided); chunk_kb = 0 splits the U·R
+ * rows into one contiguous range per thread instead (the same rows every call: benchmarks use it to keep
+ * weights in each core's L2). */
 static void matrix_rows(const Mat *m, int R, const Acts *a, int U, const int *uniq, const int *start,
                         const int *order, int K, int by_token, float *out) {
     if (chunk_kb == 0) {
@@ -150,47 +149,55 @@ static void matrix_rows(const Mat *m, int R, const Acts *a, int U, const int *un
             expert_rows(m, R, a, u, r0, r1, uniq, start, order, K, by_token, out);
             g += r1 - r0;
         }
-#pragma omp barrier
         return;
     }
-    size_t row_bytes = m->fmt == 0 ? (size_t)a->n * 2 : m->fmt == 1 ? (size_t)a->n : (size_t)a->n / 2;
-    long rpb = (long)(chunk_kb * 1024 / row_bytes);
-    rpb = rpb < 1 ? 1 : rpb > R ? R : rpb;
-    long bpe = (R + rpb - 1) / rpb;   /* blocks per expert */
-#pragma omp for schedule(runtime)
-    for (long b = 0; b < U * bpe; b++) {
-        int u = (int)(b / bpe), r0 = (int)((b % bpe) * rpb), r1 = r0 + rpb < R ? r0 + (int)rpb : R;
-        expert_rows(m, R, a, u, r0, r1, uniq, start, order, K, by_token, out);
+    long rpb = rows_per_task(m, R, a->n), tpe = (R + rpb - 1) / rpb;
+#pragma omp for schedule(runtime) nowait
+    for (long b = 0; b < U * tpe; b++) task_rows(m, R, a, b, rpb, tpe, uniq, start, order, K, by_token, out);
+}
+
+/* h = SiLU(gate) * up for pair p, prepared for the down rows' dot path. */
+static void act_pair(Scratch *s, int p, int I) {
+    const float *g = s->gu_out + (size_t)p * 2 * I, *up = g + I;
+    float *h = s->h + (size_t)p * I;
+#pragma omp simd
+    for (int i = 0; i < I; i++) h[i] = g[i] / (1.f + exp_approx(-g[i])) * up[i];
+    prep(&s->ha, p);
+}
+
+/* The pipelined schedule: one task counter over the gate/up tasks of every expert, then its down tasks. An
+ * expert's down tasks wait only for that expert's own gate/up tasks (the thread finishing the last one computes
+ * its h), so threads done with gate/up rows go on to down rows without a barrier between the matrices. */
+static void pipe_init(Pipe *pp, const Mat *mg, int U, int H, int I) {
+    long rg = rows_per_task(mg, 2 * I, H);
+    pp->next = 0;
+    for (int u = 0; u < U; u++) pp->left[u] = (int)((2 * I + rg - 1) / rg), pp->ready[u] = 0;
+}
+
+static void pipelined_rows(Pipe *pp, const Mat *mg, const Mat *md, Scratch *s, int U, int H, int I,
+                           const int *uniq, const int *start, const int *order, int K) {
+    long rg = rows_per_task(mg, 2 * I, H), tg = (2 * I + rg - 1) / rg, ng = U * tg;
+    long rd = rows_per_task(md, H, I), td = (H + rd - 1) / rd;
+    for (long b; (b = __atomic_fetch_add(&pp->next, 1, __ATOMIC_RELAXED)) < ng + U * td;) {
+        if (b < ng) {
+            task_rows(mg, 2 * I, &s->xa, b, rg, tg, uniq, start, order, K, 1, s->gu_out);
+            STAMP(T_GATE_UP);
+            int u = (int)(b / tg);
+            if (__atomic_sub_fetch(&pp->left[u], 1, __ATOMIC_ACQ_REL) == 0) {   /* sees every task's rows */
+                for (int q = start[u]; q < start[u + 1]; q++) act_pair(s, order[q], I);
+                __atomic_store_n(&pp->ready[u], 1, __ATOMIC_RELEASE);
+            }
+            continue;
+        }
+        b -= ng;
+        while (!__atomic_load_n(&pp->ready[b / td], __ATOMIC_ACQUIRE))
+#if defined(__x86_64__)
+            __builtin_ia32_pause();
+#else
+            ;
+#endif
+        task_rows(md, H, &s->ha, b, rd, td, uniq, start, order, K, 0, s->y);
     }
-}
-
-/* Carves 64-byte aligned pieces out of the scratch buffer (base NULL: just counts the bytes). */
-static void *take(char **cur, size_t bytes) {
-    char *p = (char *)(((uintptr_t)*cur + 63) & ~(uintptr_t)63);
-    *cur = p + bytes;
-    return p;
-}
-
-static void acts_layout(Acts *a, char **cur, int N, int n, int path, int split) {
-    a->n = n, a->path = path, a->split = split;
-    a->e = take(cur, (size_t)N * n / 2 * 4), a->o = take(cur, (size_t)N * n / 2 * 4);
-    a->b = take(cur, (size_t)N * n * 2 + 64), a->q = take(cur, (size_t)N * n + 64);
-    a->sc = take(cur, (size_t)N * (n / QB + 1) * 4), a->init = take(cur, (size_t)N * (n / QB + 1) * 64);
-}
-
-typedef struct { float *x32, *gu_out, *h, *y; Acts xa, ha; } Scratch;
-
-static size_t layout(Scratch *s, char *base, int T, int K, int H, int I, int gpath, int dpath, int fmt) {
-    char *cur = base;
-    size_t P = (size_t)T * K;
-    s->x32 = take(&cur, (size_t)T * H * 4);  /* [T, H] the input in fp32 */
-    s->gu_out = take(&cur, P * 2 * I * 4);   /* [P, 2I] */
-    s->h = take(&cur, P * I * 4);            /* [P, I] */
-    s->y = take(&cur, P * H * 4);            /* [P, H] */
-    acts_layout(&s->xa, &cur, T, H, gpath, fmt == 2);
-    acts_layout(&s->ha, &cur, (int)P, I, dpath, fmt == 2);
-    s->xa.f = s->x32, s->ha.f = s->h;
-    return (size_t)(cur - base) + 64;
 }
 
 size_t moe_scratch_bytes(int T, int K, int H, int I) {
@@ -223,28 +230,32 @@ int moe_forward(int T, int K, int H, int I, const void *x, const int64_t *idx, c
     layout(&s, (char *)scratch, T, K, H, I, mg.path, md.path, fmt);
     const uint16_t *xb = x, *wb = wts;
     const float *xf = x, *wf = wts;
+    int pipe = pipelined && chunk_kb > 0;
+    if (pipe) pipe_init(s.pipe, &mg, U, H, I);
     omp_set_schedule(guided ? omp_sched_guided : omp_sched_dynamic, 1);   /* matrix_rows' schedule(runtime) */
+    if (prof) prof[0] = omp_get_wtime();
 #pragma omp parallel num_threads(threads)
     {
+        STAMP(T_START);
         /* the input in fp32, prepared for the gate/up rows' dot path */
 #pragma omp for schedule(static)
         for (int t = 0; t < T; t++) {
             for (int j = 0; j < H; j++) s.x32[(size_t)t * H + j] = io ? bf16f(xb[(size_t)t * H + j]) : xf[(size_t)t * H + j];
             prep(&s.xa, t);
         }
-        /* phase 1: gate and up rows of every selected expert */
-        matrix_rows(&mg, 2 * I, &s.xa, U, uniq, start, order, K, 1, s.gu_out);
-        /* h = SiLU(gate) * up, prepared for the down rows */
+        STAMP(T_PREP);
+        if (pipe) {
+            pipelined_rows(s.pipe, &mg, &md, &s, U, H, I, uniq, start, order, K);
+        } else {
+            matrix_rows(&mg, 2 * I, &s.xa, U, uniq, start, order, K, 1, s.gu_out);   /* gate and up rows */
+            STAMP(T_GATE_UP);
+#pragma omp barrier
 #pragma omp for schedule(static)
-        for (int p = 0; p < P; p++) {
-            const float *g = s.gu_out + (size_t)p * 2 * I, *up = g + I;
-            float *h = s.h + (size_t)p * I;
-#pragma omp simd
-            for (int i = 0; i < I; i++) h[i] = g[i] / (1.f + exp_approx(-g[i])) * up[i];
-            prep(&s.ha, p);
+            for (int p = 0; p < P; p++) act_pair(&s, p, I);
+            matrix_rows(&md, H, &s.ha, U, uniq, start, order, K, 0, s.y);            /* down rows */
         }
-        /* phase 2: down rows */
-        matrix_rows(&md, H, &s.ha, U, uniq, start, order, K, 0, s.y);
+        STAMP(T_DOWN);
+#pragma omp barrier
         /* weighted sum over the K experts of each token */
 #pragma omp for schedule(static) nowait
         for (long k = 0; k < (long)T * H; k++) {
@@ -255,6 +266,7 @@ int moe_forward(int T, int K, int H, int I, const void *x, const int64_t *idx, c
             if (io) ((uint16_t *)out)[k] = f2bf16(acc);
             else ((float *)out)[k] = acc;
         }
+        STAMP(T_END);
     }
     return 0;
 }
