@@ -20,15 +20,15 @@ case $what in
         --formats int8,int4 --stock-max-t 1 --out $out/cpu-experts-quant.json
     python3 benchmarks/cpu_experts.py --hidden 2048 --inter 768 --experts 128 --topk 8 --layers 16 --threads 16 \
         --reps 10 --batches 1,4,16 --stock-max-t 0 --out $out/cpu-experts-qwen3-shape.json ;;
-  int4)     # session 4: four-block partial-sum tree in the integer dot products (A/B as compile-time builds),
-            # pipelined schedule vs two phases, and where each call's time goes
+  int4)     # session 4: pipelined schedule vs two phases, where each call's time goes, cost per row (dot_micro at
+            # 4x longer rows), fixed cost per call
     python3 -m pytest -q tests/test_kernels.py 2>&1 | tail -3 || true
-    for t in 1 0; do gcc -O3 -march=native -fopenmp -DIDOT_TREE=$t benchmarks/dot_micro.c -o /tmp/dot_micro$t -lm \
-        && echo "IDOT_TREE=$t" && /tmp/dot_micro$t; done | tee $out/dot-micro-tree.txt || true
+    for n in "" "-DN=14336 -DROWS=24"; do gcc -O3 -march=native -fopenmp $n benchmarks/dot_micro.c -o /tmp/dot_micro -lm \
+        && echo "dot_micro $n" && /tmp/dot_micro; done | tee $out/dot-micro-rows.txt || true
+    python3 benchmarks/cpu_experts.py --resident --resident-mb 0.1 --threads 16 --reps 30 --batches 1,4 \
+        --stock-max-t 0 --phases --out $out/cpu-experts-overhead.json
     python3 benchmarks/cpu_experts.py --layers 4 --threads 16 --reps 10 --rounds 5 --batches 1,4,16 \
-        --formats int4,int8 --pipeline 0,1 --phases --stock-max-t 0 --out $out/cpu-experts-tree1.json
-    KTCLI_CPU_CFLAGS=-DIDOT_TREE=0 python3 benchmarks/cpu_experts.py --layers 4 --threads 16 --reps 10 --rounds 5 \
-        --batches 1,4,16 --formats int4,int8 --pipeline 1 --stock-max-t 0 --out $out/cpu-experts-tree0.json ;;
+        --formats int4,int8,bf16 --pipeline 0,1 --phases --stock-max-t 0 --out $out/cpu-experts-pipeline.json ;;
   parity)   # graph replay == eager, token for token, full-size seed placement and Qwen3-30B-A3B hybrid
     python3 benchmarks/graph_parity.py profiles/qwen3-30b-a3b-gpu-half.yaml profiles/qwen3-30b-a3b-cpu-experts.yaml \
         --tokens 64 --out $out/parity-qwen3-30b.json

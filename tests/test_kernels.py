@@ -183,8 +183,8 @@ def test_runner_dtypes_and_reuse(fmt):
 @needs_kernel
 @pytest.mark.parametrize("pipeline", [0, 1])
 def test_profile_stamps_each_thread_in_order(pipeline):
-    """kernels.profile: every thread stamps start ≤ prep ≤ down ≤ end, its gate/up rows before its down rows
-    finish; the kernel's result is the same with stamps on."""
+    """kernels.profile: the kernel's entry ≤ fork ≤ every thread's start ≤ prep ≤ down ≤ end ≤ the kernel's exit,
+    each thread's gate/up rows done before its down rows; the kernel's result is the same with stamps on."""
     gu, dn, x, idx, w = case(16, 256, 128, 4, 5, 3)
     ew = pack("int4", gu, dn)
     out, plain = torch.empty(5, 256), torch.empty(5, 256)
@@ -194,9 +194,9 @@ def test_profile_stamps_each_thread_in_order(pipeline):
         p = kernels.profile(lambda: kernels.Runner()(lib, x, idx, w, ew, out, 3), 3)
     finally:
         kernels.tune(*was)
-    assert torch.equal(out, plain) and set(p) == set(kernels.STAMPS)
+    assert torch.equal(out, plain) and set(p) == {"fork", "exit", *kernels.STAMPS}
     for t in range(3):
-        assert 0 <= p["start"][t] <= p["prep"][t] <= p["down"][t] <= p["end"][t], (t, p)
+        assert 0 <= p["fork"] <= p["start"][t] <= p["prep"][t] <= p["down"][t] <= p["end"][t] <= p["exit"], (t, p)
         assert p["gate_up"][t] <= p["down"][t]
 
 

@@ -3,7 +3,7 @@
 Built with gcc -O3 -march=native (the instruction set is the running CPU's: AVX-512, AVX2, or plain), linked
 against torch's own libgomp so kernel and torch share one OpenMP thread pool. If gcc is missing or the build
 fails, `get()` returns None and the pure-torch path runs instead. KTCLI_CPU_CFLAGS adds compiler flags (A/B
-builds of a compile-time variant in benchmarks, e.g. -DIDOT_TREE=0); they are part of the cached build's name.
+builds of a compile-time variant in benchmarks, e.g. -DNT=2); they are part of the cached build's name.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import threading
 import torch
 
 SRC = os.path.join(os.path.dirname(__file__), "csrc", "moe_cpu.c")
-HEADERS = [os.path.join(os.path.dirname(__file__), "csrc", h) for h in ("dots.h", "acts.h")]
+HEADERS = [os.path.join(os.path.dirname(__file__), "csrc", h) for h in ("dots.h", "acts.h", "rows.h")]
 FORMATS = {"bf16": 0, "int8": 1, "int4": 2}
 MAX_TOKENS = 16          # decode and small batches; larger prefill chunks go to torch's GEMMs
 _lock = threading.Lock()
@@ -80,6 +80,7 @@ def get():
                     lib.stream_read.restype = ctypes.c_uint64
                     lib.moe_tune.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
                     lib.moe_profile.argtypes = [ctypes.c_void_p]
+                    lib.moe_call.argtypes = [ctypes.c_void_p]
                     _state["lib"] = lib
                     act = os.environ.get("KTCLI_CPU_INT8_ACT")   # 0/1 overrides "where VNNI exists"
                     if act in ("0", "1"):
@@ -125,17 +126,26 @@ STAMPS = ("start", "prep", "gate_up", "down", "end")   # moe_cpu.c's T_* slots, 
 
 
 def profile(fn, threads: int) -> dict:
-    """Runs fn() (one kernel call) with per-thread timestamps on; returns µs from the call's start, per thread
-    and stamp: "start" the thread entering the parallel region, "prep" the input ready, "gate_up" its last gate/up
-    task done, "down" its last down task done (before the barrier), "end" its share of the output written."""
+    """Runs fn() (one kernel call) with timestamps on; returns µs since the kernel's entry: "fork" the thread
+    team started, "exit" the kernel returning, and per thread (lists) "start" entering the parallel region,
+    "prep" the input ready, "gate_up" its last gate/up task done, "down" its last down task done (before the
+    barrier), "end" its share of the output written."""
     lib = get()
-    buf = (ctypes.c_double * (1 + 8 * threads))()
+    buf = (ctypes.c_double * (4 + 8 * threads))()
     lib.moe_profile(buf)
     try:
         fn()
     finally:
         lib.moe_profile(None)
-    return {k: [1e6 * (buf[1 + 8 * t + i] - buf[0]) for t in range(threads)] for i, k in enumerate(STAMPS)}
+    us = [1e6 * (v - buf[0]) for v in buf]
+    return {"fork": us[1], "exit": us[2], **{k: us[4 + i::8][:threads] for i, k in enumerate(STAMPS)}}
+
+
+class _Call(ctypes.Structure):
+    """moe_cpu.c's Call: moe_forward's arguments, built once per set of buffers."""
+    _fields_ = [*((n, ctypes.c_int) for n in ("T", "K", "H", "I")), *((n, ctypes.c_void_p) for n in ("x", "idx", "wts")),
+                ("fmt", ctypes.c_int), ("G", ctypes.c_int), *((n, ctypes.c_void_p) for n in ("gu", "gu_s", "dn", "dn_s", "out", "scratch")),
+                ("threads", ctypes.c_int), ("io", ctypes.c_int)]
 
 
 def enabled() -> bool:
@@ -148,7 +158,7 @@ def error():
 
 
 def _p(t):
-    return ctypes.c_void_p(t.data_ptr()) if t is not None else ctypes.c_void_p(0)
+    return t.data_ptr() if t is not None else None
 
 
 class Runner:
@@ -189,7 +199,8 @@ class Runner:
             if len(self.calls) > 64 or self.bufs.get("scratch") is None or self.bufs["scratch"].numel() < need:
                 self.calls.clear()   # the cached argument lists point at the scratch buffer about to be replaced
             scratch = self._buf("scratch", need, torch.uint8)
-            args = self.calls[key] = (T, K, H, I, _p(x), _p(idx), _p(w), FORMATS[weights.fmt], weights.group,
-                                      *(_p(t) for t in wt), _p(out), _p(scratch), threads, direct)
-        if lib.moe_forward(*args) != 0:
+            call = _Call(T, K, H, I, _p(x), _p(idx), _p(w), FORMATS[weights.fmt], weights.group, *(_p(t) for t in wt),
+                         _p(out), _p(scratch), threads, direct)
+            args = self.calls[key] = (call, ctypes.addressof(call))   # the struct kept alive beside its address
+        if lib.moe_call(args[1]) != 0:
             raise RuntimeError(f"moe_forward rejected its arguments (T={T}, K={K}, group={weights.group})")

@@ -7,33 +7,30 @@
 
 enum { FLOAT, DPBF16, IDOT };   /* dot paths (dots.h) */
 
-/* Quantize one activation vector x[n] for IDOT: q (int4: even inputs then odd ones), block scales sc, and per
- * block the accumulator's starting value init[c] (16 int32 lanes): −offset·Σq over the block in lane 0, so that
- * the dot products of weights stored with an offset (w + offset, unsigned) come out as Σ w·q directly. */
-static void quantize_act(const float *x, int n, int split, int offset, int8_t *q, float *sc, int32_t *init) {
+/* Quantize block c (QB inputs) of an activation vector x[n] for IDOT: its int8 values in q (int4: even inputs
+ * in q[0, n/2), odd ones in q[n/2, n)), its scale sc[c], and z[c] = offset·sc[c]·Σq: weights are stored with
+ * an offset (w + offset, unsigned), and Σ_c sc[c]·Σ(w + offset)·q − Σ_c z[c] = Σ_c sc[c]·Σ w·q (dots.h). */
+static void quantize_block(const float *x, int n, int c, int split, int offset, int8_t *q, float *sc, float *z) {
     int8_t tmp[QB];
-    for (int c = 0; c < n / QB; c++) {
-        const float *xc = x + c * QB;
-        float amax = 0.f;
+    const float *xc = x + c * QB;
+    float amax = 0.f;
 #pragma omp simd reduction(max : amax)
-        for (int j = 0; j < QB; j++) amax = fabsf(xc[j]) > amax ? fabsf(xc[j]) : amax;
-        float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-        int32_t sum = 0;
+    for (int j = 0; j < QB; j++) amax = fabsf(xc[j]) > amax ? fabsf(xc[j]) : amax;
+    float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-        for (int j = 0; j < QB; j++) {
-            float r = xc[j] * inv;   /* |r| ≤ 127: round half away from zero */
-            int v = (int)(r + (r < 0.f ? -0.5f : 0.5f));
-            tmp[j] = (int8_t)v;
-            sum += v;
-        }
-        if (split)
-            for (int j = 0; j < QB / 2; j++) q[c * QB / 2 + j] = tmp[2 * j], q[n / 2 + c * QB / 2 + j] = tmp[2 * j + 1];
-        else
-            memcpy(q + c * QB, tmp, QB);
-        sc[c] = s;
-        memset(init + c * 16, 0, 64);
-        init[c * 16] = -offset * sum;
+    for (int j = 0; j < QB; j++) {
+        float r = xc[j] * inv;   /* |r| ≤ 127: round half away from zero */
+        int v = (int)(r + (r < 0.f ? -0.5f : 0.5f));
+        tmp[j] = (int8_t)v;
+        sum += v;
     }
+    if (split)
+        for (int j = 0; j < QB / 2; j++) q[c * QB / 2 + j] = tmp[2 * j], q[n / 2 + c * QB / 2 + j] = tmp[2 * j + 1];
+    else
+        memcpy(q + c * QB, tmp, QB);
+    sc[c] = s;
+    z[c] = (float)offset * s * (float)sum;
 }
 
 /* exp(x) to about 1 ulp (Cephes expf: x = k·ln2 + r, polynomial in r, 2^k from the exponent bits), in plain
@@ -65,18 +62,21 @@ typedef struct {
     uint16_t *b;         /* [N, n] bf16 (DPBF16) */
     int8_t *q;           /* [N, n] int8 (IDOT) */
     float *sc;           /* [N, n/QB] block scales (IDOT) */
-    int32_t *init;       /* [N, n/QB, 16] accumulator starts (IDOT) */
+    float *z;            /* [N, n/QB] the storage offset's share of each block (IDOT) */
 } Acts;
 
-static void prep(Acts *a, int v) {
+/* Inputs [j0, j1) of vector v (j0 a multiple of QB; j1 too, or n) prepared for the dot path: pieces of a
+ * vector go to different threads. */
+static void prep(Acts *a, int v, int j0, int j1) {
     const float *x = a->f + (size_t)v * a->n;
     int n = a->n;
-    if (a->path == DPBF16) for (int j = 0; j < n; j++) a->b[(size_t)v * n + j] = f2bf16(x[j]);
+    if (a->path == DPBF16) for (int j = j0; j < j1; j++) a->b[(size_t)v * n + j] = f2bf16(x[j]);
     if (a->path == FLOAT && a->split)
-        for (int j = 0; j < n / 2; j++) { a->e[(size_t)v * n / 2 + j] = x[2 * j]; a->o[(size_t)v * n / 2 + j] = x[2 * j + 1]; }
+        for (int j = j0 / 2; j < j1 / 2; j++) { a->e[(size_t)v * n / 2 + j] = x[2 * j]; a->o[(size_t)v * n / 2 + j] = x[2 * j + 1]; }
     if (a->path == IDOT)
-        quantize_act(x, n, a->split, a->split ? 8 : 128, a->q + (size_t)v * n, a->sc + (size_t)v * (n / QB),
-                     a->init + (size_t)v * (n / QB) * 16);
+        for (int c = j0 / QB; c < j1 / QB; c++)
+            quantize_block(x, n, c, a->split, a->split ? 8 : 128, a->q + (size_t)v * n, a->sc + (size_t)v * (n / QB),
+                           a->z + (size_t)v * (n / QB));
 }
 
 /* Carves 64-byte aligned pieces out of the scratch buffer (base NULL: just counts the bytes). */
@@ -90,7 +90,7 @@ static void acts_layout(Acts *a, char **cur, int N, int n, int path, int split) 
     a->n = n, a->path = path, a->split = split;
     a->e = take(cur, (size_t)N * n / 2 * 4), a->o = take(cur, (size_t)N * n / 2 * 4);
     a->b = take(cur, (size_t)N * n * 2 + 64), a->q = take(cur, (size_t)N * n + 64);
-    a->sc = take(cur, (size_t)N * (n / QB + 1) * 4), a->init = take(cur, (size_t)N * (n / QB + 1) * 64);
+    a->sc = take(cur, (size_t)N * (n / QB + 1) * 4), a->z = take(cur, (size_t)N * (n / QB + 1) * 4);
 }
 
 /* The pipelined schedule's shared state (moe_cpu.c): task counter, gate/up tasks left per expert, h ready. */

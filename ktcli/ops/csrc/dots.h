@@ -133,10 +133,10 @@ static void dot_bf16_dp(const uint16_t *w, const uint16_t *const *x, int n, floa
 }
 #endif
 
-/* ---- IDOT. q[t]: vector t's int8 values (int4: its even inputs, then its odd ones); init[t][c]: block c's
- * accumulator start, which removes the weights' storage offset (acts.h); cs[t][c]: the scale of block c's
- * products — the activation block scale, times the weight group's scale for int4 (the caller folds them once per
- * row). res[t] = Σ_c cs[t][c]·Σ_{j∈c} w_j·q_j. ---- */
+/* ---- IDOT. q[t]: vector t's int8 values (int4: its even inputs, then its odd ones); cs[t][c]: the scale of
+ * block c's products — the activation block scale, times the weight group's scale for int4 (the caller folds
+ * them once per row). res[t] = Σ_c cs[t][c]·Σ_{j∈c} (w_j + offset)·q_j: the caller takes the storage offset's
+ * share back once per row (acts.h), which keeps a per-block load of it out of the loop. ---- */
 #if HAS_VNNI
 #if defined(__GFNI__)
 /* High nibbles moved down in one GF(2) affine instruction (output bit i = input bit i+4), not a shift and a mask:
@@ -146,9 +146,6 @@ static void dot_bf16_dp(const uint16_t *w, const uint16_t *const *x, int n, floa
 #define HI_NIBBLES(b) _mm512_and_si512(_mm512_srli_epi16(b, 4), m)
 #endif
 
-#ifndef IDOT_TREE
-#define IDOT_TREE 1
-#endif
 /* Block c's two 64-byte weight operands: int8 rows (stored w+128) as they are; int4 rows (64 packed bytes per
  * block of 128 inputs, low nibbles the even inputs, high the odd, stored w+8) split into nibbles. */
 INL void wblock(int int4, const uint8_t *w, int c, __m512i *w0, __m512i *w1) {
@@ -161,73 +158,51 @@ INL void wblock(int int4, const uint8_t *w, int c, __m512i *w0, __m512i *w1) {
         *w0 = _mm512_loadu_si512(w + c * 128), *w1 = _mm512_loadu_si512(w + c * 128 + 64);
     }
 }
-/* Block c's int32 partial sums (16 lanes) for one vector, started at init (the storage offset taken back). */
-INL __m512i dblock(int int4, __m512i w0, __m512i w1, const int8_t *q, const int32_t *init, int n, int c) {
+/* Block c's int32 partial sums (16 lanes) for one vector. */
+INL __m512i dblock(int int4, __m512i w0, __m512i w1, const int8_t *q, int n, int c) {
     const int8_t *q0 = int4 ? q + c * 64 : q + c * 128, *q1 = int4 ? q + n / 2 + c * 64 : q0 + 64;
-    __m512i d = _mm512_dpbusd_epi32(_mm512_load_si512(init + c * 16), w0, _mm512_loadu_si512(q0));
+    __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(q0));
     return _mm512_dpbusd_epi32(d, w1, _mm512_loadu_si512(q1));
 }
-/* Four blocks' partial sums → one vector, lane l holding block l % 4's (unpacks and adds: port 5 and either
- * port), so that one convert and one multiply-add by [cs0..cs3] × 4 serve four blocks: vpdpbusd and the
- * convert share port 0, which bounds the block loop. */
-INL __m512i sum4(__m512i d0, __m512i d1, __m512i d2, __m512i d3) {
-    __m512i e01 = _mm512_add_epi32(_mm512_unpacklo_epi32(d0, d1), _mm512_unpackhi_epi32(d0, d1));   /* A B A B */
-    __m512i e23 = _mm512_add_epi32(_mm512_unpacklo_epi32(d2, d3), _mm512_unpackhi_epi32(d2, d3));   /* C D C D */
-    return _mm512_add_epi32(_mm512_unpacklo_epi64(e01, e23), _mm512_unpackhi_epi64(e01, e23));     /* A B C D */
-}
-
 /* int8 (int4 = 0) or int4 (int4 = 1) rows: res[t] = Σ_c cs[t][c]·(block c's integer dot product). */
-INL void vnni_rows(int int4, const uint8_t *w, const int8_t *const *q, const int32_t *const *init,
-                   const float *const *cs, int n, float *res, int nt) {
+INL void vnni_rows(int int4, const uint8_t *w, const int8_t *const *q, const float *const *cs, int n, float *res, int nt) {
     __m512 acc[NT][2];
     for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
     int nb = n / QB, c = 0;
-#if IDOT_TREE
-    for (; c + 4 <= nb; c += 4) {
-        __m512i w0[4], w1[4];
-        for (int k = 0; k < 4; k++) wblock(int4, w, c + k, &w0[k], &w1[k]);
-        for (int t = 0; t < nt; t++) {
-            __m512i d[4];
-            for (int k = 0; k < 4; k++) d[k] = dblock(int4, w0[k], w1[k], q[t], init[t], n, c + k);
-            acc[t][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum4(d[0], d[1], d[2], d[3])),
-                                        _mm512_broadcast_f32x4(_mm_loadu_ps(cs[t] + c)), acc[t][0]);
-        }
-    }
-#endif
-    /* the rest a block at a time (IDOT_TREE=0: every block), even and odd blocks into two sums */
+    /* two sums (even / odd blocks) keep the multiply-add latency off the critical path */
 #define ONE_BLOCK(c, a) do { __m512i w0, w1; \
         wblock(int4, w, c, &w0, &w1); \
         for (int t = 0; t < nt; t++) \
-            acc[t][a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dblock(int4, w0, w1, q[t], init[t], n, c)), \
+            acc[t][a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dblock(int4, w0, w1, q[t], n, c)), \
                                         _mm512_set1_ps(cs[t][c]), acc[t][a]); } while (0)
     for (; c + 2 <= nb; c += 2) { ONE_BLOCK(c, 0); ONE_BLOCK(c + 1, 1); }
     if (c < nb) ONE_BLOCK(c, 0);
     for (int t = 0; t < nt; t++) res[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
 }
-INL void vnni_i8(const uint8_t *w, const int8_t *const *q, const int32_t *const *init, const float *const *cs,
+INL void vnni_i8(const uint8_t *w, const int8_t *const *q, const float *const *cs,
                  int n, float *res, int nt) {
-    vnni_rows(0, w, q, init, cs, n, res, nt);
+    vnni_rows(0, w, q, cs, n, res, nt);
 }
-INL void vnni_i4(const uint8_t *w, const int8_t *const *q, const int32_t *const *init, const float *const *cs,
+INL void vnni_i4(const uint8_t *w, const int8_t *const *q, const float *const *cs,
                  int n, float *res, int nt) {
-    vnni_rows(1, w, q, init, cs, n, res, nt);
+    vnni_rows(1, w, q, cs, n, res, nt);
 }
-static void idot_i8(const uint8_t *w, const int8_t *const *q, const int32_t *const *init, const float *const *cs,
+static void idot_i8(const uint8_t *w, const int8_t *const *q, const float *const *cs,
                     int n, float *res, int nt) {
-    NT_DISPATCH(vnni_i8, nt, w, q, init, cs, n, res)
+    NT_DISPATCH(vnni_i8, nt, w, q, cs, n, res)
 }
-static void idot_i4(const uint8_t *w, const int8_t *const *q, const int32_t *const *init, const float *const *cs,
+static void idot_i4(const uint8_t *w, const int8_t *const *q, const float *const *cs,
                     int n, float *res, int nt) {
-    NT_DISPATCH(vnni_i4, nt, w, q, init, cs, n, res)
+    NT_DISPATCH(vnni_i4, nt, w, q, cs, n, res)
 }
 #else
 /* Plain-C twins: the same integer arithmetic, one vector at a time. */
-static void idot_i8(const uint8_t *w, const int8_t *const *q, const int32_t *const *init, const float *const *cs,
+static void idot_i8(const uint8_t *w, const int8_t *const *q, const float *const *cs,
                     int n, float *res, int nt) {
     for (int t = 0; t < nt; t++) {
         float acc = 0.f;
         for (int c = 0; c < n / QB; c++) {
-            int32_t d = init[t][c * 16];
+            int32_t d = 0;
             PREFETCH(w + c * QB);
 #pragma omp simd reduction(+ : d)
             for (int j = c * QB; j < (c + 1) * QB; j++) d += (int32_t)w[j] * q[t][j];
@@ -237,13 +212,13 @@ static void idot_i8(const uint8_t *w, const int8_t *const *q, const int32_t *con
     }
 }
 
-static void idot_i4(const uint8_t *w, const int8_t *const *q, const int32_t *const *init, const float *const *cs,
+static void idot_i4(const uint8_t *w, const int8_t *const *q, const float *const *cs,
                     int n, float *res, int nt) {
     for (int t = 0; t < nt; t++) {
         const int8_t *qe = q[t], *qo = q[t] + n / 2;
         float acc = 0.f;
         for (int c = 0; c < n / QB; c++) {
-            int32_t d = init[t][c * 16];
+            int32_t d = 0;
             PREFETCH(w + c * (QB / 2));
 #pragma omp simd reduction(+ : d)
             for (int j = c * (QB / 2); j < (c + 1) * (QB / 2); j++) d += (w[j] & 15) * qe[j] + (w[j] >> 4) * qo[j];
@@ -254,17 +229,24 @@ static void idot_i4(const uint8_t *w, const int8_t *const *q, const int32_t *con
 }
 #endif
 
-/* out[c] = s[c / gb]·sc[c] for the nb blocks of a row: its weight group scales times a vector's block scales
- * (masked AVX-512 steps where available: a scalar remainder per row and vector cost more than the row's math). */
-static inline void block_scales(const float *s, int gb, const float *sc, int nb, float *out) {
+/* out[c] = s[c / gb]·sc[c] for the nb blocks of a row: its weight group scales times a vector's block scales;
+ * returns Σ_c s[c / gb]·z[c], the storage offset's share of the row's dot product (acts.h).
+ * AVX-512: masked loads, whole-vector stores (out is 64-byte aligned, room for nb rounded up to 16): the block
+ * loop reads out[] right away, and a store forwards to those loads only when it is not masked. */
+static inline float block_scales(const float *s, int gb, const float *sc, const float *z, int nb, float *out) {
 #if defined(__AVX512F__)
     if (gb == 1) {
+        __m512 off = _mm512_setzero_ps();
         for (int c = 0; c < nb; c += 16) {
             __mmask16 k = nb - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nb - c)) - 1);
-            _mm512_mask_storeu_ps(out + c, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + c), _mm512_maskz_loadu_ps(k, sc + c)));
+            __m512 sv = _mm512_maskz_loadu_ps(k, s + c);
+            _mm512_store_ps(out + c, _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(k, sc + c)));
+            off = _mm512_fmadd_ps(sv, _mm512_maskz_loadu_ps(k, z + c), off);
         }
-        return;
+        return _mm512_reduce_add_ps(off);
     }
 #endif
-    for (int c = 0; c < nb; c++) out[c] = s[c / gb] * sc[c];
+    float off = 0.f;
+    for (int c = 0; c < nb; c++) out[c] = s[c / gb] * sc[c], off += s[c / gb] * z[c];
+    return off;
 }

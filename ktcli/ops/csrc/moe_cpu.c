@@ -16,8 +16,8 @@
 
 #include "dots.h"
 #include "acts.h"
+#include "rows.h"
 
-#define MAXB 256                 /* IDOT rows up to MAXB blocks of QB inputs (32768) */
 static int int_dot = HAS_VNNI;   /* int8/int4 use IDOT (int8 activations) where its sizes fit */
 static int chunk_kb = 256;       /* rows handed to threads in chunks of this many KiB of weights (0: static split) */
 static int guided = 0;           /* two-phase schedule: chunks handed out dynamically (0) or guided (1) */
@@ -36,90 +36,16 @@ void moe_tune(const int *set, int *was) {
     }
 }
 
-/* Timestamps (omp_get_wtime) of each call from now on: buf[0] the call's start, then per thread 8 slots
- * (STAMPS below); NULL stops. buf holds 1 + 8 × threads doubles. */
-enum { T_START, T_PREP, T_GATE_UP, T_DOWN, T_END, STAMPS };
+/* Timestamps (omp_get_wtime) of each call from now on: buf[0] the call's entry, buf[1] the thread team's fork,
+ * buf[2] the return, then 8 slots per thread (T_* below); NULL stops. buf holds 4 + 8 × threads doubles. */
+enum { T_START, T_PREP, T_GATE_UP, T_DOWN, T_END };
 void moe_profile(double *buf) { prof = buf; }
-#define STAMP(k) do { if (prof) prof[1 + 8 * omp_get_thread_num() + (k)] = omp_get_wtime(); } while (0)
-
-typedef struct {
-    int fmt, G, path;
-    const void *w;       /* [E, R, C] in the format */
-    const float *scale;  /* int8: [E, R]; int4: [E, R, C/G] */
-} Mat;
+#define STAMP(k) do { if (prof) prof[4 + 8 * omp_get_thread_num() + (k)] = omp_get_wtime(); } while (0)
 
 static int path_for(int fmt, int C, int G) {
     if (fmt == 0) return HAS_DPBF16 ? DPBF16 : FLOAT;
     if (int_dot && C % QB == 0 && C / QB <= MAXB && (fmt == 1 || G % QB == 0)) return IDOT;
     return FLOAT;
-}
-
-/* Rows r0..r1 of expert e (R rows of C inputs) dotted with input vectors v[0..nt), nt ≤ NT: out[p[t] * R + r].
- * Pointers are set up once per block, not per row: a row of int4 weights is only ~30 vector steps. */
-static void rows_block(const Mat *m, int e, int r0, int r1, int R, const Acts *a, const int *v, const int *p, int nt,
-                       float *out) {
-    int C = a->n;
-    float res[NT];
-    if (m->path == IDOT) {
-        const int8_t *q[NT];
-        const int32_t *init[NT];
-        const float *sc[NT], *cs[NT];
-        float comb[NT][MAXB];   /* int4: the row's group scales × the vectors' block scales */
-        for (int t = 0; t < nt; t++) {
-            q[t] = a->q + (size_t)v[t] * C, sc[t] = a->sc + (size_t)v[t] * (C / QB);
-            init[t] = a->init + (size_t)v[t] * (C / QB) * 16;
-            cs[t] = m->fmt == 1 ? sc[t] : comb[t];
-        }
-        for (int r = r0; r < r1; r++) {
-            size_t row = (size_t)e * R + r;
-            if (m->fmt == 1) {
-                idot_i8((const uint8_t *)m->w + row * C, q, init, cs, C, res, nt);
-                for (int t = 0; t < nt; t++) out[(size_t)p[t] * R + r] = m->scale[row] * res[t];
-                continue;
-            }
-            const float *s = m->scale + row * (C / m->G);
-            PREFETCH(s);   /* the scales are a second, slower stream: two lines ahead per row */
-            PREFETCH(s + 16);
-            for (int t = 0; t < nt; t++) block_scales(s, m->G / QB, sc[t], C / QB, comb[t]);
-            idot_i4((const uint8_t *)m->w + row * (C / 2), q, init, cs, C, res, nt);
-            for (int t = 0; t < nt; t++) out[(size_t)p[t] * R + r] = res[t];
-        }
-        return;
-    }
-#if HAS_DPBF16
-    if (m->path == DPBF16) {
-        const uint16_t *x[NT];
-        for (int t = 0; t < nt; t++) x[t] = a->b + (size_t)v[t] * C;
-        for (int r = r0; r < r1; r++) {
-            dot_bf16_dp((const uint16_t *)m->w + ((size_t)e * R + r) * C, x, C, res, nt);
-            for (int t = 0; t < nt; t++) out[(size_t)p[t] * R + r] = res[t];
-        }
-        return;
-    }
-#endif
-    for (int r = r0; r < r1; r++) {
-        size_t row = (size_t)e * R + r;
-        for (int t = 0; t < nt; t++) {
-            size_t off = (size_t)v[t] * C;
-            float y;
-            if (m->fmt == 0) y = dot_bf16((const uint16_t *)m->w + row * C, a->f + off, C);
-            else if (m->fmt == 1) y = m->scale[row] * dot_i8((const uint8_t *)m->w + row * C, a->f + off, C);
-            else y = dot_i4((const uint8_t *)m->w + row * (C / 2), m->scale + row * (C / m->G), a->e + off / 2,
-                            a->o + off / 2, C, m->G);
-            out[(size_t)p[t] * R + r] = y;
-        }
-    }
-}
-
-/* Rows r0..r1 of unique expert u against every vector routed to it, NT at a time: a block of weights is
- * re-read from L2, not DRAM, for the next NT vectors. */
-static void expert_rows(const Mat *m, int R, const Acts *a, int u, int r0, int r1, const int *uniq, const int *start,
-                        const int *order, int K, int by_token, float *out) {
-    for (int q0 = start[u]; q0 < start[u + 1]; q0 += NT) {
-        int nt = start[u + 1] - q0 < NT ? start[u + 1] - q0 : NT, v[NT];
-        for (int t = 0; t < nt; t++) v[t] = by_token ? order[q0 + t] / K : order[q0 + t];
-        rows_block(m, uniq[u], r0, r1, R, a, v, order + q0, nt, out);
-    }
 }
 
 /* Rows per task: about chunk_kb KiB of one matrix's weights, within one expert. */
@@ -162,7 +88,7 @@ static void act_pair(Scratch *s, int p, int I) {
     float *h = s->h + (size_t)p * I;
 #pragma omp simd
     for (int i = 0; i < I; i++) h[i] = g[i] / (1.f + exp_approx(-g[i])) * up[i];
-    prep(&s->ha, p);
+    prep(&s->ha, p, 0, I);
 }
 
 /* The pipelined schedule: one task counter over the gate/up tasks of every expert, then its down tasks. An
@@ -210,6 +136,7 @@ size_t moe_scratch_bytes(int T, int K, int H, int I) {
 int moe_forward(int T, int K, int H, int I, const void *x, const int64_t *idx, const void *wts,
                 int fmt, int G, const void *gu, const float *gu_s, const void *dn, const float *dn_s,
                 void *out, void *scratch, int threads, int io) {
+    if (prof) prof[0] = omp_get_wtime();
     int P = T * K;
     if (P > 4096 || (fmt == 2 && (G % 2 || H % G || I % G))) return -1;
     Mat mg = {fmt, G, path_for(fmt, H, G), gu, gu_s}, md = {fmt, G, path_for(fmt, I, G), dn, dn_s};
@@ -233,15 +160,17 @@ int moe_forward(int T, int K, int H, int I, const void *x, const int64_t *idx, c
     int pipe = pipelined && chunk_kb > 0;
     if (pipe) pipe_init(s.pipe, &mg, U, H, I);
     omp_set_schedule(guided ? omp_sched_guided : omp_sched_dynamic, 1);   /* matrix_rows' schedule(runtime) */
-    if (prof) prof[0] = omp_get_wtime();
+    if (prof) prof[1] = omp_get_wtime();
 #pragma omp parallel num_threads(threads)
     {
         STAMP(T_START);
-        /* the input in fp32, prepared for the gate/up rows' dot path */
+        /* the input in fp32, prepared for the gate/up rows' dot path, in pieces of QB inputs */
+        int pieces = (H + QB - 1) / QB;
 #pragma omp for schedule(static)
-        for (int t = 0; t < T; t++) {
-            for (int j = 0; j < H; j++) s.x32[(size_t)t * H + j] = io ? bf16f(xb[(size_t)t * H + j]) : xf[(size_t)t * H + j];
-            prep(&s.xa, t);
+        for (int k = 0; k < T * pieces; k++) {
+            int t = k / pieces, j0 = k % pieces * QB, j1 = j0 + QB < H ? j0 + QB : H;
+            for (int j = j0; j < j1; j++) s.x32[(size_t)t * H + j] = io ? bf16f(xb[(size_t)t * H + j]) : xf[(size_t)t * H + j];
+            prep(&s.xa, t, j0, j1);
         }
         STAMP(T_PREP);
         if (pipe) {
@@ -268,7 +197,24 @@ int moe_forward(int T, int K, int H, int I, const void *x, const int64_t *idx, c
         }
         STAMP(T_END);
     }
+    if (prof) prof[2] = omp_get_wtime();
     return 0;
+}
+
+/* moe_forward's arguments in one struct: a ctypes call with one argument costs a few µs less than with 17, and
+ * decode makes one call per layer per token. */
+typedef struct {
+    int T, K, H, I;
+    const void *x; const int64_t *idx; const void *wts;
+    int fmt, G;
+    const void *gu; const float *gu_s; const void *dn; const float *dn_s;
+    void *out, *scratch;
+    int threads, io;
+} Call;
+
+int moe_call(const Call *c) {
+    return moe_forward(c->T, c->K, c->H, c->I, c->x, c->idx, c->wts, c->fmt, c->G, c->gu, c->gu_s, c->dn, c->dn_s,
+                       c->out, c->scratch, c->threads, c->io);
 }
 
 /* Bandwidth probe with the kernel's thread team and prefetch setting: each thread streams contiguous chunks
