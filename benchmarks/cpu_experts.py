@@ -96,17 +96,18 @@ def timeit(fn, n):
 
 
 def phase_times(call, n, threads):
-    """Where one call's time goes (µs, median over n calls): the team started (last thread in), the input ready,
-    the first and the last thread done with gate/up rows and with down rows, the output written; "call" is the
-    whole call as Python times it (the rest is the Runner and ctypes)."""
+    """Where one call's time goes (µs since the kernel's entry, median over n calls): the thread team forked, all
+    threads in, the input ready, the first and the last thread done with gate/up rows and with down rows, the
+    output written, the kernel returned; "call" is the whole call as Python times it, from before the kernel's
+    entry (the rest is the Runner, ctypes and this profile's own bookkeeping)."""
     rows = []
     for i in range(n):
         t0 = time.perf_counter()
         p = kernels.profile(lambda: call(i), threads)
         total = (time.perf_counter() - t0) * 1e6
-        rows.append({"team": max(p["start"]), "prep": max(p["prep"]), "gate_up_first": min(p["gate_up"]),
+        rows.append({"fork": p["fork"], "team": max(p["start"]), "prep": max(p["prep"]), "gate_up_first": min(p["gate_up"]),
                      "gate_up_last": max(p["gate_up"]), "down_first": min(p["down"]), "down_last": max(p["down"]),
-                     "end": max(p["end"]), "call": total})
+                     "end": max(p["end"]), "exit": p["exit"], "call": total})
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
 

@@ -23,12 +23,13 @@ case $what in
   int4)     # session 4: pipelined schedule vs two phases, where each call's time goes, cost per row (dot_micro at
             # 4x longer rows), fixed cost per call
     python3 -m pytest -q tests/test_kernels.py 2>&1 | tail -3 || true
-    for n in "" "-DN=14336 -DROWS=24"; do gcc -O3 -march=native -fopenmp $n benchmarks/dot_micro.c -o /tmp/dot_micro -lm \
-        && echo "dot_micro $n" && /tmp/dot_micro; done | tee $out/dot-micro-rows.txt || true
+    for n in "" "-DN=14336 -DROWS=24" "-DZERO_FROM=1" "-DZERO_FROM=1 -DN=14336 -DROWS=24"; do
+        gcc -O3 -march=native -fopenmp $n benchmarks/dot_micro.c -o /tmp/dot_micro -lm && echo "dot_micro $n" && /tmp/dot_micro
+    done | tee $out/dot-micro-rows.txt || true
     python3 benchmarks/cpu_experts.py --resident --resident-mb 0.1 --threads 16 --reps 30 --batches 1,4 \
-        --stock-max-t 0 --phases --out $out/cpu-experts-overhead.json
-    python3 benchmarks/cpu_experts.py --layers 4 --threads 16 --reps 10 --rounds 5 --batches 1,4,16 \
-        --formats int4,int8,bf16 --pipeline 0,1 --phases --stock-max-t 0 --out $out/cpu-experts-pipeline.json ;;
+        --formats int4 --stock-max-t 0 --phases --out $out/cpu-experts-overhead.json
+    python3 benchmarks/cpu_experts.py --layers 4 --threads 16 --reps 10 --rounds 7 --batches 1,4,16 \
+        --formats int4,int8 --phases --stock-max-t 0 --out $out/cpu-experts-quant.json ;;
   parity)   # graph replay == eager, token for token, full-size seed placement and Qwen3-30B-A3B hybrid
     python3 benchmarks/graph_parity.py profiles/qwen3-30b-a3b-gpu-half.yaml profiles/qwen3-30b-a3b-cpu-experts.yaml \
         --tokens 64 --out $out/parity-qwen3-30b.json

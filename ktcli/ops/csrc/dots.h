@@ -158,10 +158,27 @@ INL void wblock(int int4, const uint8_t *w, int c, __m512i *w0, __m512i *w1) {
         *w0 = _mm512_loadu_si512(w + c * 128), *w1 = _mm512_loadu_si512(w + c * 128 + 64);
     }
 }
+/* A zeroed accumulator per block. gcc copies one zero register into each (a vector-port µop per block and
+ * vector); a zeroing xor written out is recognised at register rename and takes no port. ZERO_FROM=1 loads a
+ * zero line instead (a load-port µop), for comparison in benchmarks/dot_micro.c. */
+#ifndef ZERO_FROM
+#define ZERO_FROM 0
+#endif
+static const int32_t zero_line[16] __attribute__((aligned(64)));
+INL __m512i fresh_zero(const void *tag) {   /* tag: a per-block address, so that gcc cannot merge two of them */
+    __m512i z;
+#if ZERO_FROM
+    (void)tag;
+    z = *(volatile __m512i *)zero_line;
+#else
+    __asm__("vpxord %0, %0, %0" : "=v"(z) : "m"(*(const char *)tag));
+#endif
+    return z;
+}
 /* Block c's int32 partial sums (16 lanes) for one vector. */
 INL __m512i dblock(int int4, __m512i w0, __m512i w1, const int8_t *q, int n, int c) {
     const int8_t *q0 = int4 ? q + c * 64 : q + c * 128, *q1 = int4 ? q + n / 2 + c * 64 : q0 + 64;
-    __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(q0));
+    __m512i d = _mm512_dpbusd_epi32(fresh_zero(q0), w0, _mm512_loadu_si512(q0));
     return _mm512_dpbusd_epi32(d, w1, _mm512_loadu_si512(q1));
 }
 /* int8 (int4 = 0) or int4 (int4 = 1) rows: res[t] = Σ_c cs[t][c]·(block c's integer dot product). */
