@@ -30,6 +30,9 @@ case $what in
         --formats int4 --stock-max-t 0 --phases --out $out/cpu-experts-overhead.json
     python3 benchmarks/cpu_experts.py --layers 4 --threads 16 --reps 10 --rounds 7 --batches 1,4,16 \
         --formats int4,int8 --phases --stock-max-t 0 --out $out/cpu-experts-quant.json ;;
+  proof)    # issue 7's table: every format, batches 1-16, paired references, stock torch at batch 1
+    python3 benchmarks/cpu_experts.py --layers 4 --threads 16 --reps 10 --rounds 7 --batches 1,2,4,8,16 \
+        --formats bf16,int8,int4 --stock-max-t 1 --out $out/cpu-experts-proof.json ;;
   parity)   # graph replay == eager, token for token, full-size seed placement and Qwen3-30B-A3B hybrid
     python3 benchmarks/graph_parity.py profiles/qwen3-30b-a3b-gpu-half.yaml profiles/qwen3-30b-a3b-cpu-experts.yaml \
         --tokens 64 --out $out/parity-qwen3-30b.json

@@ -231,3 +231,18 @@ def test_int8_act_env_switch_turns_the_integer_path_off_and_on():
     assert out({**os.environ, "KTCLI_CPU_INT8_ACT": "0"}) == "0"
     assert out({**os.environ, "KTCLI_CPU_INT8_ACT": "1"}) == "1"
     assert out({k: v for k, v in os.environ.items() if k != "KTCLI_CPU_INT8_ACT"}) == str(int(kernels.caps()["vnni"]))
+
+
+@needs_kernel
+def test_kernel_groups_pairs_by_expert_and_rejects_ids_it_cannot_index():
+    """Pairs are grouped by expert in one pass over an id-indexed table: many tokens sharing few experts, ids up
+    to 4095, match the reference; an id of 4096 or more is refused, not read out of bounds."""
+    E, H, I, K, T = 4096, 128, 128, 2, 16
+    gu, dn, x, _, w = case(8, H, I, K, T, 21)
+    ew = pack("int8", gu, dn)
+    idx = torch.tensor([[3, 5], [5, 3], [0, 7]] * 5 + [[7, 0]])
+    out = torch.empty(T, H)
+    kernels.Runner()(lib, x, idx, w, ew, out, 3)
+    assert rel(out, reference(ew, x, idx, w, 8)) <= 3e-2
+    with pytest.raises(RuntimeError, match="rejected"):
+        kernels.Runner()(lib, x, torch.full((T, K), E), w, ew, out, 3)

@@ -132,7 +132,8 @@ size_t moe_scratch_bytes(int T, int K, int H, int I) {
 }
 
 /* scratch: moe_scratch_bytes() bytes. io: 0 = x, wts, out in fp32; 1 = in bf16 (the model's dtype, no
- * conversion on the caller's side). Returns 0, or -1 for bad arguments. */
+ * conversion on the caller's side). Returns 0, or -1 for bad arguments (over 4096 pairs, an expert id outside
+ * [0, 4096), an int4 group that does not divide H and I). */
 int moe_forward(int T, int K, int H, int I, const void *x, const int64_t *idx, const void *wts,
                 int fmt, int G, const void *gu, const float *gu_s, const void *dn, const float *dn_s,
                 void *out, void *scratch, int threads, int io) {
@@ -140,19 +141,20 @@ int moe_forward(int T, int K, int H, int I, const void *x, const int64_t *idx, c
     int P = T * K;
     if (P > 4096 || (fmt == 2 && (G % 2 || H % G || I % G))) return -1;
     Mat mg = {fmt, G, path_for(fmt, H, G), gu, gu_s}, md = {fmt, G, path_for(fmt, I, G), dn, dn_s};
-    /* group pairs by expert: order[] lists pair ids, expert by expert */
-    int order[4096], uniq[4096], start[4097], U = 0;
+    /* group pairs by expert, in O(P): order[] lists pair ids, expert by expert (experts in order of first use) */
+    int order[4096], uniq[4096], start[4097], slot[4096], U = 0;   /* slot: expert id → u */
     for (int p = 0; p < P; p++) {
-        int seen = 0;
-        for (int u = 0; u < U; u++) if (uniq[u] == idx[p]) { seen = 1; break; }
-        if (!seen) uniq[U++] = (int)idx[p];
+        if (idx[p] < 0 || idx[p] >= 4096) return -1;
+        slot[idx[p]] = -1;
     }
-    int n = 0;
-    for (int u = 0; u < U; u++) {
-        start[u] = n;
-        for (int p = 0; p < P; p++) if (idx[p] == uniq[u]) order[n++] = p;
-    }
-    start[U] = n;
+    for (int p = 0; p < P; p++)
+        if (slot[idx[p]] < 0) slot[idx[p]] = U, uniq[U] = (int)idx[p], start[++U] = 0;
+    for (int p = 0; p < P; p++) start[slot[idx[p]] + 1]++;
+    start[0] = 0;
+    for (int u = 0; u < U; u++) start[u + 1] += start[u];
+    int next[4096];
+    memcpy(next, start, U * sizeof(int));
+    for (int p = 0; p < P; p++) order[next[slot[idx[p]]]++] = p;
     Scratch s;
     layout(&s, (char *)scratch, T, K, H, I, mg.path, md.path, fmt);
     const uint16_t *xb = x, *wb = wts;
