@@ -1,4 +1,5 @@
-"""benchmarks/cpu_experts.py runs end to end on a tiny shape: both modes, its JSON rows and their references."""
+"""The benchmark scripts run end to end on tiny shapes: cpu_experts.py (both modes, its JSON rows, their
+references, the per-phase timestamps), quant_accuracy.py (the kernel's integer path)."""
 import json
 import os
 import subprocess
@@ -24,3 +25,29 @@ def test_cpu_experts_benchmark_writes_its_rows(tmp_path, mode):
     assert r["read_bw"] > 0 and r["probes"] and row["resident"] == ("--resident" in mode)
     assert row["kernel_ratio"] > 0 and row["kernel_ratio_paired"] > 0 and row["rel_err_vs_dequant_fp32"] < 3e-2
     assert set(kernels.KNOBS) <= set(row)
+
+
+@pytest.mark.skipif(kernels.get() is None, reason="kernel did not build")
+def test_cpu_experts_phases_per_schedule(tmp_path):
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "cpu_experts.py"), "--hidden", "256", "--inter", "128",
+           "--threads", "2", "--reps", "2", "--rounds", "1", "--batches", "2", "--formats", "int8", "--experts", "8",
+           "--topk", "2", "--layers", "1", "--stock-max-t", "0", "--pipeline", "0,1", "--phases", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["pipeline"] for r in rows] == [0, 1]
+    for r in rows:
+        ph = r["phases_us"]
+        assert 0 <= ph["fork"] <= ph["team"] <= ph["prep"] <= ph["down_last"] <= ph["end"] <= ph["exit"] <= ph["call"]
+
+
+@pytest.mark.skipif(kernels.get() is None, reason="kernel did not build")
+def test_quant_accuracy_through_the_integer_path(tmp_path):
+    out = tmp_path / "a.json"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "quant_accuracy.py"), "--inter", "128", "--group", "128",
+           "--int8-act", "1", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+    r = json.loads(out.read_text())
+    assert r["int8_activations"] is True
+    assert r["results"]["int8"]["kernel_logits_rel_err"] < 0.03 and r["results"]["int4"]["kernel_logits_rel_err"] < 0.1
+    assert r["results"]["int8"]["kernel_top1_agreement"] >= 0.9
