@@ -133,6 +133,35 @@ static void dot_bf16_dp(const uint16_t *w, const uint16_t *const *x, int n, floa
 }
 #endif
 
+/* int4 rows: out[c] = s[c / gb]·sc[c] for the nb blocks of a row (its weight group scales times a vector's block
+ * scales), and the storage offset's share of the row's dot product, Σ_c s[c / gb]·z[c] (acts.h) — on AVX-512 in
+ * 16 lanes, summed with the row's own lanes (one horizontal sum per row, not two). AVX-512: masked loads,
+ * whole-vector stores (out is 64-byte aligned, room for nb rounded up to 16): the block loop reads out[] right
+ * away, and a store forwards to those loads only when it is not masked. */
+#if defined(__AVX512F__)
+INL __m512 block_scales(const float *s, int gb, const float *sc, const float *z, int nb, float *out) {
+    __m512 off = _mm512_setzero_ps();
+    if (gb == 1) {
+        for (int c = 0; c < nb; c += 16) {
+            __mmask16 k = nb - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nb - c)) - 1);
+            __m512 sv = _mm512_maskz_loadu_ps(k, s + c);
+            _mm512_store_ps(out + c, _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(k, sc + c)));
+            off = _mm512_fmadd_ps(sv, _mm512_maskz_loadu_ps(k, z + c), off);
+        }
+        return off;
+    }
+    float o = 0.f;
+    for (int c = 0; c < nb; c++) out[c] = s[c / gb] * sc[c], o += s[c / gb] * z[c];
+    return _mm512_zextps128_ps512(_mm_set_ss(o));
+}
+#else
+static inline float block_scales(const float *s, int gb, const float *sc, const float *z, int nb, float *out) {
+    float o = 0.f;
+    for (int c = 0; c < nb; c++) out[c] = s[c / gb] * sc[c], o += s[c / gb] * z[c];
+    return o;
+}
+#endif
+
 /* ---- IDOT. q[t]: vector t's int8 values (int4: its even inputs, then its odd ones); cs[t][c]: the scale of
  * block c's products — the activation block scale, times the weight group's scale for int4 (the caller folds
  * them once per row). res[t] = Σ_c cs[t][c]·Σ_{j∈c} (w_j + offset)·q_j: the caller takes the storage offset's
@@ -181,8 +210,10 @@ INL __m512i dblock(int int4, __m512i w0, __m512i w1, const int8_t *q, int n, int
     __m512i d = _mm512_dpbusd_epi32(fresh_zero(q0), w0, _mm512_loadu_si512(q0));
     return _mm512_dpbusd_epi32(d, w1, _mm512_loadu_si512(q1));
 }
-/* int8 (int4 = 0) or int4 (int4 = 1) rows: res[t] = Σ_c cs[t][c]·(block c's integer dot product). */
-INL void vnni_rows(int int4, const uint8_t *w, const int8_t *const *q, const float *const *cs, int n, float *res, int nt) {
+/* int8 (int4 = 0) or int4 (int4 = 1) rows: res[t] = Σ_c cs[t][c]·(block c's integer dot product) − Σ off[t]
+ * (off: NULL, or per vector 16 lanes to take away). */
+INL void vnni_rows(int int4, const uint8_t *w, const int8_t *const *q, const float *const *cs, int n, float *res,
+                   int nt, const __m512 *off) {
     __m512 acc[NT][2];
     for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
     int nb = n / QB, c = 0;
@@ -194,23 +225,28 @@ INL void vnni_rows(int int4, const uint8_t *w, const int8_t *const *q, const flo
                                         _mm512_set1_ps(cs[t][c]), acc[t][a]); } while (0)
     for (; c + 2 <= nb; c += 2) { ONE_BLOCK(c, 0); ONE_BLOCK(c + 1, 1); }
     if (c < nb) ONE_BLOCK(c, 0);
-    for (int t = 0; t < nt; t++) res[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+    for (int t = 0; t < nt; t++) {
+        __m512 sum = _mm512_add_ps(acc[t][0], acc[t][1]);
+        res[t] = _mm512_reduce_add_ps(off ? _mm512_sub_ps(sum, off[t]) : sum);
+    }
 }
-INL void vnni_i8(const uint8_t *w, const int8_t *const *q, const float *const *cs,
-                 int n, float *res, int nt) {
-    vnni_rows(0, w, q, cs, n, res, nt);
+INL void vnni_i8(const uint8_t *w, const int8_t *const *q, const float *const *cs, int n, float *res, int nt) {
+    vnni_rows(0, w, q, cs, n, res, nt, NULL);
 }
-INL void vnni_i4(const uint8_t *w, const int8_t *const *q, const float *const *cs,
-                 int n, float *res, int nt) {
-    vnni_rows(1, w, q, cs, n, res, nt);
+/* int4 rows fold their group scales into cs[t] first (block_scales), then take the offset's share away. */
+INL void vnni_i4(const uint8_t *w, const float *s, int gb, const int8_t *const *q, const float *const *sc,
+                 const float *const *z, float *const *cs, int n, float *res, int nt) {
+    __m512 off[NT];
+    for (int t = 0; t < nt; t++) off[t] = block_scales(s, gb, sc[t], z[t], n / QB, cs[t]);
+    vnni_rows(1, w, q, (const float *const *)cs, n, res, nt, off);
 }
-static void idot_i8(const uint8_t *w, const int8_t *const *q, const float *const *cs,
-                    int n, float *res, int nt) {
+/* Inlined into the row loop (rows.h): a call and a re-made constant per row cost ~10% of an int4 row. */
+INL void idot_i8(const uint8_t *w, const int8_t *const *q, const float *const *cs, int n, float *res, int nt) {
     NT_DISPATCH(vnni_i8, nt, w, q, cs, n, res)
 }
-static void idot_i4(const uint8_t *w, const int8_t *const *q, const float *const *cs,
-                    int n, float *res, int nt) {
-    NT_DISPATCH(vnni_i4, nt, w, q, cs, n, res)
+INL void idot_i4(const uint8_t *w, const float *s, int gb, const int8_t *const *q, const float *const *sc,
+                 const float *const *z, float *const *cs, int n, float *res, int nt) {
+    NT_DISPATCH(vnni_i4, nt, w, s, gb, q, sc, z, cs, n, res)
 }
 #else
 /* Plain-C twins: the same integer arithmetic, one vector at a time. */
@@ -229,11 +265,11 @@ static void idot_i8(const uint8_t *w, const int8_t *const *q, const float *const
     }
 }
 
-static void idot_i4(const uint8_t *w, const int8_t *const *q, const float *const *cs,
-                    int n, float *res, int nt) {
+static void idot_i4(const uint8_t *w, const float *s, int gb, const int8_t *const *q, const float *const *sc,
+                    const float *const *z, float *const *cs, int n, float *res, int nt) {
     for (int t = 0; t < nt; t++) {
         const int8_t *qe = q[t], *qo = q[t] + n / 2;
-        float acc = 0.f;
+        float acc = -block_scales(s, gb, sc[t], z[t], n / QB, cs[t]);
         for (int c = 0; c < n / QB; c++) {
             int32_t d = 0;
             PREFETCH(w + c * (QB / 2));
@@ -245,25 +281,3 @@ static void idot_i4(const uint8_t *w, const int8_t *const *q, const float *const
     }
 }
 #endif
-
-/* out[c] = s[c / gb]·sc[c] for the nb blocks of a row: its weight group scales times a vector's block scales;
- * returns Σ_c s[c / gb]·z[c], the storage offset's share of the row's dot product (acts.h).
- * AVX-512: masked loads, whole-vector stores (out is 64-byte aligned, room for nb rounded up to 16): the block
- * loop reads out[] right away, and a store forwards to those loads only when it is not masked. */
-static inline float block_scales(const float *s, int gb, const float *sc, const float *z, int nb, float *out) {
-#if defined(__AVX512F__)
-    if (gb == 1) {
-        __m512 off = _mm512_setzero_ps();
-        for (int c = 0; c < nb; c += 16) {
-            __mmask16 k = nb - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nb - c)) - 1);
-            __m512 sv = _mm512_maskz_loadu_ps(k, s + c);
-            _mm512_store_ps(out + c, _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(k, sc + c)));
-            off = _mm512_fmadd_ps(sv, _mm512_maskz_loadu_ps(k, z + c), off);
-        }
-        return _mm512_reduce_add_ps(off);
-    }
-#endif
-    float off = 0.f;
-    for (int c = 0; c < nb; c++) out[c] = s[c / gb] * sc[c], off += s[c / gb] * z[c];
-    return off;
-}

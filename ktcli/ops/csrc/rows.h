@@ -18,10 +18,10 @@ static void rows_block(const Mat *m, int e, int r0, int r1, int R, const Acts *a
         const int8_t *q[NT];
         const float *sc[NT], *z[NT], *cs[NT];
         float comb[NT][MAXB] __attribute__((aligned(64)));   /* int4: the row's group scales × the vectors' block scales */
-        float off[NT];   /* the storage offset's share: int8 the same for every row, int4 per row */
+        float *cw[NT], off[NT];   /* int8: the storage offset's share, the same for every row */
         for (int t = 0; t < nt; t++) {
             q[t] = a->q + (size_t)v[t] * C, sc[t] = a->sc + (size_t)v[t] * (C / QB), z[t] = a->z + (size_t)v[t] * (C / QB);
-            cs[t] = m->fmt == 1 ? sc[t] : comb[t];
+            cs[t] = m->fmt == 1 ? sc[t] : comb[t], cw[t] = comb[t];
             off[t] = 0.f;
             for (int c = 0; c < C / QB; c++) off[t] += z[t][c];
         }
@@ -35,9 +35,8 @@ static void rows_block(const Mat *m, int e, int r0, int r1, int R, const Acts *a
             const float *s = m->scale + row * (C / m->G);
             PREFETCH(s);   /* the scales are a second, slower stream: two lines ahead per row */
             PREFETCH(s + 16);
-            for (int t = 0; t < nt; t++) off[t] = block_scales(s, m->G / QB, sc[t], z[t], C / QB, comb[t]);
-            idot_i4((const uint8_t *)m->w + row * (C / 2), q, cs, C, res, nt);
-            for (int t = 0; t < nt; t++) out[(size_t)p[t] * R + r] = res[t] - off[t];
+            idot_i4((const uint8_t *)m->w + row * (C / 2), s, m->G / QB, q, sc, z, cw, C, res, nt);
+            for (int t = 0; t < nt; t++) out[(size_t)p[t] * R + r] = res[t];
         }
         return;
     }
