@@ -22,7 +22,7 @@ static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t);
 
 static int8_t q[NT][N];
 static uint16_t xbf[NT][N];
-static float cs[NT][N / QB], comb[NT][N / QB + 16] __attribute__((aligned(64))), wscale[N / QB];
+static float cs[NT][N / QB], comb[NT][(N / QB + 15) / 16 * 16] __attribute__((aligned(64))), wscale[N / QB];
 static float z[NT][N / QB];
 static float sink;
 
