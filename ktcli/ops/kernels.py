@@ -3,7 +3,7 @@
 Built with gcc -O3 -march=native (the instruction set is the running CPU's: AVX-512, AVX2, or plain), linked
 against torch's own libgomp so kernel and torch share one OpenMP thread pool. If gcc is missing or the build
 fails, `get()` returns None and the pure-torch path runs instead. KTCLI_CPU_CFLAGS adds compiler flags (A/B
-builds of a compile-time variant in benchmarks, e.g. -DNT=2); they are part of the cached build's name.
+builds of a compile-time variant in benchmarks, e.g. -DZERO_FROM=1); they are part of the cached build's name.
 """
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ def build(cache: str | None = None) -> str:
         with open(path, "rb") as f:
             src += f.read()
     extra = os.environ.get("KTCLI_CPU_CFLAGS", "").split()
-    key = hashlib.sha1(src + _cpu_flags().encode() + str(gomp).encode() + cc.encode() + " ".join(extra).encode()).hexdigest()[:16]
+    ident = src + _cpu_flags().encode() + str(gomp).encode() + cc.encode() + " ".join(extra).encode()
+    key = hashlib.sha1(ident).hexdigest()[:16]
     folder = cache or os.path.join(os.path.dirname(cache_dir()), "kernels")
     out = os.path.join(folder, f"moe_cpu-{key}.so")
     if os.path.isfile(out):
@@ -143,8 +144,10 @@ def profile(fn, threads: int) -> dict:
 
 class _Call(ctypes.Structure):
     """moe_cpu.c's Call: moe_forward's arguments, built once per set of buffers."""
-    _fields_ = [*((n, ctypes.c_int) for n in ("T", "K", "H", "I")), *((n, ctypes.c_void_p) for n in ("x", "idx", "wts")),
-                ("fmt", ctypes.c_int), ("G", ctypes.c_int), *((n, ctypes.c_void_p) for n in ("gu", "gu_s", "dn", "dn_s", "out", "scratch")),
+    _fields_ = [*((n, ctypes.c_int) for n in ("T", "K", "H", "I")),
+                *((n, ctypes.c_void_p) for n in ("x", "idx", "wts")),
+                ("fmt", ctypes.c_int), ("G", ctypes.c_int),
+                *((n, ctypes.c_void_p) for n in ("gu", "gu_s", "dn", "dn_s", "out", "scratch")),
                 ("threads", ctypes.c_int), ("io", ctypes.c_int)]
 
 

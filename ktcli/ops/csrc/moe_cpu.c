@@ -63,9 +63,9 @@ static void task_rows(const Mat *m, int R, const Acts *a, long b, long rpb, long
 }
 
 /* Every selected expert's rows of one matrix against the vectors routed to it: out[p * R + row] for pair p
- * (no barrier at the end: the caller's). Tasks handed out as threads free up (schedule(runtime): dynamic, or guided); chunk_kb = 0 splits the U·R
- * rows into one contiguous range per thread instead (the same rows every call: benchmarks use it to keep
- * weights in each core's L2). */
+ * (no barrier at the end: the caller's). Tasks handed out as threads free up (schedule(runtime): dynamic, or
+ * guided); chunk_kb = 0 splits the U·R rows into one contiguous range per thread instead (the same rows every
+ * call: benchmarks use it to keep weights in each core's L2). */
 static void matrix_rows(const Mat *m, int R, const Acts *a, int U, const int *uniq, const int *start,
                         const int *order, int K, int by_token, float *out) {
     if (chunk_kb == 0) {
@@ -171,7 +171,7 @@ int moe_forward(int T, int K, int H, int I, const void *x, const int64_t *idx, c
 #pragma omp for schedule(static)
         for (int k = 0; k < T * pieces; k++) {
             int t = k / pieces, j0 = k % pieces * QB, j1 = j0 + QB < H ? j0 + QB : H;
-            for (int j = j0; j < j1; j++) s.x32[(size_t)t * H + j] = io ? bf16f(xb[(size_t)t * H + j]) : xf[(size_t)t * H + j];
+            for (size_t j = (size_t)t * H + j0; j < (size_t)t * H + j1; j++) s.x32[j] = io ? bf16f(xb[j]) : xf[j];
             prep(&s.xa, t, j0, j1);
         }
         STAMP(T_PREP);

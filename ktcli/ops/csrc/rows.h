@@ -17,10 +17,11 @@ static void rows_block(const Mat *m, int e, int r0, int r1, int R, const Acts *a
     if (m->path == IDOT) {
         const int8_t *q[NT];
         const float *sc[NT], *z[NT], *cs[NT];
-        float comb[NT][MAXB] __attribute__((aligned(64)));   /* int4: the row's group scales × the vectors' block scales */
+        float comb[NT][MAXB] __attribute__((aligned(64)));   /* int4: the row's group scales × block scales */
         float *cw[NT], off[NT];   /* int8: the storage offset's share, the same for every row */
         for (int t = 0; t < nt; t++) {
-            q[t] = a->q + (size_t)v[t] * C, sc[t] = a->sc + (size_t)v[t] * (C / QB), z[t] = a->z + (size_t)v[t] * (C / QB);
+            size_t vb = (size_t)v[t] * (C / QB);   /* vector t's first block */
+            q[t] = a->q + (size_t)v[t] * C, sc[t] = a->sc + vb, z[t] = a->z + vb;
             cs[t] = m->fmt == 1 ? sc[t] : comb[t], cw[t] = comb[t];
             off[t] = 0.f;
             for (int c = 0; c < C / QB; c++) off[t] += z[t][c];
