@@ -130,7 +130,6 @@ def main():
     ap.add_argument("--int8-act", default="-1", help="comma list of 0/1; -1 = the kernel's default")
     ap.add_argument("--guided", default="-1", help="comma list of 0/1 (dynamic / guided chunks); -1 = default")
     ap.add_argument("--pipeline", default="-1", help="comma list of 0/1 (two phases / one task list); -1 = default")
-    ap.add_argument("--short-tail", default="-1", help="comma list of 0/1 (see kernels.tune); -1 = default")
     ap.add_argument("--phases", action="store_true", help="per-thread timestamps of --reps calls per row")
     ap.add_argument("--resident", action="store_true", help="compute ceiling: weights L2-resident (see above)")
     ap.add_argument("--resident-mb", type=float, default=13.0)
@@ -201,8 +200,7 @@ def main():
                                         ws[i % a.layers], ref_out), max(a.reps // 4, 3)) \
                 if T <= a.stock_max_t else float("nan")
             bw = probe(f"{fmt}-T{T}")
-            for knob in itertools.product(ints(a.chunk), ints(a.prefetch), acts, ints(a.guided), ints(a.pipeline),
-                                          ints(a.short_tail)):
+            for knob in itertools.product(ints(a.chunk), ints(a.prefetch), acts, ints(a.guided), ints(a.pipeline)):
                 out = torch.empty(T, H, dtype=torch.bfloat16)
                 run = kernels.Runner()
                 was = kernels.tune(*knob) if lib else None

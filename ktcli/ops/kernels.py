@@ -104,20 +104,17 @@ def bf16_activations() -> bool:
     return caps()["dpbf16"]
 
 
-KNOBS = ("chunk", "prefetch", "int8_act", "guided", "pipeline", "short_tail")
+KNOBS = ("chunk", "prefetch", "int8_act", "guided", "pipeline")
 
 
-def tune(chunk: int = -1, prefetch: int = -1, int8_act: int = -1, guided: int = -1, pipeline: int = -1,
-         short_tail: int = -1) -> tuple:
+def tune(chunk: int = -1, prefetch: int = -1, int8_act: int = -1, guided: int = -1, pipeline: int = -1) -> tuple:
     """Kernel knobs (benchmarks, tests); -1 keeps a setting. chunk: rows handed to threads in tasks of this many
     KiB of weights (0 = one contiguous range per thread); prefetch: software prefetch distance in bytes (0 = off);
     int8_act: int8 activations for int8/int4 weights (1 on, 0 off); guided: two-phase tasks handed out guided (1)
     or dynamic (0); pipeline: one task list over both matrices, an expert's down rows waiting only for its own
-    gate/up rows (1), or two phases with a barrier between (0); short_tail: pipelined tasks of at most a quarter
-    of a thread's share of a matrix, so that small layers end with short tasks (1), or always `chunk` (0).
-    Returns the previous settings, in KNOBS order, which `tune(*was)` restores."""
-    return _tune(get(), chunk=chunk, prefetch=prefetch, int8_act=int8_act, guided=guided, pipeline=pipeline,
-                 short_tail=short_tail)
+    gate/up rows (1), or two phases with a barrier between (0). Returns the previous settings, in KNOBS order,
+    which `tune(*was)` restores."""
+    return _tune(get(), chunk=chunk, prefetch=prefetch, int8_act=int8_act, guided=guided, pipeline=pipeline)
 
 
 def _tune(lib, **knobs) -> tuple:

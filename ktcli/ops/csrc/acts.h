@@ -93,9 +93,8 @@ static void acts_layout(Acts *a, char **cur, int N, int n, int path, int split) 
     a->sc = take(cur, (size_t)N * (n / QB + 1) * 4), a->z = take(cur, (size_t)N * (n / QB + 1) * 4);
 }
 
-/* The pipelined schedule's shared state (moe_cpu.c): rows per gate/up and per down task, task counter, gate/up
- * tasks left per expert, h ready. */
-typedef struct { long rg, rd, next; int left[4096], ready[4096]; } Pipe;
+/* The pipelined schedule's shared state (moe_cpu.c): task counter, gate/up tasks left per expert, h ready. */
+typedef struct { long next; int left[4096], ready[4096]; } Pipe;
 
 typedef struct { float *x32, *gu_out, *h, *y; Acts xa, ha; Pipe *pipe; } Scratch;
 

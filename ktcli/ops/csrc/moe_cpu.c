@@ -22,16 +22,15 @@ static int int_dot = HAS_VNNI;   /* int8/int4 use IDOT (int8 activations) where 
 static int chunk_kb = 256;       /* rows handed to threads in chunks of this many KiB of weights (0: static split) */
 static int guided = 0;           /* two-phase schedule: chunks handed out dynamically (0) or guided (1) */
 static int pipelined = 1;        /* one task list for both matrices (1) or two phases with a barrier between (0) */
-static int short_tail = 1;       /* pipelined: tasks of at most a quarter of a thread's share (small layers) */
 static double *prof;             /* moe_profile(): per-thread timestamps of the last call, or NULL */
 
 int moe_caps(void) { return HAS_DPBF16 | HAS_VNNI << 1; }
 
-/* Tuning knobs for benchmarks and tests, in this order: chunk, prefetch, idot, guided, pipelined, short_tail.
- * Writes the settings in force to was[6], then applies set[6] (a negative value keeps a setting). */
+/* Tuning knobs for benchmarks and tests, in this order: chunk, prefetch, idot, guided, pipelined. Writes the
+ * settings in force to was[5], then applies set[5] (a negative value keeps a setting). */
 void moe_tune(const int *set, int *was) {
-    int *knob[] = {&chunk_kb, &pf_bytes, &int_dot, &guided, &pipelined, &short_tail};
-    for (int k = 0; k < 6; k++) {
+    int *knob[] = {&chunk_kb, &pf_bytes, &int_dot, &guided, &pipelined};
+    for (int k = 0; k < 5; k++) {
         was[k] = *knob[k];
         if (set[k] >= 0) *knob[k] = set[k];
     }
@@ -49,17 +48,10 @@ static int path_for(int fmt, int C, int G) {
     return FLOAT;
 }
 
-static size_t row_bytes(const Mat *m, int C) {
-    return m->fmt == 0 ? (size_t)C * 2 : m->fmt == 1 ? (size_t)C : (size_t)C / 2;
-}
-
-/* Rows per task: about chunk_kb KiB of one matrix's weights, within one expert; at most about a quarter of a
- * thread's share of the matrix (U experts of R rows) when `threads` > 0, so that small layers still end with
- * short tasks (the last task's thread finishes alone). */
-static long rows_per_task(const Mat *m, int R, int C, int U, int threads) {
-    size_t bytes = (size_t)chunk_kb * 1024, share = threads > 0 ? (size_t)U * R * row_bytes(m, C) / (4 * threads) : 0;
-    if (share && share < bytes) bytes = share > 16384 ? share : 16384;
-    long rpb = (long)(bytes / row_bytes(m, C));
+/* Rows per task: about chunk_kb KiB of one matrix's weights, within one expert. */
+static long rows_per_task(const Mat *m, int R, int C) {
+    size_t row_bytes = m->fmt == 0 ? (size_t)C * 2 : m->fmt == 1 ? (size_t)C : (size_t)C / 2;
+    long rpb = (long)(chunk_kb * 1024 / row_bytes);
     return rpb < 1 ? 1 : rpb > R ? R : rpb;
 }
 
@@ -85,7 +77,7 @@ static void matrix_rows(const Mat *m, int R, const Acts *a, int U, const int *un
         }
         return;
     }
-    long rpb = rows_per_task(m, R, a->n, U, 0), tpe = (R + rpb - 1) / rpb;
+    long rpb = rows_per_task(m, R, a->n), tpe = (R + rpb - 1) / rpb;
 #pragma omp for schedule(runtime) nowait
     for (long b = 0; b < U * tpe; b++) task_rows(m, R, a, b, rpb, tpe, uniq, start, order, K, by_token, out);
 }
@@ -102,16 +94,16 @@ static void act_pair(Scratch *s, int p, int I) {
 /* The pipelined schedule: one task counter over the gate/up tasks of every expert, then its down tasks. An
  * expert's down tasks wait only for that expert's own gate/up tasks (the thread finishing the last one computes
  * its h), so threads done with gate/up rows go on to down rows without a barrier between the matrices. */
-static void pipe_init(Pipe *pp, const Mat *mg, const Mat *md, int U, int H, int I, int threads) {
-    pp->rg = rows_per_task(mg, 2 * I, H, U, threads), pp->rd = rows_per_task(md, H, I, U, threads);
+static void pipe_init(Pipe *pp, const Mat *mg, int U, int H, int I) {
+    long rg = rows_per_task(mg, 2 * I, H);
     pp->next = 0;
-    for (int u = 0; u < U; u++) pp->left[u] = (int)((2 * I + pp->rg - 1) / pp->rg), pp->ready[u] = 0;
+    for (int u = 0; u < U; u++) pp->left[u] = (int)((2 * I + rg - 1) / rg), pp->ready[u] = 0;
 }
 
 static void pipelined_rows(Pipe *pp, const Mat *mg, const Mat *md, Scratch *s, int U, int H, int I,
                            const int *uniq, const int *start, const int *order, int K) {
-    long rg = pp->rg, tg = (2 * I + rg - 1) / rg, ng = U * tg;
-    long rd = pp->rd, td = (H + rd - 1) / rd;
+    long rg = rows_per_task(mg, 2 * I, H), tg = (2 * I + rg - 1) / rg, ng = U * tg;
+    long rd = rows_per_task(md, H, I), td = (H + rd - 1) / rd;
     for (long b; (b = __atomic_fetch_add(&pp->next, 1, __ATOMIC_RELAXED)) < ng + U * td;) {
         if (b < ng) {
             task_rows(mg, 2 * I, &s->xa, b, rg, tg, uniq, start, order, K, 1, s->gu_out);
@@ -168,7 +160,7 @@ int moe_forward(int T, int K, int H, int I, const void *x, const int64_t *idx, c
     const uint16_t *xb = x, *wb = wts;
     const float *xf = x, *wf = wts;
     int pipe = pipelined && chunk_kb > 0;
-    if (pipe) pipe_init(s.pipe, &mg, &md, U, H, I, short_tail ? threads : 0);
+    if (pipe) pipe_init(s.pipe, &mg, U, H, I);
     omp_set_schedule(guided ? omp_sched_guided : omp_sched_dynamic, 1);   /* matrix_rows' schedule(runtime) */
     if (prof) prof[1] = omp_get_wtime();
 #pragma omp parallel num_threads(threads)
