@@ -30,10 +30,7 @@
 /* Software prefetch `pf_bytes` ahead of the weight stream (0 = off): the hardware prefetchers stop at 4 KiB
  * page boundaries, and a weight row is a few KiB. */
 static int pf_bytes = 4096;
-#ifndef PF_LOCALITY
-#define PF_LOCALITY 3   /* prefetcht0; benchmarks may build 0 (prefetchnta) via KTCLI_CPU_CFLAGS for comparison */
-#endif
-#define PREFETCH(p) do { if (pf_bytes) __builtin_prefetch((const char *)(p) + pf_bytes, 0, PF_LOCALITY); } while (0)
+#define PREFETCH(p) do { if (pf_bytes) __builtin_prefetch((const char *)(p) + pf_bytes, 0, 3); } while (0)
 
 static inline float bf16f(uint16_t v) { uint32_t b = (uint32_t)v << 16; float f; memcpy(&f, &b, 4); return f; }
 static inline uint16_t f2bf16(float f) { uint32_t u; memcpy(&u, &f, 4); u += 0x7fff + ((u >> 16) & 1); return (uint16_t)(u >> 16); }
