@@ -20,10 +20,10 @@ case $what in
         --formats int8,int4 --stock-max-t 1 --out $out/cpu-experts-quant.json
     python3 benchmarks/cpu_experts.py --hidden 2048 --inter 768 --experts 128 --topk 8 --layers 16 --threads 16 \
         --reps 10 --batches 1,4,16 --stock-max-t 0 --out $out/cpu-experts-qwen3-shape.json ;;
-  int4)     # session 4: pipelined schedule vs two phases, where each call's time goes, cost per row (dot_micro at
-            # 4x longer rows), fixed cost per call
+  int4)     # session 4: where each call's time goes, cost per row (dot_micro at 4x longer rows), fixed cost
+            # per call (the zero-start A/B of results/*s4c* also built -DZERO_FROM=1, removed since: see git 531a96d)
     python3 -m pytest -q tests/test_kernels.py 2>&1 | tail -3 || true
-    for n in "" "-DN=14336 -DROWS=24" "-DZERO_FROM=1" "-DZERO_FROM=1 -DN=14336 -DROWS=24"; do
+    for n in "" "-DN=14336 -DROWS=24"; do
         gcc -O3 -march=native -fopenmp $n benchmarks/dot_micro.c -o /tmp/dot_micro -lm && echo "dot_micro $n" && /tmp/dot_micro
     done | tee $out/dot-micro-rows.txt || true
     python3 benchmarks/cpu_experts.py --resident --resident-mb 0.1 --threads 16 --reps 30 --batches 1,4 \

@@ -12,15 +12,20 @@ from ktcli.ops import kernels
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
+def cpu_experts(tmp_path, *args):
+    """benchmarks/cpu_experts.py on a tiny shape (2 threads, 1 round of 2 reps); its JSON."""
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "cpu_experts.py"), "--hidden", "256", "--inter", "128",
+           "--threads", "2", "--reps", "2", "--rounds", "1", *args, "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+    return json.loads(out.read_text())
+
+
 @pytest.mark.skipif(kernels.get() is None, reason="kernel did not build")
 @pytest.mark.parametrize("mode", [["--formats", "int4", "--experts", "8", "--topk", "2", "--layers", "1"],
                                   ["--formats", "bf16", "--resident", "--resident-mb", "0.2", "--stock-max-t", "0"]])
 def test_cpu_experts_benchmark_writes_its_rows(tmp_path, mode):
-    out = tmp_path / "r.json"
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "cpu_experts.py"), "--hidden", "256", "--inter", "128",
-           "--threads", "2", "--reps", "2", "--rounds", "1", "--batches", "1", *mode, "--out", str(out)]
-    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
-    r = json.loads(out.read_text())
+    r = cpu_experts(tmp_path, "--batches", "1", *mode)
     (row,) = r["rows"]
     assert r["read_bw"] > 0 and r["probes"] and row["resident"] == ("--resident" in mode)
     assert row["kernel_ratio"] > 0 and row["kernel_ratio_paired"] > 0 and row["rel_err_vs_dequant_fp32"] < 3e-2
@@ -29,12 +34,8 @@ def test_cpu_experts_benchmark_writes_its_rows(tmp_path, mode):
 
 @pytest.mark.skipif(kernels.get() is None, reason="kernel did not build")
 def test_cpu_experts_phases_per_schedule(tmp_path):
-    out = tmp_path / "r.json"
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "cpu_experts.py"), "--hidden", "256", "--inter", "128",
-           "--threads", "2", "--reps", "2", "--rounds", "1", "--batches", "2", "--formats", "int8", "--experts", "8",
-           "--topk", "2", "--layers", "1", "--stock-max-t", "0", "--pipeline", "0,1", "--phases", "--out", str(out)]
-    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
-    rows = json.loads(out.read_text())["rows"]
+    rows = cpu_experts(tmp_path, "--batches", "2", "--formats", "int8", "--experts", "8", "--topk", "2", "--layers", "1",
+                       "--stock-max-t", "0", "--pipeline", "0,1", "--phases")["rows"]
     assert [r["pipeline"] for r in rows] == [0, 1]
     for r in rows:
         ph = r["phases_us"]

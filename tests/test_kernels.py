@@ -1,4 +1,8 @@
 """The CPU expert kernel (every path this machine can build) against the fp32 reference, fresh random inputs."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -102,8 +106,6 @@ def test_torch_fallback_equals_kernel(fp32_act, monkeypatch):
 
 def test_quantized_experts_end_to_end_accuracy(tmp_path):
     """int8 stays close to bf16 on a tiny model; int4 costs more but stays sane (numbers: benchmarks/README.md)."""
-    import os
-    import sys
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     from quant_accuracy import measure
     r = measure(str(tmp_path), tokens=16)
@@ -223,11 +225,8 @@ def test_silu_at_extreme_gate_values(fp32_act):
 
 @needs_kernel
 def test_int8_act_env_switch_turns_the_integer_path_off_and_on():
-    import subprocess
-    import sys
     code = "from ktcli.ops import kernels; kernels.get(); print(kernels.tune()[2])"
     out = lambda env: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    import os
     assert out({**os.environ, "KTCLI_CPU_INT8_ACT": "0"}) == "0"
     assert out({**os.environ, "KTCLI_CPU_INT8_ACT": "1"}) == "1"
     assert out({k: v for k, v in os.environ.items() if k != "KTCLI_CPU_INT8_ACT"}) == str(int(kernels.caps()["vnni"]))
@@ -235,9 +234,9 @@ def test_int8_act_env_switch_turns_the_integer_path_off_and_on():
 
 @needs_kernel
 def test_kernel_groups_pairs_by_expert_and_rejects_ids_it_cannot_index():
-    """Pairs are grouped by expert in one pass over an id-indexed table: many tokens sharing few experts, ids up
-    to 4095, match the reference; an id of 4096 or more is refused, not read out of bounds."""
-    E, H, I, K, T = 4096, 128, 128, 2, 16
+    """Pairs are grouped by expert in one pass over an id-indexed table: many tokens sharing few experts match
+    the reference; an id of 4096 or more (past the table) is refused, not read out of bounds."""
+    too_big, H, I, K, T = 4096, 128, 128, 2, 16
     gu, dn, x, _, w = case(8, H, I, K, T, 21)
     ew = pack("int8", gu, dn)
     idx = torch.tensor([[3, 5], [5, 3], [0, 7]] * 5 + [[7, 0]])
@@ -245,4 +244,18 @@ def test_kernel_groups_pairs_by_expert_and_rejects_ids_it_cannot_index():
     kernels.Runner()(lib, x, idx, w, ew, out, 3)
     assert rel(out, reference(ew, x, idx, w, 8)) <= 3e-2
     with pytest.raises(RuntimeError, match="rejected"):
-        kernels.Runner()(lib, x, torch.full((T, K), E), w, ew, out, 3)
+        kernels.Runner()(lib, x, torch.full((T, K), too_big), w, ew, out, 3)
+
+
+@needs_kernel
+def test_cpu_cflags_make_a_separate_build(tmp_path, monkeypatch):
+    """KTCLI_CPU_CFLAGS: the extra flags reach the compiler (a bad one fails the build, which get() turns into
+    the torch fallback) and name their own cached library, which loads."""
+    import ctypes
+    plain = kernels.build(str(tmp_path))
+    monkeypatch.setenv("KTCLI_CPU_CFLAGS", "-DNDEBUG")
+    flagged = kernels.build(str(tmp_path))
+    assert flagged != plain and os.path.isfile(flagged) and ctypes.CDLL(flagged).moe_caps() == lib.moe_caps()
+    monkeypatch.setenv("KTCLI_CPU_CFLAGS", "-fno-such-option")
+    with pytest.raises(subprocess.CalledProcessError):
+        kernels.build(str(tmp_path))

@@ -3,7 +3,7 @@
 Built with gcc -O3 -march=native (the instruction set is the running CPU's: AVX-512, AVX2, or plain), linked
 against torch's own libgomp so kernel and torch share one OpenMP thread pool. If gcc is missing or the build
 fails, `get()` returns None and the pure-torch path runs instead. KTCLI_CPU_CFLAGS adds compiler flags (A/B
-builds of a compile-time variant in benchmarks, e.g. -DZERO_FROM=1); they are part of the cached build's name.
+builds of a compile-time variant in benchmarks, e.g. -DNDEBUG); they are part of the cached build's name.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import threading
 import torch
 
 SRC = os.path.join(os.path.dirname(__file__), "csrc", "moe_cpu.c")
-HEADERS = [os.path.join(os.path.dirname(__file__), "csrc", h) for h in ("dots.h", "acts.h", "rows.h")]
+HEADERS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "csrc", "*.h")))   # part of the build's name
 FORMATS = {"bf16": 0, "int8": 1, "int4": 2}
 MAX_TOKENS = 16          # decode and small batches; larger prefill chunks go to torch's GEMMs
 _lock = threading.Lock()

@@ -188,20 +188,10 @@ INL void wblock(int int4, const uint8_t *w, int c, __m512i *w0, __m512i *w1) {
     }
 }
 /* A zeroed accumulator per block. gcc copies one zero register into each (a vector-port µop per block and
- * vector); a zeroing xor written out is recognised at register rename and takes no port. ZERO_FROM=1 loads a
- * zero line instead (a load-port µop), for comparison in benchmarks/dot_micro.c. */
-#ifndef ZERO_FROM
-#define ZERO_FROM 0
-#endif
-static const int32_t zero_line[16] __attribute__((aligned(64)));
+ * vector); a zeroing xor written out is recognised at register rename and takes no port. */
 INL __m512i fresh_zero(const void *tag) {   /* tag: a per-block address, so that gcc cannot merge two of them */
     __m512i z;
-#if ZERO_FROM
-    (void)tag;
-    z = *(volatile __m512i *)zero_line;
-#else
     __asm__("vpxord %0, %0, %0" : "=v"(z) : "m"(*(const char *)tag));
-#endif
     return z;
 }
 /* Block c's int32 partial sums (16 lanes) for one vector. */

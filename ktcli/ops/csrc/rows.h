@@ -24,7 +24,7 @@ static void rows_block(const Mat *m, int e, int r0, int r1, int R, const Acts *a
             q[t] = a->q + (size_t)v[t] * C, sc[t] = a->sc + vb, z[t] = a->z + vb;
             cs[t] = m->fmt == 1 ? sc[t] : comb[t], cw[t] = comb[t];
             off[t] = 0.f;
-            for (int c = 0; c < C / QB; c++) off[t] += z[t][c];
+            for (int c = 0; m->fmt == 1 && c < C / QB; c++) off[t] += z[t][c];   /* int4: per row, in idot_i4 */
         }
         for (int r = r0; r < r1; r++) {
             size_t row = (size_t)e * R + r;
