@@ -36,7 +36,7 @@ from ktcli.ops import kernels
 from ktcli.ops.base import eager_reference
 from ktcli.ops.cpu import cpu_moe
 from ktcli.ops.quant import hugepages, pack
-from ktcli.report.files import write_atomic
+from ktcli.files import write_atomic
 
 
 _signed = {}

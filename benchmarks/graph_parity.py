@@ -20,7 +20,7 @@ from ktcli.engine import Engine, GenerationConfig
 from ktcli.engine.bandwidth import bandwidths
 from ktcli.engine.roofline import decode_bytes, roofline
 from ktcli.engine.sweep import machine_info, placement_summary
-from ktcli.report.files import write_atomic
+from ktcli.files import write_atomic
 
 
 def main():

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 
 def measure(root, tokens=48, group=32, inter=64):
-    from ktcli.build.model import build
+    from ktcli.model.build import build
     from ktcli.commands.options import machine_for, profile_from_flags
     from ktcli.engine import Engine, GenerationConfig
     from ktcli.placement.validate import validate
@@ -75,5 +75,5 @@ if __name__ == "__main__":
              "int8_activations": bool(kernels.get() and kernels.tune()[2])}
     print(json.dumps(r, indent=2))
     if a.out:
-        from ktcli.report.files import write_atomic
+        from ktcli.files import write_atomic
         write_atomic(a.out, json.dumps(r, indent=2))

@@ -118,7 +118,7 @@ def test_roofline_counts_quantized_experts_at_their_stored_size(cli, tmp_path):
         r = bench(cli, "-p", "0", "-n", "2", str(p), "--output-file", str(out), "-o", "json")
         assert r.exit_code == 0, r
         rows[fmt] = json.loads(out.read_text())["results"][0]
-    from ktcli.build.demo import demo_config
+    from ktcli.model.demo import demo_config
     c = demo_config(512)
     per_token = 2 * c.num_experts_per_tok * 3 * c.hidden_size * c.moe_intermediate_size   # 2 CPU layers' params
     cpu = {f: x["roofline"]["bytes_per_token"]["cpu"] for f, x in rows.items()}

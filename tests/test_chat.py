@@ -22,7 +22,7 @@ def test_empty_stdin_is_an_error(cli):
 
 
 def test_scripted_multi_turn_session(cli):
-    script = "Hello!\nTell me more.\n/stats\n/reset\n/system Be brief.\n/think on\nAgain\n/bogus\n/help\n/exit\nnever\n"
+    script = "Hello!\nTell me more.\n/stats\n/reset\n/system Be brief.\n/think on\n/think\nAgain\n/bogus\n/help\n/exit\nnever\n"
     r = cli("chat", "-i", "-n", "6", input=script)
     assert r.exit_code == 0, r
     assert r.stderr.count("\neval rate:") == 3           # three replies, then /exit stops the session
@@ -31,7 +31,9 @@ def test_scripted_multi_turn_session(cli):
     assert "system prompt set; conversation reset" in r.stderr
     assert "thinking mode on" in r.stderr
     assert "unknown command /bogus; /help lists them" in r.stderr
+    assert "usage: /think on|off" in r.stderr
     assert "/reset         forget the conversation" in r.stdout
+    assert "/think on|off  thinking mode (templates that support it)" in r.stdout
 
 
 def test_eof_ends_session(cli):
@@ -76,7 +78,7 @@ def test_chat_refuses_a_failing_profile_before_loading(cli):
 
 
 def test_thinking_toggle_changes_the_prompt():
-    from ktcli.build.demo import ensure_demo
+    from ktcli.model.demo import ensure_demo
     from ktcli.engine.conversation import Conversation
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(ensure_demo())

@@ -24,7 +24,7 @@ def qwen(tmp_path_factory):
 
 
 def build_error(tmp_path, ckpt):
-    from ktcli.build.model import build
+    from ktcli.model.build import build
     from ktcli.commands.options import machine_for, profile_from_flags
     from ktcli.errors import KtcliError
     from ktcli.placement.validate import validate
@@ -36,7 +36,7 @@ def build_error(tmp_path, ckpt):
 
 def test_sharded_index_and_fused_names_load(tmp_path, qwen):
     """Split into two shards with an index, one using fused 3-D expert names: both load the same."""
-    from ktcli.build.model import build
+    from ktcli.model.build import build
     from ktcli.commands.options import machine_for, profile_from_flags
     from ktcli.placement.validate import validate
     import torch
@@ -100,11 +100,11 @@ def test_no_safetensors(tmp_path, qwen):
 PEAK = textwrap.dedent("""
     import json, resource, sys
     import torch
-    from ktcli.build.model import build
+    from ktcli.model.build import build
     from ktcli.commands.options import machine_for, profile_from_flags
     from ktcli.placement.validate import validate
     v = validate(profile_from_flags(sys.argv[1]), machine_for(None))
-    import ktcli.build.model  # imports done before the baseline
+    import ktcli.model.build  # imports done before the baseline
     def rss():
         return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) * 1024
     base = rss()
@@ -118,7 +118,7 @@ PEAK = textwrap.dedent("""
 def test_peak_rss_during_load_is_bounded(tmp_path):
     """A ~1.5 GB checkpoint with per-expert names: peak RSS ≤ 1.1 × CPU weights + a small constant."""
     from tiny import tiny_config, tokenizer
-    from ktcli.build.demo import write_checkpoint
+    from ktcli.model.demo import write_checkpoint
     cfg = tiny_config("qwen2_moe", layers=6, hidden_size=1024, intermediate_size=256, moe_intermediate_size=512,
                       num_experts=64, shared_expert_intermediate_size=256)
     ckpt = write_checkpoint(str(tmp_path / "big"), cfg, tokenizer(), dtype=__import__("torch").bfloat16)

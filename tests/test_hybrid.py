@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from ktcli.build.model import build
+from ktcli.model.build import build
 from ktcli.commands.options import machine_for, profile_from_flags
 from ktcli.ops.base import set_stage
 from ktcli.placement.validate import validate

@@ -5,7 +5,7 @@ import os
 import torch
 from transformers import AutoConfig
 
-from ktcli.build.demo import build_tokenizer, write_checkpoint
+from ktcli.model.demo import build_tokenizer, write_checkpoint
 
 ARCHS = {
     "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,

@@ -43,7 +43,7 @@ def bench(profiles: Annotated[Optional[list[str]], typer.Argument(help="Profiles
     from ..errors import UsageError
     from ..profile.schema import GRAPH_MODES
     from ..report.bench import add_baseline_ratios, finish, render
-    from ..report.files import write_atomic
+    from ..files import write_atomic
     from ..report.progress import steps_progress
     if output not in FORMATS:
         raise UsageError(f"-o must be one of {', '.join(FORMATS)}, got {output!r}")

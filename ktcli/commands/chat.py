@@ -1,7 +1,6 @@
 """Chat with a model: streamed replies, multi-turn history, per-turn timings. `--prompt` for scripts."""
 from __future__ import annotations
 
-import signal
 import sys
 from typing import Optional
 
@@ -27,10 +26,11 @@ def chat(profile: o.ProfileArg = None, model: o.Model = None, weights: o.Weights
          ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past end-of-sequence (up to -n).")] = False,
          think: Annotated[Optional[bool], typer.Option("--think/--no-think", help="Thinking mode, where the chat template supports it.", show_default=False)] = None,
          context_policy: Annotated[str, typer.Option("--context-policy", help="When the context is full: drop-oldest turns, or stop.")] = "drop-oldest"):
-    from ..engine import ContextFull, Engine, GenerationConfig
+    from ..engine import Engine, GenerationConfig
     from ..engine.conversation import Conversation
     from ..errors import UsageError
-    from ..report.chat_ui import HELP, ChatUI, Detokenizer
+    from ..report.chat_session import ChatSession
+    from ..report.chat_ui import ChatUI
     from .run import load
     if context_policy not in ("drop-oldest", "stop"):
         raise UsageError(f"--context-policy must be drop-oldest or stop, got {context_policy!r}")
@@ -51,61 +51,4 @@ def chat(profile: o.ProfileArg = None, model: o.Model = None, weights: o.Weights
                            seed=seed, stop=tuple(stop or ()), ignore_eos=ignore_eos)
     if not one_shot:
         ui.banner(v.source.name, engine.mode, built.timings["load"], engine.capture_s)
-    last = None
-    interrupted = [False]
-
-    def on_sigint(*_):
-        interrupted[0] = True
-
-    while True:
-        text = prompt if one_shot else ui.ask()
-        if text is None or text.strip() in ("/exit", "/quit"):
-            break
-        if not one_shot and not text.strip():
-            continue
-        cmd, _, arg = text.strip().partition(" ")
-        if not one_shot and cmd.startswith("/"):
-            if cmd == "/help":
-                ui.info(HELP)
-            elif cmd == "/reset":
-                conv.turns = []
-                engine.reset()
-                ui.notice("conversation reset")
-            elif cmd == "/stats":
-                ui.stats(last, ui.out) if last else ui.notice("no reply yet")
-            elif cmd == "/system":
-                conv.system, conv.turns = arg or None, []
-                ui.notice(f"system prompt {'set' if arg else 'cleared'}; conversation reset")
-            elif cmd == "/think" and arg in ("on", "off"):
-                if not conv.supports_thinking:
-                    ui.notice("this model's chat template has no thinking mode")
-                else:
-                    conv.thinking = arg == "on"
-                    ui.notice(f"thinking mode {arg}")
-            else:
-                ui.notice(f"unknown command {cmd}; /help lists them")
-            continue
-        try:
-            ids, dropped = conv.prompt(text, reserve=min(cfg.max_new_tokens, max(engine.max_len // 4, 1)))
-        except ContextFull as e:
-            if one_shot:
-                raise
-            ui.notice(f"{e.message} — {e.hint}")
-            continue
-        if dropped:
-            ui.notice(f"context full: dropped the {dropped} oldest turn(s)")
-        detok = Detokenizer(built.tokenizer)
-        interrupted[0] = False
-        old = signal.signal(signal.SIGINT, on_sigint) if not one_shot else None
-        try:
-            _, last = engine.generate(ids, cfg, on_token=lambda t: ui.piece(detok.push(t)),
-                                      should_stop=lambda: interrupted[0])
-        finally:
-            if old is not None:
-                signal.signal(signal.SIGINT, old)
-        ui.end_reply(interrupted=last.stop_reason == "interrupted")
-        conv.commit(text, detok.text(), dropped)
-        if one_shot:
-            ui.stats(last)
-            break
-        ui.stats(last)
+    ChatSession(engine, conv, ui, cfg, built.tokenizer).run(prompt if one_shot else None)

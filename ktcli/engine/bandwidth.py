@@ -91,7 +91,7 @@ def measure_gpu_read(nbytes: int = 4 * 2**30) -> float:
 
 def bandwidths(remeasure: bool = False, cache_dir: str | None = None) -> dict:
     """{'cpu': B/s, 'cuda': B/s or None, 'measured': bool} — cached in ~/.cache/ktcli/bandwidth.json."""
-    from ..build.demo import cache_dir as demo_cache
+    from ..model.demo import cache_dir as demo_cache
     path = os.path.join(cache_dir or os.path.dirname(demo_cache()), "bandwidth.json")
     key = machine_key()
     cache = {}
@@ -106,6 +106,6 @@ def bandwidths(remeasure: bool = False, cache_dir: str | None = None) -> dict:
     bw = {"cpu": measure_cpu_read(), "cuda": measure_gpu_read() if torch.cuda.is_available() else None}
     cache[key] = bw
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    from ..report.files import write_atomic
+    from ..files import write_atomic
     write_atomic(path, json.dumps(cache, indent=2))
     return {**bw, "measured": True}

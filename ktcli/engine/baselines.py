@@ -8,9 +8,9 @@ import time
 
 import torch
 
-from ..build.config import find_experts, meta_model
-from ..build.model import DTYPES, materialize
-from ..build.weights import fill_synthetic, load_checkpoint
+from ..model.config import find_experts, meta_model
+from ..model.build import DTYPES, materialize
+from ..model.weights import fill_synthetic, load_checkpoint
 from ..errors import KtcliError
 
 BASELINES = ("hf-accelerate", "hf-gpu")

@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from ..ops.cpu import HostClock, SyncClock
+from ..ops.clocks import HostClock, SyncClock
 from .generate import GenerationConfig
 
 

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import KtcliError
 from ..ops.base import set_stage
-from ..ops.cpu import HostClock, SyncClock
+from ..ops.clocks import HostClock, SyncClock
 from .sampling import sample
 from .timing import GenerationStats, peak_host_bytes
 

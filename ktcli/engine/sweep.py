@@ -67,8 +67,7 @@ def count_steps(sw: Sweep) -> int:
 
 def run(sw: Sweep, tick=None, saved=None) -> list:
     """`saved(records)` is called after every row, so a long sweep cut short keeps what it measured."""
-    from ..build.model import build
-    from ..commands.run import refuse_if_failing
+    from ..model.build import build
     from ..placement.validate import validate
     from .generate import Engine
     records = []
@@ -82,7 +81,7 @@ def run(sw: Sweep, tick=None, saved=None) -> list:
         built, base_err, v = None, None, None
         try:
             v = validate(replace(prof, runtime=replace(prof.runtime, graph_mode="off")), sw.machine)
-            refuse_if_failing(v)
+            v.refuse_if_failing()
             if prof.runtime.cpu_threads:
                 torch.set_num_threads(prof.runtime.cpu_threads)
             built = build(v)
@@ -107,7 +106,7 @@ def run(sw: Sweep, tick=None, saved=None) -> list:
                 try:
                     # the plan does not change with the graph mode; only the graph check does
                     prof_mode = replace(prof, runtime=replace(prof.runtime, graph_mode=mode))
-                    refuse_if_failing(replace(v, findings=check_graphs(prof_mode, v.plan)))
+                    replace(v, findings=check_graphs(prof_mode, v.plan)).refuse_if_failing()
                     engine = Engine(built, graph_mode=mode)
                     engine.prepare()
                 except (KtcliError, RuntimeError) as e:

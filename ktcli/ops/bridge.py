@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from .clocks import SyncClock
+
 _HOSTFN = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 
 
@@ -83,8 +85,7 @@ class PiecewiseBridge:
             if step is not None:
                 t0 = time.perf_counter()
                 stream.synchronize()     # the D2H copies of this segment are done; one sync per CPU layer
-                from .cpu import SyncClock
-                SyncClock.seconds += time.perf_counter() - t0
+                SyncClock.add(time.perf_counter() - t0)
                 step()
 
     def check(self):

@@ -5,30 +5,16 @@ one after another on one stream, so one set suffices). Shape legend: T tokens, H
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 
-import time
-
 from . import bridge as bridge_mod
+from .clocks import HostClock, SyncClock
 from . import kernels
 from .base import DeviceOp
 from .worker import worker
-
-
-class HostClock:
-    """Seconds spent computing CPU experts (host-side, safe inside host callbacks)."""
-    seconds = 0.0
-
-    @classmethod
-    def take(cls) -> float:
-        s, cls.seconds = cls.seconds, 0.0
-        return s
-
-
-class SyncClock(HostClock):
-    """Seconds the host waited for the GPU before CPU-expert layers (eager and piecewise decode): GPU time."""
-    seconds = 0.0
 
 
 class Staging:
@@ -93,13 +79,13 @@ class CpuExperts(DeviceOp):
         if st.threads and torch.get_num_threads() != st.threads:   # host-callback threads start with defaults
             torch.set_num_threads(st.threads)
         self._moe(st.x[:T], st.idx[:T], st.w[:T], st.y[:T])
-        HostClock.seconds += time.perf_counter() - t0
+        HostClock.add(time.perf_counter() - t0)
 
     def __call__(self, x, idx, w):
         if x.device.type == "cpu":
             t0 = time.perf_counter()
             y = self.compute(x, idx.to(torch.int64), w.to(x.dtype))
-            HostClock.seconds += time.perf_counter() - t0
+            HostClock.add(time.perf_counter() - t0)
             return y
         st, T = self.staging, x.shape[0]
         if T > st.capacity:   # eager only (graphs capture decode, T=1): split into staging-sized chunks
@@ -113,7 +99,7 @@ class CpuExperts(DeviceOp):
         if bridge is None:
             t0 = time.perf_counter()
             torch.cuda.current_stream(x.device).synchronize()
-            SyncClock.seconds += time.perf_counter() - t0
+            SyncClock.add(time.perf_counter() - t0)
             step()
         else:
             bridge.cpu_step(step)

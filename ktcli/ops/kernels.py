@@ -40,7 +40,7 @@ def _torch_gomp() -> str | None:
 
 
 def build(cache: str | None = None) -> str:
-    from ..build.demo import cache_dir
+    from ..files import cache_root
     cc = shutil.which(os.environ.get("CC", "gcc"))
     if cc is None:
         raise RuntimeError("no C compiler (gcc) on PATH")
@@ -52,7 +52,7 @@ def build(cache: str | None = None) -> str:
     extra = os.environ.get("KTCLI_CPU_CFLAGS", "").split()
     ident = src + _cpu_flags().encode() + str(gomp).encode() + cc.encode() + " ".join(extra).encode()
     key = hashlib.sha1(ident).hexdigest()[:16]
-    folder = cache or os.path.join(os.path.dirname(cache_dir()), "kernels")
+    folder = cache or os.path.join(cache_root(), "kernels")
     out = os.path.join(folder, f"moe_cpu-{key}.so")
     if os.path.isfile(out):
         return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ..build.config import find_experts, layer_index
+from ..model.config import find_experts, layer_index
 from ..ops.registry import default_op, resolve_op
 from ..profile.ktransformers import class_op, classify, is_kt_class
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..build.config import find_experts, meta_model, resolve_model, supported_model_types
+from ..model.config import find_experts, meta_model, resolve_model, supported_model_types
 from ..errors import CheckpointError, KtcliError
 from . import checks
 from .checks import ERROR, Finding
@@ -26,6 +26,13 @@ class Validation:
 
     def errors(self):
         return [f for f in self.findings if f.severity == ERROR]
+
+    def refuse_if_failing(self) -> None:
+        """Chat and bench stop here with the first error (validate-config lists them all)."""
+        errs = self.errors()
+        if errs:
+            more = f" (and {len(errs) - 1} more: run ktcli validate-config)" if len(errs) > 1 else ""
+            raise KtcliError(errs[0].line() + more, errs[0].fix)
 
 
 def main_device(profile, machine) -> str:

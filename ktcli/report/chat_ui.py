@@ -6,13 +6,6 @@ import sys
 from rich.console import Console
 from rich.markup import escape
 
-HELP = """/help          this list
-/reset         forget the conversation
-/stats         timings of the last reply
-/system TEXT   set the system prompt (and reset)
-/think on|off  thinking mode (templates that support it)
-/exit          leave (Ctrl-D too); Ctrl-C stops a reply"""
-
 
 class Detokenizer:
     """Incremental decode: emit only what is new, hold back a partial UTF-8 character."""

@@ -9,6 +9,8 @@ import os
 import shutil
 import tempfile
 
+from ..files import cache_root
+
 DEMO_VERSION = "1"
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -24,8 +26,7 @@ how fast the CPU can read the weights of the selected experts."""
 
 
 def cache_dir() -> str:
-    root = os.environ.get("KTCLI_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ktcli")
-    return os.path.join(root, f"demo-v{DEMO_VERSION}")
+    return os.path.join(cache_root(), f"demo-v{DEMO_VERSION}")
 
 
 def demo_config(vocab_size: int, **overrides):

@@ -1,4 +1,5 @@
-"""Results files are written atomically: a temp file in the same folder, then rename."""
+"""Files every layer writes: results written atomically (a temp file in the same folder, then rename), and
+ktcli's cache folder (demo checkpoint, compiled kernels, bandwidth readings)."""
 from __future__ import annotations
 
 import os
@@ -19,3 +20,8 @@ def write_atomic(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def cache_root() -> str:
+    """$KTCLI_CACHE, or ~/.cache/ktcli."""
+    return os.environ.get("KTCLI_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ktcli")
