@@ -1,7 +1,8 @@
 """Graph replay vs eager decode, token for token, on full-size architectures with synthetic weights.
 
 Builds the model once per profile, decodes N greedy tokens with graphs off, piecewise and full, checks that
-the token sequences are identical, and records decode tok/s and the roofline ratio of each mode.
+the token sequences are identical, and records decode tok/s of each mode (speed against the roofline is
+`ktcli bench`'s job: it measures the ceilings in the same run).
 
     python benchmarks/graph_parity.py PROFILE [PROFILE ...] --tokens 256 [--num-layers 8] --out results.json
 """
@@ -17,9 +18,8 @@ import torch
 from ktcli.commands.options import machine_for, profile_from_flags
 from ktcli.commands.run import load
 from ktcli.engine import Engine, GenerationConfig
-from ktcli.engine.bandwidth import bandwidths
-from ktcli.engine.roofline import decode_bytes, roofline
-from ktcli.engine.sweep import machine_info, placement_summary
+from ktcli.engine.provenance import machine_info
+from ktcli.engine.sweep import placement_summary
 from ktcli.files import write_atomic
 
 
@@ -31,16 +31,13 @@ def main():
     ap.add_argument("--modes", default="off,piecewise,full")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    bw = bandwidths(remeasure=True)
-    out = {"command": " ".join(["python", *sys.argv]), "machine": machine_info(), "bandwidth": bw, "runs": []}
+    out = {"command": " ".join(["python", *sys.argv]), "machine": machine_info(), "runs": []}
     for path in a.profiles:
         prof = profile_from_flags(path, num_layers=a.num_layers, max_seq_len=a.tokens + 64)
         t0 = time.perf_counter()
         v, built = load(prof, machine_for(None))
         run = {"profile": path, "model": v.source.name, "layers": built.model.config.num_hidden_layers,
                "placement": placement_summary(built.plan), "load_s": time.perf_counter() - t0, "modes": {}}
-        roof = roofline(decode_bytes(built, context=a.tokens // 2), bw)
-        run["roofline"] = roof
         prompt = torch.randint(0, built.model.config.vocab_size, (32,), generator=torch.Generator().manual_seed(0)).tolist()
         ref = None
         for mode in a.modes.split(","):
@@ -53,10 +50,10 @@ def main():
             run["modes"][mode] = {"tokens": len(new), "equal_to_off": same, "first_diff": first_diff,
                                   "decode_tps": st.decode_tps, "p50_ms": st.latency_ms(.5), "p90_ms": st.latency_ms(.9),
                                   "cpu_experts_ms_per_token": 1e3 * st.cpu_experts_s / max(st.decode_tokens, 1),
-                                  "capture_s": eng.capture_s, "roofline_ratio": st.decode_tps / roof["best_tps"],
+                                  "capture_s": eng.capture_s,
                                   "segments": eng.graph.segments if eng.graph else 0}
             print(f"{v.source.name} L={run['layers']} {mode:9s} tps={st.decode_tps:7.3f} "
-                  f"roof={100 * st.decode_tps / roof['best_tps']:5.1f}% equal={same} p50={st.latency_ms(.5):.1f}ms "
+                  f"equal={same} p50={st.latency_ms(.5):.1f}ms "
                   f"cpu={run['modes'][mode]['cpu_experts_ms_per_token']:.1f}ms capture={eng.capture_s:.2f}s", flush=True)
             del eng
             torch.cuda.empty_cache()
@@ -67,7 +64,6 @@ def main():
         del built
         torch.cuda.empty_cache()
         write_atomic(a.out, json.dumps(out, indent=2))
-    print(json.dumps({"bandwidth_GBps": {k: (v or 0) / 1e9 for k, v in bw.items() if k != "measured"}}))
 
 
 if __name__ == "__main__":

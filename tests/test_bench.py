@@ -94,11 +94,60 @@ def test_synthetic_full_size_config_few_layers(cli):
     assert d["results"][0]["weights"] == "synthetic" and d["results"][0]["num_layers_full"] == 48
 
 
-def test_measure_bw_and_warmup_flags(cli):
-    r = cli("bench", "-p", "0", "-n", "3", "-r", "1", "--warmup", "1", "--measure-bw", "-o", "json")
+def test_bandwidth_is_measured_in_the_run_unless_a_cache_is_asked_for(cli, tmp_path):
+    """Each run measures its ceilings; --cached-bw reuses the last run's readings, labelled with when they were
+    taken."""
+    runs = []
+    for extra in ([], ["--cached-bw"]):
+        r = cli("bench", "-p", "0", "-n", "3", "-r", "1", "--warmup", "1", *extra, "-o", "json")
+        assert r.exit_code == 0, r
+        runs.append(json.loads(r.stdout))
+    first, second = (d["bandwidth"] for d in runs)
+    assert first["source"] == "measured in this run" and second["source"] == "cache of an earlier run"
+    assert second["measured_at"] == first["measured_at"] and second["cpu"]["readings"] == first["cpu"]["readings"]
+    assert len(runs[0]["results"][0]["samples"]) == 1
+
+
+def test_roofline_ratio_is_the_measured_rate_over_the_ceilings_roofline(cli):
+    """best t/s = 1 / Σ bytes ÷ ceiling; the ceiling is the largest reading or faster rate reached; ratio ≤ 100%."""
+    r = bench(cli, "-p", "0", "-n", "4", "-r", "3", "-o", "json")
     assert r.exit_code == 0, r
     d = json.loads(r.stdout)
-    assert len(d["results"][0]["samples"]) == 1 and d["results"][0]["roofline"]["bandwidth"]["cpu"] > 1e8
+    cpu = d["bandwidth"]["cpu"]
+    every = [x for v in cpu["readings"].values() for x in v] + [x["bytes_per_s"] for x in cpu["raised_by"]]
+    assert cpu["value"] == max(every) and sum(len(v) for v in cpu["readings"].values()) >= 5
+    (tg,) = d["results"]
+    roof = tg["roofline"]
+    assert roof["bandwidth"]["cpu"] == cpu["value"]
+    assert abs(roof["best_tps"] - 1 / sum(b / cpu["value"] for b in roof["bytes_per_token"].values())) < 1e-9 * roof["best_tps"]
+    assert abs(tg["roofline_ratio"] - tg["tps_mean"] / roof["best_tps"]) < 1e-12
+    assert 0 < tg["roofline_ratio"] <= 1
+    assert all(n / rep["s"] <= roof["best_tps"] for n, rep in zip([4] * 3, tg["reps"]))
+
+
+def test_ceiling_is_raised_to_a_faster_rate_the_run_reached():
+    from ktcli.engine.bandwidth import Ceiling
+    c = Ceiling({"torch-sum": [5e9, 7e9], "stream": [6e9]})
+    assert c.value == 7e9
+    c.offer("slower call", 6.5e9)
+    assert c.value == 7e9 and not c.raised_by
+    c.offer("kernel call", 9e9)
+    assert c.value == 9e9 and c.raised_by == [{"source": "kernel call", "bytes_per_s": 9e9}]
+
+
+def test_every_baseline_run_is_shown_and_ratios_name_theirs():
+    from ktcli.report.bench import add_baseline_ratios, finish, md
+    rows = [{"model": "m", "backend": "ktcli", "test": "tg8", "samples": [20.0, 20.0]},
+            {"model": "m", "backend": "hf-gpu", "test": "tg2", "samples": [10.0]},
+            {"model": "m", "backend": "hf-gpu", "test": "tg2", "samples": [8.0]},
+            {"model": "m", "backend": "hf-accelerate", "test": "tg2", "samples": [0.5]}]
+    rows = [finish(r) for r in rows]
+    add_baseline_ratios(rows)
+    assert [r.get("label") for r in rows] == [None, "hf-gpu#1", "hf-gpu#2", "hf-accelerate"]
+    assert rows[0]["vs_baseline"] == {"hf-gpu#1": 2.0, "hf-gpu#2": 2.5, "hf-accelerate": 40.0}
+    text = md(rows, {})
+    assert "| × hf-accelerate | × hf-gpu#1 | × hf-gpu#2 |" in text and "| hf-gpu#2 |" in text
+    assert "| 40.00 | 2.00 | 2.50 |" in text
 
 
 def test_baseline_runs_once_per_model(cli):

@@ -30,6 +30,10 @@ def test_cpu_experts_benchmark_writes_its_rows(tmp_path, mode):
     assert r["read_bw"] > 0 and r["probes"] and row["resident"] == ("--resident" in mode)
     assert row["kernel_ratio"] > 0 and row["kernel_ratio_paired"] > 0 and row["rel_err_vs_dequant_fp32"] < 3e-2
     assert set(kernels.KNOBS) <= set(row)
+    # the ceiling is the largest of every reading and every rate reached: no ratio above 100%
+    every = [x for v in r["probes"].values() for x in v] + r["paired_readings"] + [row["kernel_GBps"] * 1e9]
+    assert r["ceiling"]["value"] == r["read_bw"] == max(every + [row["torch_GBps"] * 1e9 if row["torch_ms"] == row["torch_ms"] else 0])
+    assert row["kernel_ratio"] <= 1 and row["kernel_ratio"] == row["kernel_GBps"] * 1e9 / r["read_bw"]
 
 
 @pytest.mark.skipif(kernels.get() is None, reason="kernel did not build")

@@ -146,14 +146,14 @@ def test_int8_activation_path_matches_reference(int8_act, fmt, H, I, G, T):
 @needs_kernel
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
 def test_schedule_and_prefetch_do_not_change_results(fmt):
-    """Row chunks (static, dynamic, guided, pipelined) and software prefetch move work between threads, never
-    the arithmetic: bit-equal."""
+    """Row chunks (static, dynamic, pipelined) and software prefetch move work between threads, never the
+    arithmetic: bit-equal."""
     gu, dn, x, idx, w = case(16, 256, 128, 4, 5, 3)
     ew = pack(fmt, gu.bfloat16() if fmt == "bf16" else gu, dn.bfloat16() if fmt == "bf16" else dn)
     outs = []
-    for chunk, prefetch, guided, pipe in [(0, 0, 0, 0), (1, 0, 0, 0), (7, 512, 1, 0), (64, 4096, 0, 0),
-                                          (1, 4096, 1, 0), (1, 0, 0, 1), (7, 512, 0, 1), (64, 4096, 0, 1)]:
-        was = kernels.tune(chunk, prefetch, guided=guided, pipeline=pipe)
+    for chunk, prefetch, pipe in [(0, 0, 0), (1, 0, 0), (7, 512, 0), (64, 4096, 0), (1, 4096, 0), (1, 0, 1),
+                                  (7, 512, 1), (64, 4096, 1)]:
+        was = kernels.tune(chunk, prefetch, pipeline=pipe)
         out = torch.empty(5, 256)
         kernels.Runner()(lib, x, idx, w, ew, out, 3)
         kernels.tune(*was)
@@ -235,16 +235,20 @@ def test_int8_act_env_switch_turns_the_integer_path_off_and_on():
 @needs_kernel
 def test_kernel_groups_pairs_by_expert_and_rejects_ids_it_cannot_index():
     """Pairs are grouped by expert in one pass over an id-indexed table: many tokens sharing few experts match
-    the reference; an id of 4096 or more (past the table) is refused, not read out of bounds."""
-    too_big, H, I, K, T = 4096, 128, 128, 2, 16
+    the reference; an id at or past the layer's expert count (8 here) or negative is refused, not read out of
+    bounds."""
+    H, I, K, T = 128, 128, 2, 16
     gu, dn, x, _, w = case(8, H, I, K, T, 21)
     ew = pack("int8", gu, dn)
     idx = torch.tensor([[3, 5], [5, 3], [0, 7]] * 5 + [[7, 0]])
     out = torch.empty(T, H)
     kernels.Runner()(lib, x, idx, w, ew, out, 3)
     assert rel(out, reference(ew, x, idx, w, 8)) <= 3e-2
-    with pytest.raises(RuntimeError, match="rejected"):
-        kernels.Runner()(lib, x, torch.full((T, K), too_big), w, ew, out, 3)
+    for bad in (8, 9, 4096, -1):
+        ids = idx.clone()
+        ids[T - 1, 1] = bad
+        with pytest.raises(RuntimeError, match=r"rejected its arguments \(T=16, K=2, E=8, .*\[0, E\)"):
+            kernels.Runner()(lib, x, ids, w, ew, out, 3)
 
 
 @needs_kernel

@@ -37,7 +37,7 @@ def bench(profiles: Annotated[Optional[list[str]], typer.Argument(help="Profiles
           baseline_n_gen: Annotated[Optional[int], typer.Option("--baseline-n-gen", min=1, help="Decode length for baselines (slow ones).")] = None,
           output: Annotated[str, typer.Option("-o", "--output", help="md, csv, json or jsonl.")] = "md",
           output_file: Annotated[Optional[str], typer.Option("--output-file", help="Write here (atomically) instead of stdout.")] = None,
-          measure_bw: Annotated[bool, typer.Option("--measure-bw", help="Measure bandwidths again instead of using the cache.")] = False):
+          cached_bw: Annotated[bool, typer.Option("--cached-bw", help="Use the bandwidths an earlier run measured on this machine (labelled with when) instead of measuring them now.")] = False):
     from ..engine import sweep
     from ..engine.baselines import BASELINES
     from ..errors import UsageError
@@ -69,14 +69,16 @@ def bench(profiles: Annotated[Optional[list[str]], typer.Argument(help="Profiles
     profs = [o.profile_from_flags(p, model=model, weights=weights, dtype=dtype, device=device, num_layers=num_layers,
                                   max_seq_len=max_seq_len, cpu_threads=cpu_threads) for p in (profiles or [None])]
     btests = [(k, baseline_n_gen if k == "tg" and baseline_n_gen else n) for k, n in tests]
-    sw = sweep.Sweep(profs, tests, modes, reps, warmup, bases, btests, o.machine_for(target_devices), measure_bw)
+    sw = sweep.Sweep(profs, tests, modes, reps, warmup, bases, btests, o.machine_for(target_devices), cached_bw)
     command = "ktcli bench " + " ".join(sys.argv[2:]) if "bench" in sys.argv[1:2] else None
-    machine = sweep.machine_info()
+    from ..engine.provenance import machine_info
+    machine = machine_info()
 
     def report(records):
+        sweep.rooflines(sw, records)
         records = [finish(dict(r)) for r in records]
         add_baseline_ratios(records)
-        meta = {"command": command, "machine": machine,
+        meta = {"command": command, "machine": machine, "bandwidth": sw.bw.as_dict() if sw.bw else None,
                 "notes": [f"{r['model']}: only {r['num_layers']} of {r['num_layers_full']} layers (--num-layers)"
                           for r in records[:1] if r.get("num_layers") != r.get("num_layers_full")]}
         return records, render(records, meta, output)

@@ -1,12 +1,22 @@
-"""Measured memory bandwidths (CPU DRAM read, GPU HBM read), cached per machine; the roofline's denominators."""
+"""The roofline's denominators: how fast each device can read memory, measured in the run that uses them.
+
+A ceiling is the largest rate seen in the run: every reading of every reader (torch's sum and the CPU kernel's
+own streaming loop with each chunk/prefetch setting), raised to the best rate the CPU experts themselves reached
+(`Ceiling.offer`). A reading below what the code achieves is not a bound, so any rate the run shows is taken in.
+Cached values are used only when asked, and then say when and where they were measured.
+"""
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import platform
 import time
+from dataclasses import dataclass, field
 
 import torch
+
+from ..files import cache_root, write_atomic
 
 
 def cpu_model() -> str:
@@ -25,31 +35,33 @@ def machine_key() -> str:
     return f"{platform.node()}|{cpu_model()}|{os.cpu_count()}|{gpu}"
 
 
-def _median_time(fn, reps=5):
+def _rates(fn, nbytes: int, reps: int = 5) -> list:
+    """bytes/s of each of `reps` calls after one warm-up call."""
     fn()
-    ts = []
+    out = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
-        ts.append(time.perf_counter() - t0)
-    return sorted(ts)[len(ts) // 2]
+        out.append(nbytes / (time.perf_counter() - t0))
+    return out
 
 
 PROBES = [(chunk, pf) for chunk in (0, 256) for pf in (0, 1024, 4096)]   # (chunk KiB, prefetch bytes)
 
 
 def stream_reader(x: torch.Tensor, chunk: int, pf: int, reps: int = 5):
-    """A callable giving the bytes/s of one reading of `x` by the CPU kernel's own streaming loop (its thread
-    team, `chunk` KiB dynamic chunks or 0 = static, software prefetch `pf` bytes ahead); median of `reps`."""
+    """A callable giving the bytes/s of `reps` readings of `x` by the CPU kernel's own streaming loop (its thread
+    team, `chunk` KiB dynamic chunks or 0 = static, software prefetch `pf` bytes ahead)."""
     import ctypes
+
     from ..ops import kernels
     lib, threads, nbytes = kernels.get(), torch.get_num_threads(), x.numel() * x.element_size()
     run = lambda: lib.stream_read(ctypes.c_void_p(x.data_ptr()), ctypes.c_size_t(x.numel()), threads)  # noqa: E731
 
-    def read() -> float:
+    def read() -> list:
         was = kernels.tune(chunk, pf)
         try:
-            return nbytes / _median_time(run, reps)
+            return _rates(run, nbytes, reps)
         finally:
             kernels.tune(*was)
     return read
@@ -63,49 +75,86 @@ def probe_buffer(nbytes: int) -> torch.Tensor:
     return x.fill_(1)
 
 
-def measure_cpu_read(nbytes: int = 2 * 2**30, detail: dict | None = None) -> float:
-    """Bytes/s reading a buffer larger than any cache with all threads: the roofline needs a ceiling, so the
-    largest of several readers is kept — torch's sum and, with the CPU kernel built, its own streaming loop
-    (same thread team) with static or dynamic chunks and with or without software prefetch. `detail`, if given,
-    receives every reading."""
+def cpu_readings(nbytes: int = 2 * 2**30) -> dict:
+    """{reader: [bytes/s, …]} reading a buffer larger than any cache with all threads: torch's sum and, with the
+    CPU kernel built, its own streaming loop with static or dynamic chunks, with or without software prefetch."""
     from ..ops import kernels
     x = probe_buffer(nbytes)
-    readings = {"torch-sum": nbytes / _median_time(lambda: x.sum())}
+    out = {"torch-sum": _rates(lambda: x.sum(), nbytes)}
     if kernels.get() is not None:
         for chunk, pf in PROBES:
-            readings[f"stream-chunk{chunk}-pf{pf}"] = stream_reader(x, chunk, pf)()
-    if detail is not None:
-        detail.update(readings)
-    return max(readings.values())
+            out[f"stream-chunk{chunk}-pf{pf}"] = stream_reader(x, chunk, pf)()
+    return out
 
 
-def measure_gpu_read(nbytes: int = 4 * 2**30) -> float:
+def gpu_readings(nbytes: int = 4 * 2**30) -> dict:
     x = torch.ones(nbytes // 2, dtype=torch.bfloat16, device="cuda")
 
     def run():
         x.sum()
         torch.cuda.synchronize()
-    t = _median_time(run, reps=10)
-    return nbytes / t
+    return {"torch-sum": _rates(run, nbytes, reps=10)}
 
 
-def bandwidths(remeasure: bool = False, cache_dir: str | None = None) -> dict:
-    """{'cpu': B/s, 'cuda': B/s or None, 'measured': bool} — cached in ~/.cache/ktcli/bandwidth.json."""
-    from ..model.demo import cache_dir as demo_cache
-    path = os.path.join(cache_dir or os.path.dirname(demo_cache()), "bandwidth.json")
-    key = machine_key()
+@dataclass
+class Ceiling:
+    """One device's read-bandwidth ceiling: the largest reading, raised by any faster rate the run reached."""
+    readings: dict = field(default_factory=dict)      # reader → [bytes/s]
+    raised_by: list = field(default_factory=list)     # [{"source": …, "bytes_per_s": …}] that beat the readings
+
+    @property
+    def value(self) -> float:
+        vals = [v for vs in self.readings.values() for v in vs] + [r["bytes_per_s"] for r in self.raised_by]
+        return max(vals, default=0.0)
+
+    def offer(self, source: str, rate: float) -> None:
+        """A rate the code reached (CPU-expert call, a decode row): above the ceiling, it becomes the ceiling."""
+        if rate > self.value:
+            self.raised_by.append({"source": source, "bytes_per_s": rate})
+
+    def as_dict(self) -> dict:
+        return {"value": self.value, "readings": self.readings, "raised_by": self.raised_by}
+
+
+@dataclass
+class Bandwidths:
+    cpu: Ceiling
+    cuda: Ceiling | None
+    measured_at: str             # ISO time of the readings
+    where: str                   # machine key of the readings
+    cached: bool = False         # True: read from an earlier run's cache (`--cached-bw`)
+
+    def as_dict(self) -> dict:
+        return {"cpu": self.cpu.as_dict(), "cuda": self.cuda.as_dict() if self.cuda else None,
+                "measured_at": self.measured_at, "where": self.where,
+                "source": "cache of an earlier run" if self.cached else "measured in this run"}
+
+    def rates(self) -> dict:
+        return {"cpu": self.cpu.value, "cuda": self.cuda.value if self.cuda else None}
+
+
+def measure() -> Bandwidths:
+    cuda = Ceiling(gpu_readings()) if torch.cuda.is_available() else None
+    return Bandwidths(Ceiling(cpu_readings()), cuda, datetime.datetime.now().isoformat(timespec="seconds"),
+                      machine_key())
+
+
+def bandwidths(cached: bool = False, cache_dir: str | None = None) -> Bandwidths:
+    """Measured now (and saved); with `cached`, the last saved readings of this machine when there are any."""
+    path = os.path.join(cache_dir or cache_root(), "bandwidth.json")
     cache = {}
-    if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                cache = json.load(f)
-        except (OSError, ValueError):
-            cache = {}
-    if not remeasure and key in cache:
-        return {**cache[key], "measured": False}
-    bw = {"cpu": measure_cpu_read(), "cuda": measure_gpu_read() if torch.cuda.is_available() else None}
-    cache[key] = bw
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    from ..files import write_atomic
+    try:
+        with open(path, encoding="utf-8") as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    key = machine_key()
+    if cached and isinstance(cache.get(key), dict) and "cpu_readings" in cache[key]:
+        c = cache[key]
+        cuda = Ceiling(c["cuda_readings"]) if c.get("cuda_readings") else None
+        return Bandwidths(Ceiling(c["cpu_readings"]), cuda, c["measured_at"], key, cached=True)
+    bw = measure()
+    cache[key] = {"cpu_readings": bw.cpu.readings, "cuda_readings": bw.cuda.readings if bw.cuda else None,
+                  "measured_at": bw.measured_at}
     write_atomic(path, json.dumps(cache, indent=2))
-    return {**bw, "measured": True}
+    return bw

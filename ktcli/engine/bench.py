@@ -19,11 +19,12 @@ def random_ids(vocab: int, n: int, gen: torch.Generator) -> list:
 
 
 def run_test(engine, kind: str, n: int, reps: int, warmup: int, seed: int = 0, tick=None) -> dict:
-    """Returns {'samples': [t/s per repetition], 'breakdown': {...ms per token}}; random prompts, EOS ignored."""
+    """{'samples': [t/s per repetition], 'reps': [{'s', 'cpu_experts_s', 'gpu_wait_s'} per repetition],
+    'breakdown': {… ms per token over all repetitions}}; random prompts, EOS ignored."""
     vocab = engine.model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
     engine.prepare()
-    samples, cpu_s, gpu_s, total_s, tokens = [], 0.0, 0.0, 0.0, 0
+    samples, timed = [], []
     for i in range(warmup + reps):
         engine.reset()
         if kind == "pp":
@@ -39,12 +40,11 @@ def run_test(engine, kind: str, n: int, reps: int, warmup: int, seed: int = 0, t
             dt, cpu, gpu = st.decode_s, st.cpu_experts_s, st.gpu_wait_s
         if i >= warmup:
             samples.append(n / dt)
-            cpu_s, gpu_s, total_s, tokens = cpu_s + cpu, gpu_s + gpu, total_s + dt, tokens + n
+            timed.append({"s": dt, "cpu_experts_s": cpu, "gpu_wait_s": gpu})
         if tick:
             tick()
-    per_tok = 1e3 / tokens if tokens else 0.0
-    return {"samples": samples,
-            "breakdown": {"ms_per_token": total_s * per_tok, "cpu_experts_ms": cpu_s * per_tok,
-                          "gpu_wait_ms": gpu_s * per_tok,
-                          "gpu_transfer_other_ms": max(total_s - cpu_s, 0.0) * per_tok,
-                          "other_ms": max(total_s - cpu_s - gpu_s, 0.0) * per_tok}}
+    total, cpu, gpu = (sum(r[k] for r in timed) for k in ("s", "cpu_experts_s", "gpu_wait_s"))
+    per_tok = 1e3 / (n * len(timed)) if timed else 0.0
+    return {"samples": samples, "reps": timed,
+            "breakdown": {"ms_per_token": total * per_tok, "cpu_experts_ms": cpu * per_tok,
+                          "gpu_wait_ms": gpu * per_tok, "other_ms": max(total - cpu - gpu, 0.0) * per_tok}}

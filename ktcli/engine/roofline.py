@@ -9,11 +9,20 @@ def decode_bytes(built, context: int) -> dict:
 
     Non-expert weights are read whole (the embedding only one row); routed experts only the top-k selected.
     """
+    return _bytes(built, context)[0]
+
+
+def cpu_expert_bytes(built) -> float:
+    """Of decode_bytes' 'cpu', the part the CPU-expert operators read (their own time is clocked apart)."""
+    return _bytes(built, 0)[1]
+
+
+def _bytes(built, context: int) -> tuple:
     model, plan, prof = built.model, built.plan, built.profile
     cfg = model.config
     db = DTYPE_BYTES[prof.dtype]
     k = cfg.num_experts_per_tok
-    out = {}
+    out, cpu_experts = {}, 0
     emb = model.get_input_embeddings().weight
     experts = {e.module: e for e in plan.experts}
     for mod, e in experts.items():
@@ -25,6 +34,7 @@ def decode_bytes(built, context: int) -> dict:
                 * expert_bytes_per_param(e.weight_format, db, e.group_size)
         dev = "cpu" if e.decode.device == "cpu" else "cuda"
         out[dev] = out.get(dev, 0) + k * per_expert
+        cpu_experts += k * per_expert if dev == "cpu" else 0
     for name, p in model.named_parameters():
         mod = name.rsplit(".", 1)[0]
         if mod in experts:
@@ -37,7 +47,7 @@ def decode_bytes(built, context: int) -> dict:
         out[dev] = out.get(dev, 0) + nbytes
     kv_dev = "cpu" if plan.main_device == "cpu" else "cuda"
     out[kv_dev] = out.get(kv_dev, 0) + kv_cache_bytes(cfg, context, db)
-    return out
+    return out, cpu_experts
 
 
 def roofline(bytes_per_token: dict, bw: dict) -> dict:

@@ -1,18 +1,21 @@
-"""Run every combination of a bench sweep; a failing combination becomes an error row, the rest still run."""
+"""Run every combination of a bench sweep; a failing combination becomes an error row, the rest still run.
+
+Decode rows are judged against the roofline of this run's bandwidth ceilings (engine/bandwidth.py): the bytes
+each device reads per token are kept with the row, and the roofline is computed from the ceilings as they stand
+when the results are written, after every rate the run reached has been offered to them.
+"""
 from __future__ import annotations
 
 import gc
-import os
-import platform
-import subprocess
 from dataclasses import dataclass, replace
 
 import torch
 
 from ..errors import KtcliError
+from ..ops.clocks import KernelRate
 from ..placement.checks import check_graphs
-from .bandwidth import bandwidths, cpu_model
-from .roofline import decode_bytes, roofline
+from .bandwidth import Bandwidths, bandwidths
+from .roofline import cpu_expert_bytes, decode_bytes, roofline
 
 
 @dataclass
@@ -25,7 +28,8 @@ class Sweep:
     baselines: list
     baseline_tests: list
     machine: object
-    measure_bw: bool = False
+    cached_bw: bool = False  # use an earlier run's bandwidth readings (labelled as such)
+    bw: Bandwidths | None = None
 
 
 def placement_summary(plan) -> str:
@@ -34,22 +38,6 @@ def placement_summary(plan) -> str:
     for e in plan.experts:
         by.setdefault(f"{'gpu' if e.decode.device.startswith('cuda') else 'cpu'}/{e.decode.op}", []).append(e.layer)
     return " ".join(f"{k}:{ranges(v)}" for k, v in by.items())
-
-
-def machine_info() -> dict:
-    import transformers
-    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "host": platform.node(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        sha = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5).stdout.strip()
-        info["git_commit"] = sha if len(sha) == 40 else None   # a copy without history prints "HEAD"
-    except (OSError, subprocess.SubprocessError):
-        info["git_commit"] = None
-    return info
 
 
 def _free():
@@ -65,13 +53,42 @@ def count_steps(sw: Sweep) -> int:
                   + models * len(sw.baselines) * len(sw.baseline_tests))
 
 
+def offer_rates(bw: Bandwidths, rec: dict) -> None:
+    """Each decode repetition's own rates become candidates for the ceilings: the CPU experts' bytes over their
+    time, the rest of the bytes over the rest of the time. With both offered, the roofline time of a token is at
+    most any repetition's time, so no row can read above 100%."""
+    experts, n = rec.get("cpu_expert_bytes_per_token") or 0, rec["n"]
+    rest = {d: b - (experts if d == "cpu" else 0) for d, b in (rec.get("bytes_per_token") or {}).items()}
+    rest = {d: b for d, b in rest.items() if b > 0}
+    ceiling = {"cpu": bw.cpu, "cuda": bw.cuda}
+    for i, r in enumerate(rec.get("reps") or []):
+        cpu_s, rest_s = r["cpu_experts_s"] / n, (r["s"] - r["cpu_experts_s"]) / n
+        what = f"{rec['profile']} {rec['graphs']} {rec['test']} rep {i}"
+        if experts and cpu_s > 0:
+            bw.cpu.offer(f"{what}: CPU experts", experts / cpu_s)
+        if len(rest) == 1 and rest_s > 0:          # the rest of the token reads one device
+            (dev, b), = rest.items()
+            if ceiling.get(dev) is not None:
+                ceiling[dev].offer(f"{what}: rest of the token", b / rest_s)
+
+
+def rooflines(sw: Sweep, records: list) -> None:
+    """Fill every decode row's roofline from the current ceilings (call before writing results)."""
+    if sw.bw is None:
+        return
+    sw.bw.cpu.offer("fastest CPU-expert kernel call", KernelRate.take())
+    for rec in records:
+        if rec.get("bytes_per_token"):
+            rec["roofline"] = roofline(rec["bytes_per_token"], sw.bw.rates())
+
+
 def run(sw: Sweep, tick=None, saved=None) -> list:
     """`saved(records)` is called after every row, so a long sweep cut short keeps what it measured."""
     from ..model.build import build
     from ..placement.validate import validate
     from .generate import Engine
     records = []
-    bw = None
+    threads0 = torch.get_num_threads()      # restored after each profile: results must not depend on order
     baselined = set()       # a baseline runs once per model, however many profiles share it
     for prof in sw.profiles:
         need = max(n for _, n in sw.tests) + 16
@@ -82,16 +99,15 @@ def run(sw: Sweep, tick=None, saved=None) -> list:
         try:
             v = validate(replace(prof, runtime=replace(prof.runtime, graph_mode="off")), sw.machine)
             v.refuse_if_failing()
-            if prof.runtime.cpu_threads:
-                torch.set_num_threads(prof.runtime.cpu_threads)
+            torch.set_num_threads(prof.runtime.cpu_threads or threads0)
             built = build(v)
         except KtcliError as e:
             base_err = e.message
         common = {"profile": prof.path, "model": v.source.name if v and v.source else prof.model,
                   "backend": "ktcli", "threads": prof.runtime.cpu_threads or torch.get_num_threads()}
         if built is not None:
-            if bw is None:
-                bw = bandwidths(remeasure=sw.measure_bw)
+            if sw.bw is None:
+                sw.bw = bandwidths(cached=sw.cached_bw)
             cfg = built.model.config
             full = getattr(v.source.config, "_ktcli_full_layers", None)
             common.update(placement=placement_summary(built.plan), num_layers=cfg.num_hidden_layers,
@@ -117,7 +133,9 @@ def run(sw: Sweep, tick=None, saved=None) -> list:
                     try:
                         rec.update(run_one(engine, kind, n, sw, tick))
                         if kind == "tg":
-                            rec["roofline"] = roofline(decode_bytes(built, context=n // 2), bw)
+                            rec["bytes_per_token"] = decode_bytes(built, context=n // 2)
+                            rec["cpu_expert_bytes_per_token"] = cpu_expert_bytes(built)
+                            offer_rates(sw.bw, rec)
                         rec["capture_s"] = engine.capture_s
                     except (KtcliError, RuntimeError) as e:
                         rec["error"] = getattr(e, "message", None) or str(e).splitlines()[0]
@@ -140,6 +158,7 @@ def run(sw: Sweep, tick=None, saved=None) -> list:
                 records += run_baseline(b, src, prof, sw, tick)
                 if saved:
                     saved(records)
+        torch.set_num_threads(threads0)
     return records
 
 

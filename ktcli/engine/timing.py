@@ -41,12 +41,6 @@ class GenerationStats:
     def latency_ms(self, q):
         return percentile(self.latencies, q) * 1e3
 
-    def as_dict(self):
-        d = {k: v for k, v in self.__dict__.items() if k != "latencies"}
-        d.update(prompt_tps=self.prompt_tps, decode_tps=self.decode_tps,
-                 p50_ms=self.latency_ms(0.5), p90_ms=self.latency_ms(0.9), p99_ms=self.latency_ms(0.99))
-        return d
-
 
 def mean_sd(xs):
     return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0) if xs else (0.0, 0.0)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import bridge as bridge_mod
-from .clocks import HostClock, SyncClock
+from .clocks import HostClock, KernelRate, SyncClock
 from . import kernels
 from .base import DeviceOp
 from .worker import worker
@@ -65,7 +65,10 @@ class CpuExperts(DeviceOp):
             and kernels.enabled() else None
         if lib is not None:
             threads = (self.staging.threads if self.staging else 0) or torch.get_num_threads()
+            t0 = time.perf_counter()
             self.runner(lib, x, idx, w, packed, out, threads)
+            used = len(set(idx.reshape(-1).tolist()))           # experts read by this call
+            KernelRate.offer(used * packed.nbytes() / packed.gu.shape[0], time.perf_counter() - t0)
         else:
             cpu_moe(x, idx, w, None, None, ex.act_fn, out, weights=lambda e: ex.expert_weights(e, x.dtype))
         return out

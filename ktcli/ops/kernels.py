@@ -104,17 +104,16 @@ def bf16_activations() -> bool:
     return caps()["dpbf16"]
 
 
-KNOBS = ("chunk", "prefetch", "int8_act", "guided", "pipeline")
+KNOBS = ("chunk", "prefetch", "int8_act", "pipeline")
 
 
-def tune(chunk: int = -1, prefetch: int = -1, int8_act: int = -1, guided: int = -1, pipeline: int = -1) -> tuple:
+def tune(chunk: int = -1, prefetch: int = -1, int8_act: int = -1, pipeline: int = -1) -> tuple:
     """Kernel knobs (benchmarks, tests); -1 keeps a setting. chunk: rows handed to threads in tasks of this many
     KiB of weights (0 = one contiguous range per thread); prefetch: software prefetch distance in bytes (0 = off);
-    int8_act: int8 activations for int8/int4 weights (1 on, 0 off); guided: two-phase tasks handed out guided (1)
-    or dynamic (0); pipeline: one task list over both matrices, an expert's down rows waiting only for its own
-    gate/up rows (1), or two phases with a barrier between (0). Returns the previous settings, in KNOBS order,
-    which `tune(*was)` restores."""
-    return _tune(get(), chunk=chunk, prefetch=prefetch, int8_act=int8_act, guided=guided, pipeline=pipeline)
+    int8_act: int8 activations for int8/int4 weights (1 on, 0 off); pipeline: one task list over both matrices,
+    an expert's down rows waiting only for its own gate/up rows (1), or two phases with a barrier between (0).
+    Returns the previous settings, in KNOBS order, which `tune(*was)` restores."""
+    return _tune(get(), chunk=chunk, prefetch=prefetch, int8_act=int8_act, pipeline=pipeline)
 
 
 def _tune(lib, **knobs) -> tuple:
@@ -148,7 +147,7 @@ class _Call(ctypes.Structure):
                 *((n, ctypes.c_void_p) for n in ("x", "idx", "wts")),
                 ("fmt", ctypes.c_int), ("G", ctypes.c_int),
                 *((n, ctypes.c_void_p) for n in ("gu", "gu_s", "dn", "dn_s", "out", "scratch")),
-                ("threads", ctypes.c_int), ("io", ctypes.c_int)]
+                ("threads", ctypes.c_int), ("io", ctypes.c_int), ("E", ctypes.c_int)]
 
 
 def enabled() -> bool:
@@ -179,7 +178,8 @@ class Runner:
         return b[:n]
 
     def __call__(self, lib, x, idx, w, weights, out, threads: int) -> None:
-        """x [T,H], idx [T,K], w [T,K], out [T,H] (any float dtype); weights: an ExpertWeights."""
+        """x [T,H], idx [T,K], w [T,K], out [T,H] (any float dtype); weights: an ExpertWeights of E experts (the
+        kernel refuses ids outside [0, E))."""
         T, H = x.shape
         K = idx.shape[1]
         direct = next((io for io, dt in enumerate((torch.float32, torch.bfloat16))
@@ -203,7 +203,8 @@ class Runner:
                 self.calls.clear()   # the cached argument lists point at the scratch buffer about to be replaced
             scratch = self._buf("scratch", need, torch.uint8)
             call = _Call(T, K, H, I, _p(x), _p(idx), _p(w), FORMATS[weights.fmt], weights.group, *(_p(t) for t in wt),
-                         _p(out), _p(scratch), threads, direct)
+                         _p(out), _p(scratch), threads, direct, weights.gu.shape[0])
             args = self.calls[key] = (call, ctypes.addressof(call))   # the struct kept alive beside its address
         if lib.moe_call(args[1]) != 0:
-            raise RuntimeError(f"moe_forward rejected its arguments (T={T}, K={K}, group={weights.group})")
+            raise RuntimeError(f"moe_forward rejected its arguments (T={T}, K={K}, E={weights.gu.shape[0]}, "
+                               f"group={weights.group}; expert ids must lie in [0, E))")

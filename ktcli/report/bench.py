@@ -24,8 +24,19 @@ def _kind(test: str) -> str:
 
 
 def add_baseline_ratios(records: list) -> None:
-    base = {(r["model"], _kind(r["test"]), r["backend"]): r["tps_mean"] for r in records
-            if r["backend"] != "ktcli" and not r.get("error") and r.get("tps_mean")}
+    """Every baseline row is shown and gets its own label; a backend measured more than once on a model and test
+    kind is labelled `backend#1`, `backend#2` in run order, and each ktcli row carries a ratio to each label."""
+    seen = {}
+    for r in records:
+        if r["backend"] != "ktcli":
+            key = (r["model"], _kind(r["test"]), r["backend"])
+            seen.setdefault(key, []).append(r)
+    base = {}
+    for (m, t, b), rows in seen.items():
+        for i, r in enumerate(rows, 1):
+            r["label"] = b if len(rows) == 1 else f"{b}#{i}"
+            if not r.get("error") and r.get("tps_mean"):
+                base[(m, t, r["label"])] = r["tps_mean"]
     for r in records:
         if r["backend"] == "ktcli" and r.get("tps_mean"):
             r["vs_baseline"] = {b: r["tps_mean"] / v for (m, t, b), v in base.items()
@@ -49,7 +60,8 @@ def md(records: list, meta: dict) -> str:
         tps = f"error: {r['error']}" if r.get("error") else f"{r['tps_mean']:.2f} ± {r['tps_sd']:.2f}"
         row = [r["model"] + (f" ({r['num_layers']}/{r['num_layers_full']} layers)"
                              if r.get("num_layers") != r.get("num_layers_full") else ""),
-               _gib(r.get("size_bytes", 0)), _params(r.get("params", 0)), r["backend"], r.get("placement", ""),
+               _gib(r.get("size_bytes", 0)), _params(r.get("params", 0)), r.get("label", r["backend"]),
+               r.get("placement", ""),
                r.get("graphs", ""), str(r.get("threads", "")), r["test"], tps,
                f"{100 * r['roofline_ratio']:.1f}%" if r.get("roofline_ratio") else ""]
         row += [f"{r['vs_baseline'][b]:.2f}" if b in (r.get("vs_baseline") or {}) else "" for b in baselines]
@@ -67,9 +79,26 @@ def md(records: list, meta: dict) -> str:
         parts = [f"{d} reads {b / 1e9:.2f} GB/token at {roof['bandwidth'][d] / 1e9:.1f} GB/s"
                  for d, b in roof["bytes_per_token"].items() if roof["bandwidth"].get(d)]
         out += f"\n\nroofline ({name}): " + "; ".join(parts) + f" → best {roof['best_tps']:.2f} t/s"
+    if meta.get("bandwidth"):
+        out += "\n\n" + ceiling_line(meta["bandwidth"])
     if meta.get("notes"):
         out += "\n\n" + "\n".join(f"note: {n}" for n in meta["notes"])
     return out + "\n"
+
+
+def ceiling_line(bw: dict) -> str:
+    """Where the roofline's bandwidths come from: this run's readings, raised by faster rates the run reached."""
+    parts = []
+    for dev in ("cpu", "cuda"):
+        c = bw.get(dev)
+        if not c:
+            continue
+        n = sum(len(v) for v in c["readings"].values())
+        txt = f"{dev} {c['value'] / 1e9:.1f} GB/s = max of {n} readings ({len(c['readings'])} readers)"
+        if c["raised_by"]:
+            txt += f", raised by {c['raised_by'][-1]['source']}"
+        parts.append(txt)
+    return f"bandwidth ceilings ({bw['source']}, {bw['measured_at']}): " + "; ".join(parts)
 
 
 def _opt(b, key, r):
@@ -79,7 +108,7 @@ def _opt(b, key, r):
     return "n/a (one graph)" if r.get("graphs") == "full" else f"{b[key]:.3f}"
 
 
-FLAT = ("model", "backend", "placement", "graphs", "threads", "test", "n", "tps_mean", "tps_sd", "roofline_ratio",
+FLAT = ("model", "backend", "label", "placement", "graphs", "threads", "test", "n", "tps_mean", "tps_sd", "roofline_ratio",
         "num_layers", "num_layers_full", "size_bytes", "params", "error")
 
 

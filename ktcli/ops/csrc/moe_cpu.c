@@ -20,17 +20,16 @@
 
 static int int_dot = HAS_VNNI;   /* int8/int4 use IDOT (int8 activations) where its sizes fit */
 static int chunk_kb = 256;       /* rows handed to threads in chunks of this many KiB of weights (0: static split) */
-static int guided = 0;           /* two-phase schedule: chunks handed out dynamically (0) or guided (1) */
 static int pipelined = 1;        /* one task list for both matrices (1) or two phases with a barrier between (0) */
 static double *prof;             /* moe_profile(): per-thread timestamps of the last call, or NULL */
 
 int moe_caps(void) { return HAS_DPBF16 | HAS_VNNI << 1; }
 
-/* Tuning knobs for benchmarks and tests, in this order: chunk, prefetch, idot, guided, pipelined. Writes the
- * settings in force to was[5], then applies set[5] (a negative value keeps a setting). */
+/* Tuning knobs for benchmarks and tests, in this order: chunk, prefetch, idot, pipelined. Writes the
+ * settings in force to was[4], then applies set[4] (a negative value keeps a setting). */
 void moe_tune(const int *set, int *was) {
-    int *knob[] = {&chunk_kb, &pf_bytes, &int_dot, &guided, &pipelined};
-    for (int k = 0; k < 5; k++) {
+    int *knob[] = {&chunk_kb, &pf_bytes, &int_dot, &pipelined};
+    for (int k = 0; k < 4; k++) {
         was[k] = *knob[k];
         if (set[k] >= 0) *knob[k] = set[k];
     }
@@ -63,8 +62,7 @@ static void task_rows(const Mat *m, int R, const Acts *a, long b, long rpb, long
 }
 
 /* Every selected expert's rows of one matrix against the vectors routed to it: out[p * R + row] for pair p
- * (no barrier at the end: the caller's). Tasks handed out as threads free up (schedule(runtime): dynamic, or
- * guided); chunk_kb = 0 splits the U·R rows into one contiguous range per thread instead (the same rows every
+ * (no barrier at the end: the caller's). Tasks handed out as threads free up (dynamic schedule); chunk_kb = 0 splits the U·R rows into one contiguous range per thread instead (the same rows every
  * call: benchmarks use it to keep weights in each core's L2). */
 static void matrix_rows(const Mat *m, int R, const Acts *a, int U, const int *uniq, const int *start,
                         const int *order, int K, int by_token, float *out) {
@@ -132,19 +130,20 @@ size_t moe_scratch_bytes(int T, int K, int H, int I) {
 }
 
 /* scratch: moe_scratch_bytes() bytes. io: 0 = x, wts, out in fp32; 1 = in bf16 (the model's dtype, no
- * conversion on the caller's side). Returns 0, or -1 for bad arguments (over 4096 pairs, an expert id outside
- * [0, 4096), an int4 group that does not divide H and I). */
-int moe_forward(int T, int K, int H, int I, const void *x, const int64_t *idx, const void *wts,
+ * conversion on the caller's side). E: the layer's expert count. Returns 0, or -1 for bad arguments (over 4096
+ * pairs or experts, an expert id outside [0, E): it would read past the weights, an int4 group that does not
+ * divide H and I). */
+int moe_forward(int T, int K, int H, int I, int E, const void *x, const int64_t *idx, const void *wts,
                 int fmt, int G, const void *gu, const float *gu_s, const void *dn, const float *dn_s,
                 void *out, void *scratch, int threads, int io) {
     if (prof) prof[0] = omp_get_wtime();
     int P = T * K;
-    if (P > 4096 || (fmt == 2 && (G % 2 || H % G || I % G))) return -1;
+    if (P > 4096 || E < 1 || E > 4096 || (fmt == 2 && (G % 2 || H % G || I % G))) return -1;
     Mat mg = {fmt, G, path_for(fmt, H, G), gu, gu_s}, md = {fmt, G, path_for(fmt, I, G), dn, dn_s};
     /* group pairs by expert, in O(P): order[] lists pair ids, expert by expert (experts in order of first use) */
     int order[4096], uniq[4096], start[4097], slot[4096], U = 0;   /* slot: expert id → u */
     for (int p = 0; p < P; p++) {
-        if (idx[p] < 0 || idx[p] >= 4096) return -1;
+        if (idx[p] < 0 || idx[p] >= E) return -1;
         slot[idx[p]] = -1;
     }
     for (int p = 0; p < P; p++)
@@ -161,7 +160,7 @@ int moe_forward(int T, int K, int H, int I, const void *x, const int64_t *idx, c
     const float *xf = x, *wf = wts;
     int pipe = pipelined && chunk_kb > 0;
     if (pipe) pipe_init(s.pipe, &mg, U, H, I);
-    omp_set_schedule(guided ? omp_sched_guided : omp_sched_dynamic, 1);   /* matrix_rows' schedule(runtime) */
+    omp_set_schedule(omp_sched_dynamic, 1);   /* matrix_rows' schedule(runtime) */
     if (prof) prof[1] = omp_get_wtime();
 #pragma omp parallel num_threads(threads)
     {
@@ -211,11 +210,11 @@ typedef struct {
     int fmt, G;
     const void *gu; const float *gu_s; const void *dn; const float *dn_s;
     void *out, *scratch;
-    int threads, io;
+    int threads, io, E;
 } Call;
 
 int moe_call(const Call *c) {
-    return moe_forward(c->T, c->K, c->H, c->I, c->x, c->idx, c->wts, c->fmt, c->G, c->gu, c->gu_s, c->dn, c->dn_s,
+    return moe_forward(c->T, c->K, c->H, c->I, c->E, c->x, c->idx, c->wts, c->fmt, c->G, c->gu, c->gu_s, c->dn, c->dn_s,
                        c->out, c->scratch, c->threads, c->io);
 }
 
