@@ -81,6 +81,10 @@ def bench(profiles: Annotated[Optional[list[str]], typer.Argument(help="Profiles
         meta = {"command": command, "machine": machine, "bandwidth": sw.bw.as_dict() if sw.bw else None,
                 "notes": [f"{r['model']}: only {r['num_layers']} of {r['num_layers_full']} layers (--num-layers)"
                           for r in records[:1] if r.get("num_layers") != r.get("num_layers_full")]}
+        k = machine["kernel"]
+        if k["enabled"] and not k["built"]:
+            why = (k["error"] or "unknown").strip().splitlines()[0]
+            meta["notes"].append(f"CPU expert kernel unavailable ({why}): CPU experts ran torch's path")
         return records, render(records, meta, output)
 
     def saved(records):   # partial results survive a run cut short

@@ -18,6 +18,21 @@ def load(profile, machine, need_tokenizer: bool = False):
                          "chat needs a checkpoint directory; use ktcli bench for config-only models")
     if profile.runtime.cpu_threads:
         torch.set_num_threads(profile.runtime.cpu_threads)
+    prepare_cpu_kernel(v.plan)
     with bytes_progress(f"loading {v.source.name}") as progress:
         built = build(v, progress=progress)
     return v, built
+
+
+def prepare_cpu_kernel(plan) -> None:
+    """Compile the CPU expert kernel before loading (first use only), so the build is neither silent nor folded
+    into the first timings; say so when it is unavailable and CPU experts fall back to torch's path."""
+    from ..ops import kernels
+    from ..report.progress import notice, status
+    if not kernels.enabled() or not any("cpu" in (e.prefill.op, e.decode.op) for e in plan.experts):
+        return
+    with status("preparing the CPU expert kernel (compiled for this CPU on first use)"):
+        lib = kernels.get()
+    if lib is None:
+        reason = (kernels.error() or "unknown").strip().splitlines()[0]
+        notice(f"the CPU expert kernel is unavailable ({reason}); CPU experts run torch's path, 3-4x slower")

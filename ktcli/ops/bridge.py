@@ -50,9 +50,12 @@ class HostCallbackBridge:
         _Driver.launch_host_func(torch.cuda.current_stream().cuda_stream, fn)
 
     def check(self):
+        """Raise what the callbacks of the last replay recorded: every error, counted, the first as the cause."""
         if self.errors:
-            e, self.errors = self.errors[0], []
-            raise RuntimeError(f"CPU experts failed inside the CUDA graph: {e!r}") from e
+            errs, self.errors = self.errors, []
+            kinds = list(dict.fromkeys(repr(e) for e in errs))
+            raise RuntimeError(f"CPU experts failed inside the CUDA graph ({len(errs)} layer call(s)): "
+                               + "; ".join(kinds)) from errs[0]
 
 
 class PiecewiseBridge:
@@ -86,10 +89,7 @@ class PiecewiseBridge:
                 t0 = time.perf_counter()
                 stream.synchronize()     # the D2H copies of this segment are done; one sync per CPU layer
                 SyncClock.add(time.perf_counter() - t0)
-                step()
-
-    def check(self):
-        pass
+                step()             # raises in this thread: nothing to record
 
 
 _state = threading.local()

@@ -1,39 +1,49 @@
 """One persistent thread computes every CPU-expert layer, whoever asks (main thread, graph segment loop, or a
 CUDA host callback). Why: CPU experts then always run on one OpenMP thread team; teams of several threads
-(main, host-callback) spinning on the same cores slowed full-graph decode (H100 runs, benchmarks/README.md).
+(main, host-callback) spinning on the same cores slowed full-graph decode (benchmarks/HISTORY.md).
+
+Each request is a Job with its own completion event and error, so a caller whose wait was interrupted (Ctrl-C)
+never lets the next caller read its result; no lock is held while waiting.
 """
 from __future__ import annotations
 
+import queue
 import threading
+
+
+class Job:
+    __slots__ = ("fn", "done", "error")
+
+    def __init__(self, fn):
+        self.fn, self.done, self.error = fn, threading.Event(), None
 
 
 class CpuWorker:
     def __init__(self):
-        self._job = None
-        self._err = None
-        self._go, self._done = threading.Event(), threading.Event()
-        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._loop, name="ktcli-cpu-experts", daemon=True).start()
 
     def _loop(self):
         while True:
-            self._go.wait()
-            self._go.clear()
+            job = self._jobs.get()
             try:
-                self._job()
+                job.fn()
             except BaseException as e:   # noqa: BLE001 — re-raised in the caller's thread
-                self._err = e
-            self._done.set()
+                job.error = e
+            job.done.set()
 
-    def run(self, job) -> None:
-        """Run `job` on the worker and wait for it (the waiting thread releases the GIL)."""
-        with self._lock:
-            self._job, self._err = job, None
-            self._done.clear()
-            self._go.set()
-            self._done.wait()
-            if self._err is not None:
-                raise self._err
+    def submit(self, fn) -> Job:
+        job = Job(fn)
+        self._jobs.put(job)
+        return job
+
+    def run(self, fn) -> None:
+        """Run `fn` on the worker and wait for it (the waiting thread releases the GIL). Jobs run in the order
+        submitted, one at a time."""
+        job = self.submit(fn)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
 
 
 _worker = None

@@ -28,3 +28,17 @@ def steps_progress(label: str, total: int):
     with Progress(*cols, console=stderr, transient=True, disable=not stderr.is_terminal) as p:
         task = p.add_task(label, total=total)
         yield lambda desc=None: p.update(task, advance=1, **({"description": desc} if desc else {}))
+
+
+@contextlib.contextmanager
+def status(label: str):
+    """A spinner with `label` on stderr while a step without a measurable total runs (a terminal only)."""
+    if stderr.is_terminal:
+        with stderr.status(label):
+            yield
+    else:
+        yield
+
+
+def notice(text: str) -> None:
+    stderr.print(f"[yellow]note:[/] {text}", highlight=False, markup=True)
