@@ -11,9 +11,9 @@ def test_one_shot_prompt(cli):
 
 
 def test_stdin_prompt_when_not_a_terminal(cli):
-    r = cli("chat", "-n", "4", input="What is an expert?\n")
+    r = cli("chat", "-n", "4", "--ignore-eos", input="What is an expert?\n")
     assert r.exit_code == 0, r
-    assert "eval count:           4 token(s)" in r.stderr or "eval count:" in r.stderr
+    assert "eval count:           3 token(s)" in r.stderr   # 4 tokens: the first comes from the prefill
 
 
 def test_empty_stdin_is_an_error(cli):
@@ -72,8 +72,10 @@ def test_bad_flags(cli):
 def test_chat_refuses_a_failing_profile_before_loading(cli):
     r = cli("chat", profile("qwen2-57b-a14b-gpu01-graphs-broken.yaml"), "--prompt", "x")
     assert r.exit_code == 1
-    assert "CUDA graphs are on (graph_mode full), but layers 0-1 decode with operator 'torch'" in r.stderr \
-        or "device cuda:0 is not on this machine" in r.stderr
+    import torch
+    first = ("CUDA graphs are on (graph_mode full), but layers 0-1 decode with operator 'torch'"
+             if torch.cuda.is_available() else "device cuda:0 is not on this machine (it has cpu) (and 2 more")
+    assert first in r.stderr
     assert "Hint:" in r.stderr and "Traceback" not in r.output
 
 

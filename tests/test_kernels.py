@@ -78,7 +78,7 @@ def test_kernel_bf16_io_and_thread_counts():
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
 
 
-@pytest.mark.parametrize("fmt,err", [("int8", 0.01), ("int4", 0.2)])
+@pytest.mark.parametrize("fmt,err", [("int8", 0.0075), ("int4", 0.105)])   # measured 0.0064-0.0066, 0.096-0.098
 def test_quantization_error_is_bounded(fmt, err):
     w = torch.randn(4, 64, 128)
     q, s = quantize(fmt, w, 32)
@@ -109,8 +109,9 @@ def test_quantized_experts_end_to_end_accuracy(tmp_path):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     from quant_accuracy import measure
     r = measure(str(tmp_path), tokens=16)
-    assert r["int8"]["logits_rel_err"] < 0.05 and r["int8"]["top1_agreement"] > 0.9
-    assert r["int4"]["logits_rel_err"] < 0.3 and r["int4"]["top1_agreement"] > 0.5
+    # measured (CPU, 2026-12-02): int8 0.0089, int4 0.0237, top-1 16/16 both
+    assert r["int8"]["logits_rel_err"] < 0.012 and r["int8"]["top1_agreement"] > 0.9
+    assert r["int4"]["logits_rel_err"] < 0.035 and r["int4"]["top1_agreement"] > 0.9
 
 
 @needs_kernel

@@ -1,0 +1,112 @@
+"""The C kernel inside a whole model, against plain transformers on the same stored weights, every format.
+
+ktcli's model runs its CPU experts through the kernel (the test counts the calls); the reference is transformers'
+own model with each experts module holding the weights ktcli stores (bf16-rounded, or int8/int4 dequantized),
+so the difference is the kernel's arithmetic alone. Tolerances sit just above the errors measured on this CPU
+(2026-12-02): the fp32-activation path is exact to rounding; the int8-activation path quantizes activations
+(one scale per 128 inputs).
+"""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ktcli.ops import kernels
+from ktcli.ops.base import HybridExperts, set_stage
+from test_hybrid import built, rel
+from tiny import experts_rule, make_checkpoint
+
+needs_kernel = pytest.mark.skipif(kernels.get() is None, reason=f"kernel did not build: {kernels.error()}")
+ALL_CPU = experts_rule(".*", "cpu", "cpu", "cpu")
+
+
+def with_format(rule, fmt, group):
+    rule = {**rule, "replace": {**rule["replace"], "kwargs": dict(rule["replace"]["kwargs"])}}
+    rule["replace"]["kwargs"].update(weight_format=fmt, group_size=group)
+    return rule
+
+
+def reference_with_stored_weights(ckpt, model, dtype):
+    """transformers' model from the checkpoint, each experts module given the weights ktcli stores."""
+    ref = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
+    for name, m in model.named_modules():
+        if isinstance(m, HybridExperts) and m.packed is not None:
+            deq = [m.packed.expert(e, torch.float32) for e in range(m.num_experts)]
+            tgt = ref.get_submodule(name)
+            tgt.gate_up_proj.data = torch.stack([d[0] for d in deq]).to(dtype)
+            tgt.down_proj.data = torch.stack([d[1] for d in deq]).to(dtype)
+    return ref
+
+
+def count_kernel_calls(monkeypatch):
+    calls = [0]
+    real = kernels.Runner.__call__
+
+    def counted(self, *a, **k):
+        calls[0] += 1
+        return real(self, *a, **k)
+    monkeypatch.setattr(kernels.Runner, "__call__", counted)
+    return calls
+
+
+CASES = {   # name → (checkpoint sizes, dtype, format, group, int8 activations, tolerance); measured error in ()
+    "bf16": (dict(), "bfloat16", "bf16", 128, None, 1e-2),                                 # (5.3e-3)
+    "int8-fp32act": (dict(), "float32", "int8", 128, 0, 1e-6),                             # (2.1e-7)
+    "int4-fp32act": (dict(), "float32", "int4", 16, 0, 1e-6),                              # (2.0e-7)
+    "int8-int8act": (dict(hidden_size=128, moe_intermediate_size=128), "float32", "int8", 128, 1, 2e-2),  # (1.47e-2)
+    "int4-int8act": (dict(hidden_size=128, moe_intermediate_size=128), "float32", "int4", 128, 1, 2e-2),  # (1.47e-2)
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_kernel_in_the_model_matches_transformers(tmp_path_factory, monkeypatch, case):
+    sizes, dtype, fmt, group, int8_act, tol = CASES[case]
+    ckpt = make_checkpoint(tmp_path_factory.getbasetemp(), "qwen3_moe", seed=len(sizes), **sizes)
+    b = built(tmp_path_factory.mktemp("k"), ckpt, [with_format(ALL_CPU, fmt, group)], dtype=dtype)
+    dt = getattr(torch, dtype)
+    ref = reference_with_stored_weights(ckpt, b.model, dt)
+    calls = count_kernel_calls(monkeypatch)
+    was = kernels.tune(int8_act=int8_act) if int8_act is not None else None
+    try:
+        ids = torch.randint(0, ref.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            set_stage(b.model, "decode")
+            got = b.model(ids).logits
+            want = ref(ids).logits
+    finally:
+        if was:
+            kernels.tune(*was)
+    assert calls[0] == b.model.config.num_hidden_layers     # one kernel call per layer: 12 tokens ≤ 16
+    err = rel(got, want)
+    assert err <= tol, (case, err)
+
+
+def test_quantizers_round_to_the_nearest_step():
+    """|w − dequantize(quantize(w))| ≤ half a step everywhere: a quantizer that truncates fails."""
+    from ktcli.ops.quant import dequantize, quantize
+    w = torch.randn(3, 16, 64)
+    for fmt, group in (("int8", 128), ("int4", 16), ("int4", 32)):
+        q, s = quantize(fmt, w, group)
+        back = dequantize(fmt, q, s, group)
+        step = s[..., None].expand(*s.shape, 64 if fmt == "int8" else group).reshape(w.shape)
+        assert ((w - back).abs() <= step / 2 * (1 + 1e-5)).all(), fmt
+        assert ((w - back).abs() > step / 4).any()             # and the test sees real rounding error
+
+
+def test_eager_reference_equals_transformers_experts_module():
+    """ktcli's reference loop (used to test every operator) equals transformers' own experts module."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    from ktcli.ops.base import eager_reference
+    cfg = Qwen3MoeConfig(hidden_size=48, moe_intermediate_size=24, num_experts=6, num_experts_per_tok=2)
+    hf = Qwen3MoeExperts(cfg)
+    g = torch.Generator().manual_seed(torch.randint(0, 2**30, ()).item())
+    hf.gate_up_proj.data, hf.down_proj.data = torch.randn(6, 48, 48, generator=g), torch.randn(6, 48, 24, generator=g)
+    x = torch.randn(7, 48, generator=g)
+    idx = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(7)])
+    w = torch.rand(7, 2, generator=g)
+    with torch.no_grad():
+        want = hf(x, idx, w)
+    got = eager_reference(x, idx, w, hf.gate_up_proj.data, hf.down_proj.data, hf.act_fn)
+    assert rel(got, want) <= 1e-6
