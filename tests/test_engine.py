@@ -69,9 +69,12 @@ def test_stops(setup):
     new, st = e.generate([5, 6, 7], GenerationConfig(max_new_tokens=50, ignore_eos=True),
                          should_stop=lambda: (n.__setitem__(0, n[0] + 1), n[0] > 4)[1])
     assert st.stop_reason == "interrupted" and len(new) == 5
-    text = b.tokenizer.decode(first[:4])
-    new, st = e.generate([5, 6, 7], GenerationConfig(max_new_tokens=8, ignore_eos=True, stop=(text[-1],)))
-    assert st.stop_reason == "stop" and len(new) <= 4
+    # a stop string completed by token j ends the reply right after token j, exactly
+    for j in range(1, 8):
+        stop = b.tokenizer.decode(first[:j + 1])[-2:]
+        cut = next(k for k in range(8) if stop in b.tokenizer.decode(first[:k + 1]))
+        new, st = e.generate([5, 6, 7], GenerationConfig(max_new_tokens=8, ignore_eos=True, stop=(stop,)))
+        assert (new, st.stop_reason) == (first[:cut + 1], "stop"), (j, stop)
 
 
 def test_context_limits(setup):

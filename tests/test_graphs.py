@@ -49,3 +49,47 @@ def test_logits_with_layers_split_between_cuda_and_cpu(tmp_path, ckpt):
         got = b.model(ids.cuda()).logits.cpu()
         want = ref(ids).logits
     assert ((got - want).norm() / want.norm()).item() <= 1e-5
+
+
+def quantized(rule, fmt, group):
+    rule = {**rule, "replace": {**rule["replace"], "kwargs": {**rule["replace"]["kwargs"]}}}
+    rule["replace"]["kwargs"].update(weight_format=fmt, group_size=group)
+    return rule
+
+
+@pytest.mark.parametrize("fmt,group", [("int8", 128), ("int4", 16)])
+@pytest.mark.parametrize("mode", ["full", "piecewise"])
+def test_quantized_cpu_experts_under_graphs_equal_eager(tmp_path, ckpt, fmt, group, mode):
+    """int8/int4 CPU experts (the kernel's integer paths) inside a graph: replay equals eager token for token."""
+    rules = [experts_rule("0", "cuda", "torch", "gpu_static"), quantized(experts_rule(".*", "cpu", "cpu", "cpu"), fmt, group)]
+    b = built(tmp_path, ckpt, rules, dtype="bfloat16", max_seq_len=512)
+    cfg = GenerationConfig(max_new_tokens=96, ignore_eos=True)
+    prompt = list(range(7, 30))
+    want = Engine(b, graph_mode="off").generate(prompt, cfg)[0]
+    g = Engine(b, graph_mode=mode)
+    g.prepare()
+    assert g.generate(prompt, cfg)[0] == want
+
+
+@pytest.mark.parametrize("mode", ["full", "piecewise"])
+def test_an_error_inside_the_cpu_step_reaches_the_caller(tmp_path, ckpt, mode, monkeypatch):
+    """A CPU-expert failure during replay (inside a host callback under full graphs) is raised to the caller with
+    its cause, not lost; the engine decodes again once the fault is gone."""
+    from ktcli.ops.cpu import CpuExperts
+    b = built(tmp_path, ckpt, PLACEMENTS["seed"], dtype="bfloat16", max_seq_len=256)
+    g = Engine(b, graph_mode=mode)
+    g.prepare()
+    cfg = GenerationConfig(max_new_tokens=8, ignore_eos=True)
+    ok = g.generate([5, 6, 7], cfg)[0]
+    real = CpuExperts._moe
+
+    def broken(self, x, *a):
+        if x.shape[0] == 1:                      # decode only: the prefill before it runs as usual
+            raise ValueError("injected CPU-expert fault")
+        return real(self, x, *a)
+    monkeypatch.setattr(CpuExperts, "_moe", broken)
+    with pytest.raises((RuntimeError, ValueError), match="injected CPU-expert fault"):
+        g.generate([5, 6, 7], cfg)
+    monkeypatch.setattr(CpuExperts, "_moe", real)
+    torch.cuda.synchronize()
+    assert g.generate([5, 6, 7], cfg)[0] == ok

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU-machine runs behind benchmarks/results/ (one H200 + 16-core Xeon with AMX here; any CUDA host works).
+# Usage, from the repo root on that machine: KTCLI_GIT_COMMIT=<sha> bash benchmarks/run_gpu.sh STAGE OUTDIR
+# (KTCLI_GIT_COMMIT: the commit the tree was sent from; a copied tree's .git may be stale).
+set -euo pipefail
+what=$1; out=$2
+export KTCLI_CACHE=/tmp/ktcli-cache PYTHONUNBUFFERED=1
+case $what in
+  tests)    # GPU tests (graphs, operators, kernel paths), each test named in the log
+    python3 -m pytest -v -p no:cacheprovider tests/test_graphs.py tests/test_ops.py tests/test_kernels.py \
+        tests/test_kernel_model.py tests/test_benchmark_scripts.py 2>&1 | tee $out/gpu-tests.log | tail -3 ;;
+  kernel)   # CPU expert kernel per format and batch, Qwen2-57B and Qwen3-30B expert shapes, against the ceiling
+    python3 benchmarks/cpu_experts.py --layers 4 --threads 16 --reps 10 --rounds 5 --batches 1,4,16 \
+        --formats bf16,int8,int4 --stock-max-t 1 --out $out/cpu-experts-qwen2-57b-shape.json
+    python3 benchmarks/cpu_experts.py --hidden 2048 --inter 768 --experts 128 --topk 8 --layers 16 --threads 16 \
+        --reps 10 --rounds 5 --batches 1,4,16 --stock-max-t 0 --out $out/cpu-experts-qwen3-30b-shape.json ;;
+  decode)   # decode, graphs off vs full, both architectures' headline placements
+    python3 -m ktcli bench profiles/qwen2-57b-a14b-gpu01-graphs.yaml -p 0 -n 32 -r 3 --graph-mode off,full \
+        -o json --output-file $out/decode-qwen2-57b-a14b.json
+    python3 -m ktcli bench profiles/qwen3-30b-a3b-cpu-experts.yaml profiles/qwen3-30b-a3b-gpu-half.yaml \
+        profiles/qwen3-30b-a3b-cpu-experts-int4.yaml -p 512 -n 64 -r 3 --graph-mode off,full \
+        -o json --output-file $out/decode-qwen3-30b-a3b.json ;;
+  parity)   # graph replay == eager, token for token, full-size placements
+    python3 benchmarks/graph_parity.py profiles/qwen3-30b-a3b-gpu-half.yaml profiles/qwen3-30b-a3b-cpu-experts.yaml \
+        --tokens 64 --out $out/parity-qwen3-30b.json
+    python3 benchmarks/graph_parity.py profiles/qwen2-57b-a14b-gpu01-graphs.yaml --tokens 64 --out $out/parity-qwen2-57b.json ;;
+  baselines)  # ktcli against plain transformers on the GPU and with accelerate's CPU offload
+    python3 -m ktcli bench profiles/qwen3-30b-a3b-cpu-experts.yaml profiles/qwen3-30b-a3b-gpu-half.yaml \
+        -p 128 -n 32 -r 2 --graph-mode off,piecewise,full --baseline hf-gpu,hf-accelerate --baseline-n-gen 2 \
+        -o json --output-file $out/bench-qwen3-30b-a3b-baselines.json ;;
+  *) echo "stages: tests kernel decode parity baselines"; exit 2 ;;
+esac
