@@ -56,7 +56,7 @@ def test_demo_checkpoint_is_reproducible(tmp_path, monkeypatch):
     import hashlib
     import os
 
-    from ktcli.build import demo
+    from ktcli.model import demo
     digests = []
     for sub in ("a", "b"):
         monkeypatch.setenv("KTCLI_CACHE", str(tmp_path / sub))

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from ktcli.ops import kernels
 from ktcli.ops.base import HybridExperts, set_stage
-from test_hybrid import built, rel
-from tiny import experts_rule, make_checkpoint
+from test_hybrid import rel
+from tiny import experts_rule, make_checkpoint, write_profile
 
 needs_kernel = pytest.mark.skipif(kernels.get() is None, reason=f"kernel did not build: {kernels.error()}")
 ALL_CPU = experts_rule(".*", "cpu", "cpu", "cpu")
@@ -23,6 +23,19 @@ def with_format(rule, fmt, group):
     rule = {**rule, "replace": {**rule["replace"], "kwargs": dict(rule["replace"]["kwargs"])}}
     rule["replace"]["kwargs"].update(weight_format=fmt, group_size=group)
     return rule
+
+
+def built_on_cpu(root, ckpt, rules, dtype):
+    """The whole model on the CPU (also on a GPU machine), so only the experts' arithmetic differs."""
+    from ktcli.commands.options import machine_for, profile_from_flags
+    from ktcli.model.build import build
+    from ktcli.placement.validate import validate
+    path = write_profile(root, ckpt, rules, dtype=dtype)
+    with open(path, "a") as f:
+        f.write("device: cpu\n")
+    v = validate(profile_from_flags(path), machine_for(None))
+    assert v.ok, [f.line() for f in v.errors()]
+    return build(v)
 
 
 def reference_with_stored_weights(ckpt, model, dtype):
@@ -62,7 +75,7 @@ CASES = {   # name → (checkpoint sizes, dtype, format, group, int8 activations
 def test_kernel_in_the_model_matches_transformers(tmp_path_factory, monkeypatch, case):
     sizes, dtype, fmt, group, int8_act, tol = CASES[case]
     ckpt = make_checkpoint(tmp_path_factory.getbasetemp(), "qwen3_moe", seed=len(sizes), **sizes)
-    b = built(tmp_path_factory.mktemp("k"), ckpt, [with_format(ALL_CPU, fmt, group)], dtype=dtype)
+    b = built_on_cpu(tmp_path_factory.mktemp("k"), ckpt, [with_format(ALL_CPU, fmt, group)], dtype)
     dt = getattr(torch, dtype)
     ref = reference_with_stored_weights(ckpt, b.model, dt)
     calls = count_kernel_calls(monkeypatch)

@@ -1,0 +1,143 @@
+"""benchmarks/README.md's tables, rendered from the raw JSON they cite, so a table cannot disagree with its file.
+
+Each table sits between `<!-- table KIND FILE -->` and `<!-- end -->`; this script rewrites what is between them.
+
+    python benchmarks/tables.py            # rewrite the tables in place
+    python benchmarks/tables.py --check    # exit 1 if any table differs from its file (tests/test_docs.py)
+
+KIND: `decode` / `prefill` (ktcli bench rows), `kernel` (cpu_experts.py rows), `parity` (graph_parity.py runs),
+`baselines` (ktcli bench rows with --baseline).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+README = os.path.join(HERE, "README.md")
+BLOCK = re.compile(r"(<!-- table (\w+) (\S+) -->\n)(.*?)(<!-- end -->)", re.S)
+
+
+def _load(path):
+    with open(os.path.join(HERE, path), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def provenance(d) -> str:
+    m = d.get("machine") or {}
+    where = " + ".join(x for x in (m.get("gpu"), m.get("cpu")) if x)
+    commit = str(m.get("git_commit") or "unknown")[:12]
+    return f"`{d.get('command')}` — {where}, torch {m.get('torch')}, commit {commit}"
+
+
+def _table(head, rows):
+    numeric = lambda h: any(k in h for k in ("t/s", "%", "ms", "GB/s", "×", "tokens")) or h == "T"  # noqa: E731
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "|".join("---:" if numeric(h) else "---" for h in head) + "|"]
+                     + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _bench_records(d):
+    from ktcli.report.bench import add_baseline_ratios, finish
+    recs = [finish(dict(r)) for r in d["results"]]
+    add_baseline_ratios(recs)
+    return recs
+
+
+def _model(r):
+    n, full = r.get("num_layers"), r.get("num_layers_full")
+    return r["model"] + (f" ({n}/{full} layers)" if n != full else "")
+
+
+def _tps(r):
+    return f"error: {r['error']}" if r.get("error") else f"{r['tps_mean']:.2f} ± {r['tps_sd']:.2f}"
+
+
+def decode(d, kind="tg") -> str:
+    rows = []
+    for r in _bench_records(d):
+        if r["backend"] != "ktcli" or not r["test"].startswith(kind):
+            continue
+        b = r.get("breakdown") or {}
+        row = [_model(r), os.path.basename(r["profile"]), r.get("graphs", ""), r["test"], _tps(r)]
+        if kind == "tg":
+            row += [f"{100 * r['roofline_ratio']:.1f}%" if r.get("roofline_ratio") else "",
+                    f"{r['roofline']['best_tps']:.2f}" if r.get("roofline") else "",
+                    f"{b.get('cpu_experts_ms', 0):.2f}", f"{b.get('ms_per_token', 0):.2f}"]
+        rows.append(row)
+    head = ["model", "profile", "graphs", "test", "t/s"]
+    if kind == "tg":
+        head += ["% roofline", "roofline t/s", "CPU experts ms", "token ms"]
+    out = _table(head, rows)
+    if kind == "tg" and d.get("bandwidth"):
+        from ktcli.report.bench import ceiling_line
+        out += "\n\n" + ceiling_line(d["bandwidth"])
+    return out
+
+
+def prefill(d) -> str:
+    return decode(d, kind="pp")
+
+
+def kernel(d) -> str:
+    rows = []
+    for r in d["rows"]:
+        torch_txt = "" if r["torch_ms"] != r["torch_ms"] else f"{r['torch_GBps']:.1f} ({100 * r['torch_ratio']:.1f}%)"
+        rows.append([r["format"], str(r["T"]), f"{r['kernel_ms']:.3f}", f"{r['kernel_GBps']:.1f}",
+                     f"{100 * r['kernel_ratio']:.1f}%", torch_txt, f"{r['rel_err_vs_dequant_fp32']:.1e}"])
+    c = d.get("ceiling") or {"value": d["read_bw"], "source": "run max"}
+    return (_table(["format", "T", "kernel ms", "GB/s", "% of ceiling", "stock torch GB/s (% of ceiling)",
+                    "error vs fp32 ref"], rows)
+            + f"\n\nceiling {c['value'] / 1e9:.1f} GB/s ({c['source']})")
+
+
+def parity(d) -> str:
+    rows = []
+    for run in d["runs"]:
+        m = run["modes"]
+        eq = lambda k: "" if k not in m else ("yes" if m[k]["equal_to_off"] else f"no (from token {m[k]['first_diff']})")  # noqa: E731
+        rows.append([f"{run['model']} / {run['layers']}", run["placement"], str(m["off"]["tokens"]), eq("piecewise"),
+                     eq("full"), " / ".join(f"{m[k]['decode_tps']:.2f}" for k in ("off", "piecewise", "full") if k in m)])
+    return _table(["model / layers", "placement", "tokens", "piecewise = off", "full = off",
+                   "t/s off / piecewise / full"], rows)
+
+
+def baselines(d) -> str:
+    recs = _bench_records(d)
+    labels = sorted({b for r in recs for b in (r.get("vs_baseline") or {})})
+    rows = []
+    for r in recs:
+        vs = r.get("vs_baseline") or {}
+        rows.append([r.get("label", r["backend"]), r.get("placement", ""), r.get("graphs", ""), r["test"], _tps(r)]
+                    + [f"{vs[b]:.2f}" if b in vs else "" for b in labels])
+    return _table(["backend", "placement", "graphs", "test", "t/s"] + [f"× {b}" for b in labels], rows)
+
+
+KINDS = {"decode": decode, "prefill": prefill, "kernel": kernel, "parity": parity, "baselines": baselines}
+
+
+def render(text: str) -> str:
+    def block(m):
+        d = _load(m.group(3))
+        return f"{m.group(1)}{provenance(d)}\n\n{KINDS[m.group(2)](d)}\n{m.group(5)}"
+    return BLOCK.sub(block, text)
+
+
+def main(argv) -> int:
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    new = render(text)
+    if "--check" in argv:
+        if new != text:
+            print("benchmarks/README.md tables differ from their JSON: run python benchmarks/tables.py")
+            return 1
+        return 0
+    with open(README, "w", encoding="utf-8") as f:
+        f.write(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
