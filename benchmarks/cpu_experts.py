@@ -232,9 +232,23 @@ def main():
                 if phases:
                     print("      µs: " + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()))
             if a.out:
+                ceiling(res, probes, paired_readings)
                 write_atomic(a.out, json.dumps(res, indent=2))
     probe("end")
-    # the ceiling: every reading of every reader, the paired readings, and every rate a kernel or torch row reached
+    ceiling(res, probes, paired_readings)
+    bw = res["read_bw"]
+    print("read bandwidth (GB/s), best reading per probe: " + ", ".join(f"{k} {max(v) / 1e9:.1f}" for k, v in probes.items())
+          + f"; ceiling {bw / 1e9:.1f} ({res['ceiling']['source']})")
+    for row in res["rows"]:
+        print(f"{row['format']:5} {row['T']:3d} kernel {100 * row['kernel_ratio']:5.1f}% of the ceiling")
+    if a.out:
+        write_atomic(a.out, json.dumps(res, indent=2))
+
+
+def ceiling(res, probes, paired_readings):
+    """The run's ceiling so far: every reading of every reader (probes, paired readings) and every rate a kernel or
+    torch row reached; each row's ratios against it (≤ 100% by construction). Called on every write, so a run cut
+    short still records its readings and honest ratios."""
     cands = {f"probe {k}": max(v) for k, v in probes.items()}
     cands["paired readings"] = max(paired_readings, default=0.0)
     cands.update({f"row {r['format']} T={r['T']} {w}": r[f"{w}_GBps"] * 1e9 for r in res["rows"]
@@ -243,14 +257,8 @@ def main():
     res["ceiling"] = {"value": cands[top], "source": top, "candidates": cands}
     res["read_bw"] = bw = cands[top]
     res["probes"], res["paired_readings"] = probes, paired_readings
-    for row in res["rows"]:   # ratios against the ceiling: ≤ 100% by construction
-        row["kernel_ratio"], row["torch_ratio"] = row["kernel_GBps"] * 1e9 / bw, row["torch_GBps"] * 1e9 / bw
-    print("read bandwidth (GB/s), best reading per probe: " + ", ".join(f"{k} {max(v) / 1e9:.1f}" for k, v in probes.items())
-          + f"; paired readings max {cands['paired readings'] / 1e9:.1f}; ceiling {bw / 1e9:.1f} ({top})")
     for row in res["rows"]:
-        print(f"{row['format']:5} {row['T']:3d} kernel {100 * row['kernel_ratio']:5.1f}% of the ceiling")
-    if a.out:
-        write_atomic(a.out, json.dumps(res, indent=2))
+        row["kernel_ratio"], row["torch_ratio"] = row["kernel_GBps"] * 1e9 / bw, row["torch_GBps"] * 1e9 / bw
 
 
 if __name__ == "__main__":

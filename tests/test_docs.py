@@ -17,3 +17,46 @@ def test_every_operator_and_field_is_documented():
     text = reference()
     for name in [*OPERATORS, *FIELDS, *RUNTIME_FIELDS, *KWARG_FIELDS]:
         assert f"`{name}`" in text
+
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+PAGES = ["README.md", "docs/reference.md", "docs/architecture.md", "benchmarks/README.md", "benchmarks/HISTORY.md",
+         "benchmarks/results/README.md", "benchmarks/results/archive/README.md"]
+
+
+def test_benchmark_tables_match_their_raw_files():
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import tables
+    assert tables.main(["--check"]) == 0, "regenerate: python benchmarks/tables.py"
+
+
+def test_links_between_pages_resolve():
+    """Every relative link in the docs points at a file (or folder) that exists; a renamed folder breaks this."""
+    import re
+    bad = []
+    for page in PAGES:
+        text = open(os.path.join(ROOT, page), encoding="utf-8").read()
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if "://" in target:
+                continue
+            if not os.path.exists(os.path.join(ROOT, os.path.dirname(page), target)):
+                bad.append(f"{page} → {target}")
+    assert not bad, bad
+
+
+def test_paths_named_in_the_docs_exist():
+    """Code paths named in backticks (`ktcli/…`, `benchmarks/…`) exist: docs follow the code's folders."""
+    import re
+    bad = []
+    for page in PAGES:
+        text = open(os.path.join(ROOT, page), encoding="utf-8").read()
+        for path in re.findall(r"`((?:ktcli|benchmarks|tests|profiles)/[\w./-]*)`", text):
+            if not glob_exists(os.path.join(ROOT, path)):
+                bad.append(f"{page}: {path}")
+    assert not bad, bad
+
+
+def glob_exists(path):
+    import glob
+    return bool(glob.glob(path.split(" ")[0]))

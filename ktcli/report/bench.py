@@ -93,8 +93,8 @@ def ceiling_line(bw: dict) -> str:
         c = bw.get(dev)
         if not c:
             continue
-        n = sum(len(v) for v in c["readings"].values())
-        txt = f"{dev} {c['value'] / 1e9:.1f} GB/s = max of {n} readings ({len(c['readings'])} readers)"
+        n, k = sum(len(v) for v in c["readings"].values()), len(c["readings"])
+        txt = f"{dev} {c['value'] / 1e9:.1f} GB/s = max of {n} readings ({k} reader{'s' if k > 1 else ''})"
         if c["raised_by"]:
             txt += f", raised by {c['raised_by'][-1]['source']}"
         parts.append(txt)
