@@ -15,9 +15,9 @@ def test_markdown_default(cli):
     r = bench(cli, "-p", "16", "-n", "4")
     assert r.exit_code == 0, r
     lines = r.stdout.splitlines()
-    assert lines[0].startswith("| model | size | params | backend | placement | graphs | threads | test | t/s |")
+    assert lines[0].startswith("| model | profile | size | params | backend | placement | graphs | threads | test | t/s |")
     rows = [l for l in lines if l.startswith("| demo-v1")]
-    assert [row.split("|")[8].strip() for row in rows] == ["pp16", "tg4"]
+    assert [row.split("|")[9].strip() for row in rows] == ["pp16", "tg4"]
     assert all("±" in row for row in rows)
     assert "roofline (demo-v1" in r.stdout and "| ms/token | CPU experts ms |" in r.stdout
 

@@ -24,13 +24,18 @@ def qwen(tmp_path_factory):
 
 
 def build_error(tmp_path, ckpt):
+    """The message a damaged checkpoint gets, asserted the same from validate-config and from loading."""
     from ktcli.model.build import build
     from ktcli.commands.options import machine_for, profile_from_flags
     from ktcli.errors import KtcliError
     from ktcli.placement.validate import validate
     prof = profile_from_flags(write_profile(tmp_path, str(ckpt), [experts_rule(".*", "cpu", "cpu", "cpu")]))
+    v = validate(prof, machine_for(None))
+    # validate-config finds it from the headers alone (exit 4), and loading says the same if it gets that far
+    assert v.exit_code == 4 and v.errors()[0].check == "checkpoint", [f.line() for f in v.findings]
     with pytest.raises(KtcliError) as e:
-        build(validate(prof, machine_for(None)))
+        build(v)
+    assert e.value.message == v.errors()[0].message and e.value.code == 4
     return e.value.message
 
 

@@ -75,3 +75,32 @@ def test_a_failed_kernel_build_is_said_and_recorded(tmp_path):
     assert c.returncode == 0, c.stderr
     assert ("note: the CPU expert kernel is unavailable (no C compiler (gcc) on PATH); CPU experts run torch's "
             "path, 3-4x slower") in " ".join(c.stderr.split())
+
+
+def test_results_files_follow_the_umask(tmp_path):
+    from ktcli.files import write_atomic
+    old = os.umask(0o022)
+    try:
+        write_atomic(str(tmp_path / "r.json"), "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_replies_never_send_control_bytes_to_the_terminal():
+    import io
+
+    from ktcli.report.chat_ui import ChatUI
+    ui = ChatUI(interactive=False)
+    ui.out.file = io.StringIO()
+    ui.piece("a\x0bb\x1ec\x1b[31md\ne\tf\x7f\x85")
+    assert ui.out.file.getvalue() == "a␋b␞c␛[31md\ne\tf␡\ufffd"
+
+
+def test_chat_prompt_has_line_editing_and_a_kept_history(tmp_path, monkeypatch):
+    readline = pytest.importorskip("readline")
+    from ktcli.report import chat_ui
+    monkeypatch.setenv("KTCLI_CACHE", str(tmp_path))
+    monkeypatch.setattr(chat_ui._line_editing, "done", False, raising=False)
+    chat_ui._line_editing()
+    assert readline.get_history_length() == 1000

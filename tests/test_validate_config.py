@@ -96,7 +96,7 @@ def test_profile_may_point_rules_at_a_kt_file(cli, tmp_path):
 def test_yaml_syntax_error_names_line(cli, tmp_path):
     p = write(tmp_path, "model: demo\nrules:\n  - match: {name: 'x'\n")
     r = cli("validate-config", p)
-    assert r.exit_code == 1
+    assert r.exit_code == 3
     assert r.stderr.startswith(f"Error: {p}:")
     assert "YAML syntax error" in r.stderr and "Traceback" not in r.output
 
@@ -104,21 +104,21 @@ def test_yaml_syntax_error_names_line(cli, tmp_path):
 def test_unknown_key_names_line(cli, tmp_path):
     p = write(tmp_path, "model: demo\nruntime:\n  use_cuda_grap: true\n")
     r = cli("validate-config", p)
-    assert r.exit_code == 1
+    assert r.exit_code == 3
     assert r.stderr.splitlines()[0] == f"Error: {p}:3: unknown key 'use_cuda_grap' in runtime"
 
 
 def test_wrong_type_names_line(cli, tmp_path):
     p = write(tmp_path, "model: demo\nruntime:\n  max_seq_len: long\n")
     r = cli("validate-config", p)
-    assert r.exit_code == 1
+    assert r.exit_code == 3
     assert r.stderr.splitlines()[0] == f"Error: {p}:3: runtime.max_seq_len must be int, got str 'long'"
 
 
 def test_bad_regex(cli, tmp_path):
     p = write(tmp_path, "rules:\n  - match:\n      name: '^model\\.layers\\.([0-1]\\.mlp'\n")
     r = cli("validate-config", p)
-    assert r.exit_code == 1
+    assert r.exit_code == 3
     assert r.stderr.startswith(f"Error: {p}:3: bad regex")
 
 
@@ -211,13 +211,13 @@ def test_graphs_need_gpu_main_device(cli, tmp_path):
 
 def test_missing_checkpoint_dir(cli, tmp_path):
     r = cli("validate-config", "--model", str(tmp_path / "nope"))
-    assert r.exit_code == 1
+    assert r.exit_code == 4
     assert f"model '{tmp_path / 'nope'}' not found" in r.output and "Traceback" not in r.output
 
 
 def test_missing_profile_file(cli, tmp_path):
     r = cli("validate-config", str(tmp_path / "nope.yaml"))
-    assert r.exit_code == 1
+    assert r.exit_code == 3
     assert r.stderr.startswith(f"Error: {tmp_path / 'nope.yaml'}: cannot read profile")
 
 
@@ -226,7 +226,7 @@ def test_architecture_without_experts_interface(cli, tmp_path):
         "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100}))
     r = cli("validate-config", "--model", str(tmp_path))
-    assert r.exit_code == 1
+    assert r.exit_code == 4
     assert "LlamaForCausalLM (llama) has no experts module" in r.output
     assert "qwen2_moe" in r.output and "mixtral" in r.output
 
@@ -271,6 +271,6 @@ def test_unknown_replace_class(cli, tmp_path):
 
 def test_bad_device_and_bad_size(cli):
     r = cli("validate-config", "--device", "tpu")
-    assert r.exit_code == 1 and "Error: --device: 'tpu' is not a device ktcli runs on" in r.output
+    assert r.exit_code == 2 and "Error: --device 'tpu' is not a device ktcli runs on" in r.output
     r = cli("validate-config", "--target-devices", "cuda:0=lots,cpu=1GiB")
     assert r.exit_code == 2 and "Error: bad size 'lots'" in r.output

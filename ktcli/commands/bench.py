@@ -1,6 +1,7 @@
 """Benchmark prefill (pp N) and decode (tg N) like llama-bench; comma lists sweep, every combination in one run."""
 from __future__ import annotations
 
+import datetime
 import sys
 from typing import Optional
 
@@ -17,9 +18,9 @@ def _ints(text: str, flag: str) -> list:
     try:
         vals = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise UsageError(f"{flag} takes comma-separated integers, got {text!r}") from None
+        raise UsageError(f"{flag} takes comma-separated integers, got {text!r}", f"for example {flag} 128,512") from None
     if not vals or any(v < 1 for v in vals):
-        raise UsageError(f"{flag} values must be ≥ 1, got {text!r}")
+        raise UsageError(f"{flag} values must be ≥ 1, got {text!r}", f"{flag} 0 alone skips those tests")
     return vals
 
 
@@ -42,34 +43,38 @@ def bench(profiles: Annotated[Optional[list[str]], typer.Argument(help="Profiles
     from ..engine.baselines import BASELINES
     from ..errors import UsageError
     from ..profile.schema import GRAPH_MODES
-    from ..report.bench import add_baseline_ratios, finish, render
-    from ..files import write_atomic
+    from ..report.bench import add_baseline_ratios, finish, llama_fields, render
+    from ..files import output_problem, write_atomic
     from ..report.progress import steps_progress
     if output not in FORMATS:
-        raise UsageError(f"-o must be one of {', '.join(FORMATS)}, got {output!r}")
+        raise UsageError(f"-o must be one of {', '.join(FORMATS)}, got {output!r}", "md prints a table; json keeps every sample")
+    if output_file and output_problem(output_file):
+        raise UsageError(f"--output-file {output_file}: {output_problem(output_file)}",
+                         "give a file path in an existing, writable directory")
     if model and model_config:
         raise UsageError("--model and --model-config name the model twice", "give one")
     tests = [("pp", n) for n in _ints(n_prompt, "-p") if n] if n_prompt != "0" else []
     tests += [("tg", n) for n in _ints(n_gen, "-n") if n] if n_gen != "0" else []
     if not tests:
-        raise UsageError("nothing to run: -p 0 and -n 0")
+        raise UsageError("nothing to run: -p 0 and -n 0", "give -p N (prefill) or -n N (decode) a length")
     modes = []
     if graph_mode:
         modes = [m.strip() for m in graph_mode.split(",")]
         bad = [m for m in modes if m not in GRAPH_MODES]
         if bad:
-            raise UsageError(f"--graph-mode values must be {', '.join(GRAPH_MODES)}, got {bad[0]!r}")
+            raise UsageError(f"--graph-mode values must be {', '.join(GRAPH_MODES)}, got {bad[0]!r}", "a comma list, e.g. off,full")
     elif use_cuda_graph:
         modes = ["full" if o.parse_bool(x, "--use-cuda-graph") else "off" for x in use_cuda_graph.split(",")]
     bases = [b.strip() for b in baseline.split(",")] if baseline else []
     if any(b not in BASELINES for b in bases):
-        raise UsageError(f"--baseline values must be {', '.join(BASELINES)}, got {baseline!r}")
+        raise UsageError(f"--baseline values must be {', '.join(BASELINES)}, got {baseline!r}", "a comma list, e.g. hf-gpu,hf-accelerate")
     if model_config:
         model, weights = model_config, weights or "synthetic"
     profs = [o.profile_from_flags(p, model=model, weights=weights, dtype=dtype, device=device, num_layers=num_layers,
                                   max_seq_len=max_seq_len, cpu_threads=cpu_threads) for p in (profiles or [None])]
     btests = [(k, baseline_n_gen if k == "tg" and baseline_n_gen else n) for k, n in tests]
     sw = sweep.Sweep(profs, tests, modes, reps, warmup, bases, btests, o.machine_for(target_devices), cached_bw)
+    started = datetime.datetime.now().isoformat(timespec="seconds")
     command = "ktcli bench " + " ".join(sys.argv[2:]) if "bench" in sys.argv[1:2] else None
     from ..engine.provenance import machine_info
     machine = machine_info()
@@ -78,6 +83,8 @@ def bench(profiles: Annotated[Optional[list[str]], typer.Argument(help="Profiles
         sweep.rooflines(sw, records)
         records = [finish(dict(r)) for r in records]
         add_baseline_ratios(records)
+        for r in records:
+            r.update(llama_fields(r, machine, started))
         meta = {"command": command, "machine": machine, "bandwidth": sw.bw.as_dict() if sw.bw else None,
                 "notes": [f"{r['model']}: only {r['num_layers']} of {r['num_layers_full']} layers (--num-layers)"
                           for r in records[:1] if r.get("num_layers") != r.get("num_layers_full")]}

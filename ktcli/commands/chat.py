@@ -33,7 +33,8 @@ def chat(profile: o.ProfileArg = None, model: o.Model = None, weights: o.Weights
     from ..report.chat_ui import ChatUI
     from .run import load
     if context_policy not in ("drop-oldest", "stop"):
-        raise UsageError(f"--context-policy must be drop-oldest or stop, got {context_policy!r}")
+        raise UsageError(f"--context-policy must be drop-oldest or stop, got {context_policy!r}",
+                         "drop-oldest forgets old turns when the context is full; stop refuses the turn")
     one_shot = prompt is not None or (not interactive and not sys.stdin.isatty())
     if prompt is None and one_shot:
         prompt = sys.stdin.read().strip()

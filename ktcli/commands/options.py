@@ -31,7 +31,7 @@ def parse_bool(text: str, flag: str) -> bool:
         return True
     if t in _FALSE:
         return False
-    raise UsageError(f"{flag} takes true or false, got {text!r}")
+    raise UsageError(f"{flag} takes true or false, got {text!r}", "also accepted: 1/0, yes/no, on/off")
 
 
 def graph_switch(kt: Optional[str], flag: Optional[bool]) -> Optional[bool]:

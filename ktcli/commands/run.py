@@ -1,7 +1,7 @@
 """What chat and bench share: validate (refuse a run that would fail) → build with a progress bar."""
 from __future__ import annotations
 
-from ..errors import KtcliError
+from ..errors import CheckpointError
 
 
 def load(profile, machine, need_tokenizer: bool = False):
@@ -9,13 +9,17 @@ def load(profile, machine, need_tokenizer: bool = False):
     import torch
 
     from ..model.build import build
+    from ..model.weights import TOKENIZER_FILES, has_tokenizer
     from ..placement.validate import validate
     from ..report.progress import bytes_progress
     v = validate(profile, machine)
     v.refuse_if_failing()
     if need_tokenizer and v.source.checkpoint_dir is None:
-        raise KtcliError(f"{v.source.spec} is an architecture config without a checkpoint or tokenizer",
-                         "chat needs a checkpoint directory; use ktcli bench for config-only models")
+        raise CheckpointError(f"{v.source.spec} is an architecture config without a checkpoint or tokenizer",
+                              "chat needs a checkpoint directory; use ktcli bench for config-only models")
+    if need_tokenizer and not has_tokenizer(v.source.checkpoint_dir):
+        raise CheckpointError(f"{v.source.checkpoint_dir} has no tokenizer files ({', '.join(TOKENIZER_FILES)})",
+                              "copy the tokenizer files from the model's original checkpoint")
     if profile.runtime.cpu_threads:
         torch.set_num_threads(profile.runtime.cpu_threads)
     prepare_cpu_kernel(v.plan)

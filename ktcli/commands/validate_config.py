@@ -1,4 +1,5 @@
-"""Check a profile plus the flags a run would use, without loading any weights (exit 0 ok, 1 fail, 2 usage)."""
+"""Check a profile plus the flags a run would use, without loading any weights (exit 0 ok, 1 the plan fails,
+2 usage, 3 profile, 4 model or checkpoint)."""
 from __future__ import annotations
 
 import json
@@ -27,4 +28,4 @@ def validate_config(profile: o.ProfileArg = None, model: o.Model = None, weights
         typer.echo(json.dumps(as_dict(v), indent=2))
     else:
         render(v, Console(highlight=False, width=140))
-    raise typer.Exit(0 if v.ok else 1)
+    raise typer.Exit(v.exit_code)

@@ -156,5 +156,5 @@ def bandwidths(cached: bool = False, cache_dir: str | None = None) -> Bandwidths
     bw = measure()
     cache[key] = {"cpu_readings": bw.cpu.readings, "cuda_readings": bw.cuda.readings if bw.cuda else None,
                   "measured_at": bw.measured_at}
-    write_atomic(path, json.dumps(cache, indent=2))
+    write_atomic(path, json.dumps(cache, indent=2), make_dirs=True)
     return bw

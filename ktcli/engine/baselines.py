@@ -18,7 +18,7 @@ BASELINES = ("hf-accelerate", "hf-gpu")
 
 def build_baseline(kind: str, source, dtype: str, synthetic: bool):
     if not torch.cuda.is_available():
-        raise KtcliError(f"baseline {kind} needs a GPU")
+        raise KtcliError(f"baseline {kind} needs a GPU", "run baselines on a CUDA machine")
     model = meta_model(source.config, DTYPES[dtype]).eval().requires_grad_(False)
     experts = {n for n, _ in find_experts(model)}
     on_cpu = lambda name: kind == "hf-accelerate" and name.rsplit(".", 1)[0] in experts   # noqa: E731

@@ -34,19 +34,27 @@ class Conversation:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def prompt(self, user: str, reserve: int):
-        """Token ids for the next turn, and how many old turns were dropped to fit `reserve` new tokens."""
+        """Token ids for the next turn, and how many old turns were dropped to fit `reserve` new tokens. When the
+        oldest turns must go, enough go to leave half the context free, so the next turns fit without dropping
+        (and without re-prefilling the whole history) again."""
         if not user.strip():
             raise ContextFull("the message is empty", "type something, or /help")
         turns = list(self.turns)
-        while True:
-            ids = self.encode(self.messages(user, turns))
-            if len(ids) + reserve <= self.max_len or (len(ids) < self.max_len and not turns and reserve):
-                return ids, len(self.turns) - len(turns)
-            if not turns or self.policy == "stop":
-                raise ContextFull(f"context full: this turn needs {len(ids)} prompt tokens + {reserve} for the "
-                                  f"reply; the context holds {self.max_len}",
-                                  "/reset, a shorter message, or a larger --max-seq-len")
+        ids = self.encode(self.messages(user, turns))
+        fits = lambda ids, turns, room: len(ids) + reserve <= room or (  # noqa: E731
+            len(ids) < self.max_len and not turns and reserve)
+        if fits(ids, turns, self.max_len):
+            return ids, 0
+        while turns and self.policy != "stop":
             turns.pop(0)
+            ids = self.encode(self.messages(user, turns))
+            if fits(ids, turns, self.max_len // 2):
+                break
+        if not fits(ids, turns, self.max_len):
+            raise ContextFull(f"context full: this turn needs {len(ids)} prompt tokens + {reserve} for the "
+                              f"reply; the context holds {self.max_len}",
+                              "/reset, a shorter message, or a larger --max-seq-len")
+        return ids, len(self.turns) - len(turns)
 
     def commit(self, user: str, reply: str, dropped: int) -> None:
         self.turns = self.turns[dropped:] + [(user, reply)]

@@ -14,7 +14,10 @@ from .timing import GenerationStats, peak_host_bytes
 
 
 class ContextFull(KtcliError):
-    pass
+    """A prompt the context cannot take (or an empty one): a mistake in the input, exit 2."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message, hint, code=2)
 
 
 @dataclass
@@ -80,6 +83,8 @@ class Engine:
     # -- stages ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, ids: list) -> torch.Tensor:
+        if not ids:
+            raise ContextFull("the prompt is empty: it encodes to no tokens", "give some text")
         if len(ids) >= self.max_len:
             raise ContextFull(f"the prompt has {len(ids)} tokens; the context holds {self.max_len}",
                               "raise --max-seq-len or shorten the prompt")

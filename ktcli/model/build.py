@@ -147,7 +147,9 @@ def build(validation, progress=None) -> Built:
 
 
 def load_tokenizer(ckpt):
-    if ckpt is None:
+    """The checkpoint's tokenizer, or None without one (bench runs without; chat refuses before loading)."""
+    from .weights import has_tokenizer
+    if ckpt is None or not has_tokenizer(ckpt):
         return None
     from transformers import AutoTokenizer
     try:

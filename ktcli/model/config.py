@@ -54,7 +54,8 @@ def resolve_model(spec: str, num_layers: int | None = None) -> ModelSource:
                               "config.json must name a model_type transformers knows") from None
     if num_layers is not None:
         if num_layers < 1 or num_layers > config.num_hidden_layers:
-            raise CheckpointError(f"--num-layers {num_layers} is outside 1..{config.num_hidden_layers}")
+            raise CheckpointError(f"--num-layers {num_layers} is outside 1..{config.num_hidden_layers}",
+                                  f"the model has {config.num_hidden_layers} layers")
         config._ktcli_full_layers = config.num_hidden_layers   # reported by bench next to the truncated count
         config.num_hidden_layers = num_layers
         if getattr(config, "layer_types", None):
@@ -85,7 +86,8 @@ def meta_model(config, dtype=None):
             return AutoModelForCausalLM.from_config(config, dtype=dtype or torch.bfloat16)
         except ValueError as e:
             raise CheckpointError(f"transformers cannot build a causal LM for model_type "
-                                  f"{config.model_type!r}: {str(e).splitlines()[0]}") from None
+                                  f"{config.model_type!r}: {str(e).splitlines()[0]}",
+                                  "ktcli runs MoE causal LMs transformers knows (see validate-config's list)") from None
 
 
 def find_experts(model) -> list:

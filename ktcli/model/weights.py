@@ -74,7 +74,8 @@ class Shard:
         info = self.tensors[name]
         src_dtype = _DTYPES.get(info["dtype"])
         if src_dtype is None:
-            raise CheckpointError(f"{name} in {self.path} has dtype {info['dtype']}, which ktcli cannot load")
+            raise CheckpointError(f"{name} in {self.path} has dtype {info['dtype']}, which ktcli cannot load",
+                                  "convert the checkpoint to bf16/fp16/fp32 safetensors")
         begin, end = info["data_offsets"]
         self.f.seek(self.base + begin)
         if dst.device.type == "cpu" and dst.dtype == src_dtype and dst.is_contiguous():
@@ -125,18 +126,20 @@ def _slot(param: torch.Tensor, t: Target, name: str) -> torch.Tensor:
     if t.expert is None:
         return param
     if t.expert >= param.shape[0]:
-        raise CheckpointError(f"{name}: expert {t.expert} but the model has {param.shape[0]} experts")
+        raise CheckpointError(f"{name}: expert {t.expert} but the model has {param.shape[0]} experts",
+                              "does config.json belong to these weights?")
     if t.part == "down":
         return param[t.expert]
     half = param.shape[1] // 2
     return param[t.expert, :half] if t.part == "gate" else param[t.expert, half:]
 
 
-def load_checkpoint(params: dict, ckpt: str, progress=None, buffers=None, done=None) -> None:
+def load_checkpoint(params: dict, ckpt: str, progress=None, buffers=None, done=None, dry_run=False) -> None:
     """Copy every checkpoint tensor into `params` (name → preallocated tensor on its final device).
 
     `buffers` (persistent buffers, e.g. DeepSeek's e_score_correction_bias) are filled when present;
-    `done(name)` is called as soon as a parameter is complete (quantization can start while loading goes on)."""
+    `done(name)` is called as soon as a parameter is complete (quantization can start while loading goes on).
+    `dry_run`: read the headers only and raise what loading would (validate-config; params may be on meta)."""
     params = {**(buffers or {}), **params}
     required = set(params) - set(buffers or {})
     sizes = {n: p.numel() for n, p in params.items()}
@@ -158,8 +161,10 @@ def load_checkpoint(params: dict, ckpt: str, progress=None, buffers=None, done=N
                 if shard.shape(name) != tuple(dst.shape):
                     raise CheckpointError(f"{name} has shape {shard.shape(name)}, the model expects "
                                           f"{tuple(dst.shape)}", "does config.json belong to these weights?")
-                shard.read_into(name, dst, bounce)
                 filled[t.param] += dst.numel()
+                if dry_run:
+                    continue
+                shard.read_into(name, dst, bounce)
                 if done and filled[t.param] == sizes[t.param]:
                     params[t.param] = None     # let done() free it (e.g. bf16 experts once quantized)
                     done(t.param)
@@ -201,3 +206,21 @@ def fill_synthetic(params: dict, seed: int = 0, progress=None, done=None) -> Non
             done(name)
         if progress:
             progress(nbytes)
+
+
+def check_checkpoint(meta_model, ckpt: str) -> None:
+    """Everything loading would find wrong, from the safetensors headers and the index alone: a missing shard, a
+    truncated file, a tensor of the wrong shape, a missing tensor. Raises CheckpointError."""
+    params = dict(meta_model.named_parameters())
+    buffers = {n: b for n, b in meta_model.named_buffers()
+               if n.rpartition(".")[2] not in meta_model.get_submodule(n.rpartition(".")[0])._non_persistent_buffers_set}
+    if getattr(meta_model.config, "tie_word_embeddings", False):
+        params.pop("lm_head.weight", None)
+    load_checkpoint(params, ckpt, buffers=buffers, dry_run=True)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def has_tokenizer(ckpt: str) -> bool:
+    return any(os.path.isfile(os.path.join(ckpt, f)) for f in TOKENIZER_FILES)

@@ -1,6 +1,7 @@
 """Every pre-launch check: pure functions over (profile, plan, machine) returning findings."""
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 
@@ -40,10 +41,14 @@ def fmt_bytes(n: float) -> str:
 
 def check_rules(profile, plan, model) -> list:
     """Rules that match nothing (warning), or that aim at layers the model does not have (error)."""
-    from ..profile.ktransformers import classify
-    out = [Finding(ERROR, "rule", f"{r.label}: unknown replace class '{r.replace_class}'", r.where,
-                   "use Experts, default, or a KTransformers class (see docs/reference.md)")
-           for r in profile.rules if classify(r.replace_class) == "unknown"]
+    from ..profile.ktransformers import classify, misspelled, nearest_class
+    out = []
+    for r in profile.rules:
+        near = nearest_class(r.replace_class) if classify(r.replace_class) == "unknown" else misspelled(r.replace_class, r.kwargs)
+        if classify(r.replace_class) == "unknown" or near:
+            out.append(Finding(ERROR, "rule", f"{r.label}: unknown replace class '{r.replace_class}'"
+                               + (f" (did you mean {near}?)" if near else ""), r.where,
+                               "use Experts, default, or a KTransformers class (see docs/reference.md)"))
     layer_names = [n for n, _ in model.named_modules() if re.search(r"layers\.0(\.|$)", n)]
     n_layers = plan.num_layers
     for rule in profile.rules:
@@ -91,7 +96,10 @@ def check_operators(profile, plan) -> list:
             op = resolve_op(sp.op)
             label = e.rule.label if e.rule else "default placement"
             if op is None:
-                out.append(Finding(ERROR, "operator", f"{label}: unknown {stage} operator '{sp.op}' (layers {layers})",
+                near = difflib.get_close_matches(str(sp.op), [a for o in OPERATORS.values() for a in (o.name, *o.aliases)],
+                                                 n=1, cutoff=0.6)
+                out.append(Finding(ERROR, "operator", f"{label}: unknown {stage} operator '{sp.op}' (layers {layers})"
+                                   + (f" (did you mean {near[0]}?)" if near else ""),
                                    _where(e, profile), f"valid operators: {op_names()}"))
                 continue
             if sp.device.split(":")[0] not in op.devices:
@@ -107,6 +115,27 @@ def check_operators(profile, plan) -> list:
                 out.append(Finding(NOTE, "operator", f"layers {layers}: prefill runs on {sp.device} while the weights "
                                    f"live on {e.home}; each layer's experts are copied over during prefill",
                                    _where(e, profile)))
+    return out
+
+
+def check_formats(profile, plan, model) -> list:
+    """int4 groups must be even and divide both matrices' input sizes (hidden for gate/up, intermediate for down)."""
+    from math import gcd
+    out = []
+    for es in _group(plan, lambda e: (e.weight_format, e.group_size)):
+        e = es[0]
+        if e.weight_format != "int4":
+            continue
+        _, I2, H = model.get_submodule(e.module).gate_up_proj.shape
+        G, I = e.group_size, I2 // 2
+        if G % 2 == 0 and H % G == 0 and I % G == 0:
+            continue
+        common = gcd(H, I)
+        fits = [g for g in (128, 64, 32, 16) if common % g == 0]
+        label = e.rule.label if e.rule else "default placement"
+        out.append(Finding(ERROR, "format", f"{label}: int4 group_size {G} does not divide the experts' input sizes "
+                           f"(hidden {H}, intermediate {I}) of layers {ranges(x.layer for x in es)}", _where(e, profile),
+                           f"use group_size {fits[0]}" if fits else "use weight_format int8 (no groups)"))
     return out
 
 
@@ -159,6 +188,13 @@ def check_graphs(profile, plan) -> list:
     return out
 
 
+MEMORY_FIX = {   # what frees memory on the device that is short
+    "gpu": "move more layers' experts to the CPU (generate_device: cpu), or lower runtime.max_seq_len",
+    "cpu": "store the CPU experts as int8 or int4 (weight_format: int8 / int4), or move some layers' experts to "
+           "the GPU (generate_device: cuda)",
+}
+
+
 def check_memory(profile, plan, machine, model):
     rep = estimate(model, plan, profile)
     out = []
@@ -167,8 +203,7 @@ def check_memory(profile, plan, machine, model):
         if have is not None and need > have:
             out.append(Finding(ERROR, "memory", f"{dev} needs {fmt_bytes(need)} but has {fmt_bytes(have)} "
                                f"({', '.join(f'{k} {fmt_bytes(v)}' for k, v in rep.rows[dev].items())})",
-                               profile.where("rules"), "move more experts to the CPU, lower runtime.max_seq_len, "
-                               "or use a smaller weight_format (int8/int4)"))
+                               profile.where("rules"), MEMORY_FIX["cpu" if dev == "cpu" else "gpu"]))
     return out, rep
 
 

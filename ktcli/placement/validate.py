@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from ..model.config import find_experts, meta_model, resolve_model, supported_model_types
 from ..errors import CheckpointError, KtcliError
 from . import checks
-from .checks import ERROR, Finding
+from ..model.weights import TOKENIZER_FILES
+from .checks import ERROR, WARNING, Finding
 from .plan import make_plan, normalize_device
 
 
@@ -27,12 +28,18 @@ class Validation:
     def errors(self):
         return [f for f in self.findings if f.severity == ERROR]
 
+    @property
+    def exit_code(self) -> int:
+        """0, or the code of the first error's kind (errors.EXIT_CODES): 4 for the model, 1 for the plan."""
+        errs = self.errors()
+        return 0 if not errs else 4 if errs[0].check in ("model", "checkpoint") else 1
+
     def refuse_if_failing(self) -> None:
         """Chat and bench stop here with the first error (validate-config lists them all)."""
         errs = self.errors()
         if errs:
             more = f" (and {len(errs) - 1} more: run ktcli validate-config)" if len(errs) > 1 else ""
-            raise KtcliError(errs[0].line() + more, errs[0].fix)
+            raise KtcliError(errs[0].line() + more, errs[0].fix, code=self.exit_code)
 
 
 def main_device(profile, machine) -> str:
@@ -43,6 +50,25 @@ def main_device(profile, machine) -> str:
         raise KtcliError(f"{profile.where('device') or '--device'}: '{profile.device}' is not a device ktcli runs on",
                          "devices are auto, cpu, cuda or cuda:N")
     return dev
+
+
+def check_source(profile, source, model) -> list:
+    """The checkpoint as loading would find it (headers and index only), and whether it has a tokenizer."""
+    from ..model.weights import check_checkpoint, has_tokenizer
+    ckpt = source.checkpoint_dir
+    if ckpt is None:
+        return []
+    out = []
+    if profile.weights != "synthetic":
+        try:
+            check_checkpoint(model, ckpt)
+        except CheckpointError as e:
+            out.append(Finding(ERROR, "checkpoint", e.message, profile.where("model"), e.hint))
+    if not has_tokenizer(ckpt):
+        out.append(Finding(WARNING, "checkpoint", f"{ckpt} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): "
+                           "chat cannot run; bench can", profile.where("model"),
+                           "copy the tokenizer files from the model's original checkpoint"))
+    return out
 
 
 def validate(profile, machine) -> Validation:
@@ -62,10 +88,12 @@ def validate(profile, machine) -> Validation:
                                   profile.where("model"),
                                   f"supported model types: {', '.join(supported_model_types())}"))
         return v
+    v.findings += check_source(profile, v.source, v.model)
     v.plan = make_plan(v.model, profile.rules, main_device(profile, machine))
     v.findings += checks.check_rules(profile, v.plan, v.model)
     v.findings += checks.check_devices(profile, v.plan, machine)
     v.findings += checks.check_operators(profile, v.plan)
+    v.findings += checks.check_formats(profile, v.plan, v.model)
     v.findings += checks.check_graphs(profile, v.plan)
     mem_findings, v.memory = checks.check_memory(profile, v.plan, machine, v.model)
     v.findings += mem_findings

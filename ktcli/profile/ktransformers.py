@@ -37,3 +37,27 @@ def classify(cls: str) -> str:
 def class_op(cls: str) -> str | None:
     """An operator implied by the class itself (class: KExpertsCPU), else None."""
     return EXPERT_CLASSES.get(short(cls))
+
+
+def known_classes() -> tuple:
+    return (*NATIVE_CLASSES, *EXPERT_CLASSES, *DEVICE_ONLY_CLASSES)
+
+
+def nearest_class(cls: str) -> str | None:
+    """The known class name closest to a misspelled one, if any is close."""
+    import difflib
+    close = difflib.get_close_matches(short(cls), known_classes(), n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+def misspelled(cls: str, kwargs: dict) -> str | None:
+    """A replace.class that ktcli would silently treat as 'keep transformers' module' although the rule means an
+    expert swap: an unknown KTransformers class whose rule sets an operator or that is close to an expert class.
+    Returns the known name it most likely means."""
+    s = short(cls)
+    if s in known_classes() or not cls.startswith("ktransformers."):
+        return None
+    near = nearest_class(cls)
+    if "prefill_op" in kwargs or "generate_op" in kwargs or (near in EXPERT_CLASSES):
+        return near or "KTransformersExperts"
+    return None

@@ -40,6 +40,8 @@ KWARG_FIELDS = {
 DTYPES = ("bfloat16", "float16", "float32")
 GRAPH_MODES = ("full", "piecewise", "off")
 WEIGHTS = ("checkpoint", "synthetic")
+DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")   # the main device (experts' devices are checked per rule)
+DEVICE_HINT = "devices are auto, cpu, cuda or cuda:N"
 RULE_KWARGS = tuple(KWARG_FIELDS)
 
 
@@ -103,13 +105,14 @@ class Profile:
 
 
 def _err(file, line, msg, hint=None):
-    return ProfileError(f"{file}:{line}", msg, hint)
+    return ProfileError(f"{file}:{line}", msg, hint or "the profile format, field by field: docs/reference.md")
 
 
 def _expect(value, types, file, line, what):
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
         names = "/".join(t.__name__ for t in _as_tuple(types))
-        raise _err(file, line, f"{what} must be {names}, got {type(value).__name__} {value!r}")
+        raise _err(file, line, f"{what} must be {names}, got {type(value).__name__} {value!r}",
+                   f"write a {names} value (docs/reference.md lists every field)")
     return value
 
 
@@ -154,6 +157,9 @@ def _parse_rule(i: int, node, file: str) -> Rule:
         raise _err(file, repl.key_lines.get("kwargs", line), "replace.kwargs must be a mapping")
     from .ktransformers import is_kt_class
     for k, v in kwargs.items():
+        if k == "group_size" and (isinstance(v, bool) or not isinstance(v, int) or v < 2):
+            raise _err(file, kwargs.key_lines[k], f"group_size must be an integer ≥ 2, got {v!r}",
+                       "int4 groups: 128, 64 or 32 inputs per scale")
         if k in RULE_KWARGS:
             rule.kwargs[k] = v if k == "group_size" else str(v)
         elif is_kt_class(rule.replace_class):
@@ -214,6 +220,8 @@ def load_profile(path: str) -> Profile:
     for key, allowed in (("dtype", DTYPES), ("weights", WEIGHTS)):
         if getattr(prof, key) not in allowed:
             raise _err(path, data.key_lines[key], f"{key} must be one of {', '.join(allowed)}")
+    if not DEVICE.match(prof.device):
+        raise _err(path, data.key_lines["device"], f"device '{prof.device}' is not a device ktcli runs on", DEVICE_HINT)
     if prof.model not in ("demo",) and not os.path.isabs(prof.model) and os.sep in prof.model:
         prof.model = os.path.normpath(os.path.join(os.path.dirname(path), prof.model))
     if "runtime" in data:
@@ -243,7 +251,15 @@ def apply_overrides(prof: Profile, **flags) -> Profile:
                          "drop one of the two flags")
     for key, allowed in (("dtype", DTYPES), ("weights", WEIGHTS), ("graph_mode", GRAPH_MODES)):
         if key in flags and flags[key] not in allowed:
-            raise UsageError(f"--{key.replace('_', '-')} must be one of {', '.join(allowed)}, got {flags[key]!r}")
+            raise UsageError(f"--{key.replace('_', '-')} must be one of {', '.join(allowed)}, got {flags[key]!r}",
+                             "int8/int4 are expert storage formats: weight_format in a rule (docs/reference.md)"
+                             if key == "dtype" else "pick one of those")
+    if "device" in flags and not DEVICE.match(flags["device"]):
+        raise UsageError(f"--device '{flags['device']}' is not a device ktcli runs on", DEVICE_HINT)
+    for key in ("max_seq_len", "cpu_threads", "prefill_chunk", "num_layers"):
+        if key in flags and flags[key] < 1:
+            raise UsageError(f"--{key.replace('_', '-')} must be ≥ 1, got {flags[key]}",
+                             "leave the flag out to use the profile's value")
     rt_flags = {k: flags[k] for k in RUNTIME_OVERRIDABLE if k in flags}
     if "use_cuda_graph" in rt_flags and "graph_mode" not in rt_flags:
         # the switch wins; a profile's piecewise choice survives "graphs on"

@@ -40,6 +40,14 @@ def load_yaml(path: str):
             text = f.read()
     except OSError as e:
         raise ProfileError(path, f"cannot read profile: {e.strerror}", "check the path") from None
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise ProfileError(f"{path}:{line}", f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})",
+                           "a profile is a YAML text file saved as UTF-8") from None
+    bad = next((i for i, ch in enumerate(text) if ch < " " and ch not in "\t\n\r"), None)
+    if bad is not None:   # YAML refuses control characters (a binary file that happens to decode as UTF-8)
+        raise ProfileError(f"{path}:{text[:bad].count(chr(10)) + 1}", f"control character 0x{ord(text[bad]):02x} in the "
+                           "profile: not a text file", "a profile is a YAML text file saved as UTF-8")
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -49,5 +57,8 @@ def load_yaml(path: str):
         line = mark.line + 1 if mark else 0
         raise ProfileError(f"{path}:{line}", f"YAML syntax error: {e.problem or e.context}",
                            "fix the YAML syntax (indentation, quotes, colons)") from None
+    except yaml.YAMLError as e:       # e.g. characters YAML does not accept
+        raise ProfileError(path, f"not readable as YAML: {str(e).splitlines()[0]}",
+                           "a profile is a YAML text file saved as UTF-8") from None
     finally:
         loader.dispose()

@@ -4,10 +4,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 
 from ..engine.timing import mean_sd
 
-COLUMNS = ("model", "size", "params", "backend", "placement", "graphs", "threads", "test", "t/s")
+COLUMNS = ("model", "profile", "size", "params", "backend", "placement", "graphs", "threads", "test", "t/s")
 
 
 def finish(rec: dict) -> dict:
@@ -60,6 +61,7 @@ def md(records: list, meta: dict) -> str:
         tps = f"error: {r['error']}" if r.get("error") else f"{r['tps_mean']:.2f} ± {r['tps_sd']:.2f}"
         row = [r["model"] + (f" ({r['num_layers']}/{r['num_layers_full']} layers)"
                              if r.get("num_layers") != r.get("num_layers_full") else ""),
+               os.path.basename(r.get("profile") or ""),
                _gib(r.get("size_bytes", 0)), _params(r.get("params", 0)), r.get("label", r["backend"]),
                r.get("placement", ""),
                r.get("graphs", ""), str(r.get("threads", "")), r["test"], tps,
@@ -108,8 +110,26 @@ def _opt(b, key, r):
     return "n/a (one graph)" if r.get("graphs") == "full" else f"{b[key]:.3f}"
 
 
-FLAT = ("model", "backend", "label", "placement", "graphs", "threads", "test", "n", "tps_mean", "tps_sd", "roofline_ratio",
-        "num_layers", "num_layers_full", "size_bytes", "params", "error")
+FLAT = ("model", "profile", "backend", "label", "placement", "graphs", "threads", "test", "n", "tps_mean", "tps_sd",
+        "roofline_ratio", "num_layers", "num_layers_full", "size_bytes", "params", "error")
+# llama-bench's own field names, so scripts written for its -o json / csv read ktcli's results too
+LLAMA = ("build_commit", "cpu_info", "gpu_info", "backends", "model_filename", "model_type", "model_size",
+         "model_n_params", "n_threads", "n_prompt", "n_gen", "test_time", "avg_ns", "stddev_ns", "avg_ts",
+         "stddev_ts", "samples_ns", "samples_ts")
+
+
+def llama_fields(rec: dict, machine: dict, when: str) -> dict:
+    """The llama-bench fields of one record (ns per test run: n tokens ÷ t/s)."""
+    ts = rec.get("samples") or []
+    ns = [1e9 * rec["n"] / t for t in ts if t]
+    kind = rec["test"][:2]
+    return {"build_commit": (machine.get("git_commit") or "")[:7], "cpu_info": machine.get("cpu", ""),
+            "gpu_info": machine.get("gpu", ""), "backends": rec["backend"], "model_filename": rec.get("profile") or "",
+            "model_type": rec["model"], "model_size": rec.get("size_bytes", 0), "model_n_params": rec.get("params", 0),
+            "n_threads": rec.get("threads", 0), "n_prompt": rec["n"] if kind == "pp" else 0,
+            "n_gen": rec["n"] if kind == "tg" else 0, "test_time": when,
+            "avg_ns": int(mean_sd(ns)[0]), "stddev_ns": int(mean_sd(ns)[1]), "avg_ts": rec["tps_mean"],
+            "stddev_ts": rec["tps_sd"], "samples_ns": [int(x) for x in ns], "samples_ts": list(ts)}
 
 
 def render(records: list, meta: dict, fmt: str) -> str:
@@ -121,9 +141,11 @@ def render(records: list, meta: dict, fmt: str) -> str:
         return "".join(json.dumps({**r, "machine": meta.get("machine")}) + "\n" for r in records)
     if fmt == "csv":
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=FLAT + ("samples",), extrasaction="ignore")
+        w = csv.DictWriter(buf, fieldnames=FLAT + ("samples",) + LLAMA, extrasaction="ignore")
         w.writeheader()
         for r in records:
-            w.writerow({**r, "samples": ";".join(f"{s:.4f}" for s in r.get("samples") or [])})
+            w.writerow({**r, "samples": ";".join(f"{s:.4f}" for s in r.get("samples") or []),
+                        "samples_ns": ";".join(str(x) for x in r.get("samples_ns") or []),
+                        "samples_ts": ";".join(f"{x:.4f}" for x in r.get("samples_ts") or [])})
         return buf.getvalue()
     raise ValueError(fmt)

@@ -1,10 +1,44 @@
 """The chat's screen: streaming text, notices and the per-turn timing lines. The chat loop never renders."""
 from __future__ import annotations
 
+import os
 import sys
 
 from rich.console import Console
 from rich.markup import escape
+
+
+# Control characters a model may emit (ESC, \v, \x1e, …) are shown as their Unicode pictures (␛, ␋, ␞), never sent
+# to the terminal raw: an escape sequence from a model must not move the cursor or recolour the screen.
+VISIBLE = {c: 0x2400 + c for c in range(32) if chr(c) not in "\n\t"} | {0x7f: 0x2421} | {c: 0xfffd for c in range(0x80, 0xa0)}
+PROMPT = "\001\033[1;32m\002>>> \001\033[0m\002"   # \001…\002: readline counts only the visible width
+
+
+def _line_editing():
+    """Arrow keys, line editing and a history kept across sessions (readline, where Python has it)."""
+    if getattr(_line_editing, "done", False):
+        return
+    _line_editing.done = True
+    try:
+        import atexit
+        import readline
+    except ImportError:
+        return
+    from ..files import cache_root
+    path = os.path.join(cache_root(), "chat_history")
+    try:
+        readline.read_history_file(path)
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+
+    def save():
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            readline.write_history_file(path)
+        except OSError:
+            pass
+    atexit.register(save)
 
 
 class Detokenizer:
@@ -38,17 +72,20 @@ class ChatUI:
     def ask(self) -> str | None:
         try:
             if self.interactive and sys.stdin.isatty():
-                return self.out.input("[bold green]>>> [/]")
+                _line_editing()
+                return input(PROMPT)
             line = sys.stdin.readline()
             return None if line == "" else line.rstrip("\n")
-        except EOFError:
+        except EOFError:              # Ctrl-D: leave the shell's prompt on a line of its own
+            if sys.stdin.isatty():
+                self.out.file.write("\n")
             return None
         except KeyboardInterrupt:   # Ctrl-C at the prompt: keep the session, say how to leave
             self.err.print("\n[dim](/exit or Ctrl-D to leave)[/]")
             return ""
 
     def piece(self, text: str):
-        self.out.file.write(text)
+        self.out.file.write(text.translate(VISIBLE))
         self.out.file.flush()
 
     def end_reply(self, interrupted=False):

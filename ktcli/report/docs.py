@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+from ..errors import EXIT_CODES
 from ..ops.registry import OPERATORS
 from ..profile.ktransformers import DEVICE_ONLY_CLASSES, EXPERT_CLASSES
 from ..profile.schema import FIELDS, KWARG_FIELDS, RUNTIME_FIELDS
@@ -33,7 +34,10 @@ def reference() -> str:
                     [(f"`{o.name}`", ", ".join(o.aliases), ", ".join(o.devices), ", ".join(o.graph_modes),
                       ", ".join(o.weight_formats),
                       o.summary + (f". Not graph safe: {o.why_not_graph}" if o.why_not_graph else ""))
-                     for o in OPERATORS.values()]), ""]
+                     for o in OPERATORS.values()]), "",
+             "## Exit codes", "",
+             "Every known mistake ends with one `Error: …` line and a `Hint: …` line on stderr, and one of these codes:",
+             "", _table(("code", "meaning"), [(str(k), v) for k, v in EXIT_CODES.items()]), ""]
     return "\n".join(parts)
 
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import sys
+import time
 
 from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
@@ -23,11 +25,24 @@ def bytes_progress(label: str):
 
 
 @contextlib.contextmanager
-def steps_progress(label: str, total: int):
-    cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*cols, console=stderr, transient=True, disable=not stderr.is_terminal) as p:
-        task = p.add_task(label, total=total)
-        yield lambda desc=None: p.update(task, advance=1, **({"description": desc} if desc else {}))
+def steps_progress(label: str, total: int, every_s: float = 5.0):
+    """A bar on a terminal; elsewhere (logs, CI, a pipe) a plain line at most every `every_s` seconds and at the
+    end, so a long run is never silent."""
+    if stderr.is_terminal:
+        cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*cols, console=stderr, transient=True) as p:
+            task = p.add_task(label, total=total)
+            yield lambda desc=None: p.update(task, advance=1, **({"description": desc} if desc else {}))
+        return
+    t0, state = time.monotonic(), {"done": 0, "shown": time.monotonic()}
+
+    def tick(desc=None):
+        state["done"] += 1
+        now = time.monotonic()
+        if now - state["shown"] >= every_s or state["done"] == total:
+            state["shown"] = now
+            print(f"{label}: {state['done']}/{total} steps, {now - t0:.0f} s", file=sys.stderr, flush=True)
+    yield tick
 
 
 @contextlib.contextmanager
