@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 python3 -c "import torch" 2>/dev/null || python3 -m pip install -q "torch==2.13.0"
-python3 -m pip install -q -e ".[test]"
+python3 -m pip install -q -e ".[serve,test]"

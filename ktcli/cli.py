@@ -5,7 +5,7 @@ import functools
 
 import typer
 
-from .commands import bench, chat, validate_config
+from .commands import bench, chat, serve, validate_config
 from .errors import KtcliError
 
 
@@ -33,7 +33,7 @@ def known_errors(fn):
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="Run large Mixture-of-Experts models on one GPU plus CPU RAM, CUDA graphs on.")
-for name, mod, fn in (("chat", chat, chat.chat), ("bench", bench, bench.bench),
+for name, mod, fn in (("chat", chat, chat.chat), ("bench", bench, bench.bench), ("serve", serve, serve.serve),
                       ("validate-config", validate_config, validate_config.validate_config)):
     app.command(name, help=mod.__doc__)(known_errors(fn))
 
