@@ -22,6 +22,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session", autouse=True)
 def _cache(tmp_path_factory):
     os.environ.setdefault("KTCLI_CACHE", str(tmp_path_factory.mktemp("ktcli-cache")))
+    os.environ.setdefault("KTCLI_BW_PROBE_MIB", "256")    # every bench measures its ceiling: keep that quick here
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -35,7 +35,9 @@ def prepare_cpu_kernel(plan) -> None:
     from ..report.progress import notice, status
     if not kernels.enabled() or not any("cpu" in (e.prefill.op, e.decode.op) for e in plan.experts):
         return
-    with status("preparing the CPU expert kernel (compiled for this CPU on first use)"):
+    if kernels.needs_build():      # said on every kind of stderr: it adds seconds once, before the timings
+        notice("compiling the CPU expert kernel for this CPU (first use only)")
+    with status("preparing the CPU expert kernel"):
         lib = kernels.get()
     if lib is None:
         reason = (kernels.error() or "unknown").strip().splitlines()[0]

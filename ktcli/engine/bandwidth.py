@@ -75,10 +75,16 @@ def probe_buffer(nbytes: int) -> torch.Tensor:
     return x.fill_(1)
 
 
-def cpu_readings(nbytes: int = 2 * 2**30) -> dict:
+def probe_bytes() -> int:
+    """The probe buffer: 2 GiB (far beyond any L3), or $KTCLI_BW_PROBE_MIB (the test suite uses a smaller one)."""
+    return int(os.environ.get("KTCLI_BW_PROBE_MIB", 2048)) * 2**20
+
+
+def cpu_readings(nbytes: int | None = None) -> dict:
     """{reader: [bytes/s, …]} reading a buffer larger than any cache with all threads: torch's sum and, with the
     CPU kernel built, its own streaming loop with static or dynamic chunks, with or without software prefetch."""
     from ..ops import kernels
+    nbytes = nbytes or probe_bytes()
     x = probe_buffer(nbytes)
     out = {"torch-sum": _rates(lambda: x.sum(), nbytes)}
     if kernels.get() is not None:

@@ -39,7 +39,8 @@ def _torch_gomp() -> str | None:
     return libs[0] if libs else None
 
 
-def build(cache: str | None = None) -> str:
+def _target(cache: str | None = None) -> tuple:
+    """(compiler, torch's libgomp, extra flags, the cached library's path for this source/CPU/compiler/flags)."""
     from ..files import cache_root
     cc = shutil.which(os.environ.get("CC", "gcc"))
     if cc is None:
@@ -53,7 +54,22 @@ def build(cache: str | None = None) -> str:
     ident = src + _cpu_flags().encode() + str(gomp).encode() + cc.encode() + " ".join(extra).encode()
     key = hashlib.sha1(ident).hexdigest()[:16]
     folder = cache or os.path.join(cache_root(), "kernels")
-    out = os.path.join(folder, f"moe_cpu-{key}.so")
+    return cc, gomp, extra, os.path.join(folder, f"moe_cpu-{key}.so")
+
+
+def needs_build() -> bool:
+    """True when the first use on this machine (or of this source) will compile the kernel."""
+    if _state["tried"]:
+        return False
+    try:
+        return not os.path.isfile(_target()[3])
+    except RuntimeError:
+        return False
+
+
+def build(cache: str | None = None) -> str:
+    cc, gomp, extra, out = _target(cache)
+    folder = os.path.dirname(out)
     if os.path.isfile(out):
         return out
     os.makedirs(folder, exist_ok=True)
