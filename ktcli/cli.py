@@ -5,7 +5,7 @@ import functools
 
 import typer
 
-from .commands import bench, chat, serve, validate_config
+from .commands import bench, chat, plan, serve, validate_config
 from .errors import KtcliError
 
 
@@ -34,7 +34,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="Run large Mixture-of-Experts models on one GPU plus CPU RAM, CUDA graphs on.")
 for name, mod, fn in (("chat", chat, chat.chat), ("bench", bench, bench.bench), ("serve", serve, serve.serve),
-                      ("validate-config", validate_config, validate_config.validate_config)):
+                      ("plan", plan, plan.plan), ("validate-config", validate_config, validate_config.validate_config)):
     app.command(name, help=mod.__doc__)(known_errors(fn))
 
 

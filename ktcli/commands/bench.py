@@ -38,6 +38,7 @@ def bench(profiles: Annotated[Optional[list[str]], typer.Argument(help="Profiles
           baseline_n_gen: Annotated[Optional[int], typer.Option("--baseline-n-gen", min=1, help="Decode length for baselines (slow ones).")] = None,
           output: Annotated[str, typer.Option("-o", "--output", help="md, csv, json or jsonl.")] = "md",
           output_file: Annotated[Optional[str], typer.Option("--output-file", help="Write here (atomically) instead of stdout.")] = None,
+          fit: o.Fit = False,
           cached_bw: Annotated[bool, typer.Option("--cached-bw", help="Use the bandwidths an earlier run measured on this machine (labelled with when) instead of measuring them now.")] = False):
     from ..engine import sweep
     from ..engine.baselines import BASELINES
@@ -72,23 +73,26 @@ def bench(profiles: Annotated[Optional[list[str]], typer.Argument(help="Profiles
         model, weights = model_config, weights or "synthetic"
     profs = [o.profile_from_flags(p, model=model, weights=weights, dtype=dtype, device=device, num_layers=num_layers,
                                   max_seq_len=max_seq_len, cpu_threads=cpu_threads) for p in (profiles or [None])]
+    machine = o.machine_for(target_devices)
+    if fit:
+        profs = [o.apply_fit(p, machine) for p in profs]
     btests = [(k, baseline_n_gen if k == "tg" and baseline_n_gen else n) for k, n in tests]
-    sw = sweep.Sweep(profs, tests, modes, reps, warmup, bases, btests, o.machine_for(target_devices), cached_bw)
+    sw = sweep.Sweep(profs, tests, modes, reps, warmup, bases, btests, machine, cached_bw)
     started = datetime.datetime.now().isoformat(timespec="seconds")
     command = "ktcli bench " + " ".join(sys.argv[2:]) if "bench" in sys.argv[1:2] else None
     from ..engine.provenance import machine_info
-    machine = machine_info()
+    info = machine_info()
 
     def report(records):
         sweep.rooflines(sw, records)
         records = [finish(dict(r)) for r in records]
         add_baseline_ratios(records)
         for r in records:
-            r.update(llama_fields(r, machine, started))
-        meta = {"command": command, "machine": machine, "bandwidth": sw.bw.as_dict() if sw.bw else None,
+            r.update(llama_fields(r, info, started))
+        meta = {"command": command, "machine": info, "bandwidth": sw.bw.as_dict() if sw.bw else None,
                 "notes": [f"{r['model']}: only {r['num_layers']} of {r['num_layers_full']} layers (--num-layers)"
                           for r in records[:1] if r.get("num_layers") != r.get("num_layers_full")]}
-        k = machine["kernel"]
+        k = info["kernel"]
         if k["enabled"] and not k["built"]:
             why = (k["error"] or "unknown").strip().splitlines()[0]
             meta["notes"].append(f"CPU expert kernel unavailable ({why}): CPU experts ran torch's path")

@@ -13,7 +13,7 @@ from . import options as o
 def chat(profile: o.ProfileArg = None, model: o.Model = None, weights: o.Weights = None, dtype: o.Dtype = None,
          device: o.Device = None, num_layers: o.NumLayers = None, use_cuda_graph_kt: o.GraphKT = None,
          use_cuda_graph: o.Graph = None, graph_mode: o.GraphMode = None, max_seq_len: o.MaxLen = None,
-         cpu_threads: o.Threads = None,
+         cpu_threads: o.Threads = None, fit: o.Fit = False,
          prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Answer this one message, print the timings and exit.")] = None,
          interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Read turns line by line from stdin even when it is not a terminal.")] = False,
          system: Annotated[Optional[str], typer.Option("--system", help="System prompt.")] = None,
@@ -43,7 +43,10 @@ def chat(profile: o.ProfileArg = None, model: o.Model = None, weights: o.Weights
     prof = o.profile_from_flags(profile, model=model, weights=weights, dtype=dtype, device=device,
                                 num_layers=num_layers, use_cuda_graph=o.graph_switch(use_cuda_graph_kt, use_cuda_graph),
                                 graph_mode=graph_mode, max_seq_len=max_seq_len, cpu_threads=cpu_threads)
-    v, built = load(prof, o.machine_for(None), need_tokenizer=True)
+    machine = o.machine_for(None)
+    if fit:
+        prof = o.apply_fit(prof, machine)
+    v, built = load(prof, machine, need_tokenizer=True)
     engine = Engine(built)
     engine.prepare()
     ui = ChatUI(interactive=not one_shot)

@@ -55,3 +55,52 @@ def profile_from_flags(path, *, model=None, weights=None, dtype=None, device=Non
 def machine_for(targets: Optional[str]):
     from ..placement.machine import detect_machine, parse_targets
     return parse_targets(targets) if targets else detect_machine()
+
+
+Fit = Annotated[bool, typer.Option("--fit", help="Choose the placement for this machine's memory first (ktcli plan), keeping your rules.")]
+
+
+def plan_rates(machine, cpu_bw=None, gpu_bw=None):
+    """The rates `ktcli plan` predicts with: flags, else this machine's last measured ceilings, else defaults."""
+    import json
+    import os
+
+    from ..files import cache_root
+    from ..placement.fit import Rates
+    r, src = Rates(), ["defaults"]
+    if not machine.target:
+        try:
+            from ..engine.bandwidth import machine_key
+            with open(os.path.join(cache_root(), "bandwidth.json"), encoding="utf-8") as f:
+                c = json.load(f)[machine_key()]
+            r.cpu_bw = max(x for v in c["cpu_readings"].values() for x in v)
+            if c.get("cuda_readings"):
+                r.gpu_bw = max(x for v in c["cuda_readings"].values() for x in v)
+            src = [f"bandwidths measured here {c['measured_at']}"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    if cpu_bw:
+        r.cpu_bw, src = cpu_bw * 1e9, src + ["--cpu-bw"]
+    if gpu_bw:
+        r.gpu_bw, src = gpu_bw * 1e9, src + ["--gpu-bw"]
+    r.source = ", ".join(src)
+    return r
+
+
+def num_experts(config) -> int:
+    return next(getattr(config, k) for k in ("num_experts", "num_local_experts", "n_routed_experts")
+                if getattr(config, k, None))
+
+
+def apply_fit(prof, machine):
+    """--fit: the plan's rules for this machine, the user's own rules first; the chosen placement is printed."""
+    from rich.console import Console
+
+    from ..errors import KtcliError
+    from ..placement.fit import fit
+    from ..report.plan import render
+    f = fit(prof, machine, fmt="auto", rates=plan_rates(machine))
+    render(f, machine, Console(stderr=True, highlight=False, width=140))
+    if f.notes:
+        raise KtcliError(f"--fit: {f.notes[0]}", "a smaller model, --num-layers, or a machine with more memory")
+    return f.profile

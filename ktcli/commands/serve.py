@@ -20,7 +20,7 @@ def _loopback(host: str) -> bool:
 def serve(profile: o.ProfileArg = None, model: o.Model = None, weights: o.Weights = None, dtype: o.Dtype = None,
           device: o.Device = None, num_layers: o.NumLayers = None, use_cuda_graph_kt: o.GraphKT = None,
           use_cuda_graph: o.Graph = None, graph_mode: o.GraphMode = None, max_seq_len: o.MaxLen = None,
-          cpu_threads: o.Threads = None,
+          cpu_threads: o.Threads = None, fit: o.Fit = False,
           host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback needs --api-key.")] = "127.0.0.1",
           port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free port, printed).")] = 8080,
           api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="KTCLI_API_KEY", help="Require 'Authorization: Bearer KEY'.")] = None,
@@ -36,7 +36,10 @@ def serve(profile: o.ProfileArg = None, model: o.Model = None, weights: o.Weight
     prof = o.profile_from_flags(profile, model=model, weights=weights, dtype=dtype, device=device,
                                 num_layers=num_layers, use_cuda_graph=o.graph_switch(use_cuda_graph_kt, use_cuda_graph),
                                 graph_mode=graph_mode, max_seq_len=max_seq_len, cpu_threads=cpu_threads)
-    v, built = load(prof, o.machine_for(None), need_tokenizer=True)
+    machine = o.machine_for(None)
+    if fit:
+        prof = o.apply_fit(prof, machine)
+    v, built = load(prof, machine, need_tokenizer=True)
     engine = Engine(built)
     engine.prepare()
     server = Server(engine, built.tokenizer, v.source.name, api_key=api_key, max_queue=max_queue)

@@ -1,0 +1,144 @@
+"""`ktcli plan` / `--fit`: which layers' experts live on the GPU, chosen for the machine's memory.
+
+Every layer's experts cost the same memory and the GPU reads them ~40× faster than the CPU, so decode is fastest
+with as many layers' experts on the GPU as fit beside the KV cache at the requested context, the activations and
+a margin: the plan fills GPU layers in order (0, 1, …) up to that count and puts the rest on the CPU, in the
+smallest storage format that fits the CPU when `--format auto`. Layers the user's own rules name stay where the
+rules put them. Predictions come from the roofline (decode: bytes ÷ bandwidth per device) and from an effective
+CPU prefill rate (FLOPs ÷ rate), both with the rates they assume printed beside them.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+
+from ..model.config import find_experts, meta_model, resolve_model
+from ..profile.schema import Rule
+from .memory import DTYPE_BYTES, MemoryReport, estimate, expert_bytes_per_param, kv_cache_bytes
+from .plan import make_plan
+
+FORMATS = ("bf16", "int8", "int4")
+GPU_MARGIN, CPU_MARGIN = 0.08, 0.10      # left free: allocator fragmentation, CUDA graphs' pool, the OS and others
+
+
+@dataclass
+class Rates:
+    """What the predictions assume (bytes/s and FLOP/s), and where each number came from."""
+    cpu_bw: float = 80e9
+    gpu_bw: float = 2.0e12
+    cpu_prefill_flops: float = 0.4e12   # ktcli's CPU-expert prefill (torch GEMMs), effective: H200 pp512 2026-12-02
+    gpu_flops: float = 300e12
+    source: str = "defaults"
+
+
+@dataclass
+class Fit:
+    profile: object                     # the profile with the chosen rules
+    gpu_layers: list
+    cpu_layers: list
+    pinned: list
+    fmt: str
+    memory: MemoryReport
+    budget: dict                        # device → bytes the plan may use
+    bytes_per_token: dict
+    decode_tps: float
+    prefill_tps: float
+    rates: Rates
+    notes: list = field(default_factory=list)
+
+
+def _layers_regex(template: str, layers: list) -> str:
+    return template.replace("IDX", "|".join(str(i) for i in layers))
+
+
+def _rules(template, gpu_dev, gpu_layers, cpu_layers, fmt, group) -> list:
+    out = []
+    if gpu_layers:
+        out.append(Rule(0, "<plan>", 0, name=_layers_regex(template, gpu_layers), replace_class="Experts",
+                        kwargs={"prefill_device": gpu_dev, "prefill_op": "torch", "generate_device": gpu_dev,
+                                "generate_op": "gpu_static"}))
+    if cpu_layers:
+        kw = {"prefill_device": "cpu", "prefill_op": "cpu", "generate_device": "cpu", "generate_op": "cpu"}
+        if fmt != "bf16":
+            kw.update(weight_format=fmt, **({"group_size": group} if fmt == "int4" else {}))
+        out.append(Rule(0, "<plan>", 0, name=_layers_regex(template, cpu_layers), replace_class="Experts", kwargs=kw))
+    return out
+
+
+def _with_rules(profile, extra):
+    rules = [replace(r, index=i) for i, r in enumerate([*profile.rules, *extra])]
+    return replace(profile, rules=rules)
+
+
+def fit(profile, machine, context: int | None = None, fmt: str = "bf16", rates: Rates | None = None) -> Fit:
+    rates = rates or Rates()
+    src = resolve_model(profile.model, profile.num_layers)
+    model = meta_model(src.config)
+    names = [n for n, _ in find_experts(model)]
+    template = "^" + re.sub(r"layers\\\.\d+\\\.", r"layers\\.(IDX)\\.", re.escape(names[0])) + "$"
+    gpu = next((d for d in sorted(machine.devices) if d.startswith("cuda")), None)
+    main = gpu or "cpu"
+    rt = replace(profile.runtime, max_seq_len=context or profile.runtime.max_seq_len,
+                 use_cuda_graph=gpu is not None, graph_mode="full" if gpu else "off",
+                 cpu_threads=profile.runtime.cpu_threads or machine.cpu_cores)
+    profile = replace(profile, runtime=rt, device=main if profile.device == "auto" else profile.device)
+    pinned_plan = make_plan(model, profile.rules, main)
+    pinned = sorted(e.layer for e in pinned_plan.experts if e.rule is not None)
+    free = sorted(e.layer for e in pinned_plan.experts if e.rule is None)
+    budget = {d: int(b * (1 - (CPU_MARGIN if d == "cpu" else GPU_MARGIN))) for d, b in machine.devices.items()}
+
+    def evaluate(g, f):
+        prof = _with_rules(profile, _rules(template, gpu, free[:g], free[g:], f, 128) if gpu else
+                           _rules(template, None, [], free, f, 128))
+        plan = make_plan(model, prof.rules, main)
+        return prof, plan, estimate(model, plan, prof)
+
+    def fits(rep, dev):
+        return dev not in budget or rep.total(dev) <= budget[dev]
+
+    formats = FORMATS if fmt == "auto" else (fmt,)
+    for f in formats:
+        lo, hi = 0, len(free) if gpu else 0          # the most GPU layers that fit the GPU (monotone in g)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(evaluate(mid, f)[2], gpu):
+                lo = mid
+            else:
+                hi = mid - 1
+        prof, plan, rep = evaluate(lo, f)
+        if fits(rep, "cpu") or f == formats[-1]:
+            break
+    out = Fit(prof, free[:lo] if gpu else [], free[lo:] if gpu else free, pinned, f, rep, budget, {}, 0.0, 0.0, rates)
+    for dev in budget:
+        if not fits(rep, dev):
+            out.notes.append(f"{dev} needs {rep.total(dev) / 2**30:.1f} GiB of the {budget[dev] / 2**30:.1f} GiB "
+                             f"the plan may use: no placement fits" + ("" if fmt == "auto" else "; try --format auto"))
+    predict(out, model, plan, prof)
+    return out
+
+
+def predict(out: Fit, model, plan, prof) -> None:
+    """Decode: bytes per token ÷ bandwidth per device. Prefill: expert FLOPs per token ÷ the rates."""
+    cfg, db = model.config, DTYPE_BYTES[prof.dtype]
+    k = cfg.num_experts_per_tok
+    by_dev, cpu_flops, gpu_flops = {}, 0.0, 0.0
+    for e in plan.experts:
+        m = model.get_submodule(e.module)
+        per = sum(p.numel() for p in m.parameters(recurse=False)) // m.gate_up_proj.shape[0]   # params per expert
+        dev = "cpu" if e.decode.device == "cpu" else "cuda"
+        by_dev[dev] = by_dev.get(dev, 0) + k * per * expert_bytes_per_param(e.weight_format, db, e.group_size)
+        if e.prefill.device == "cpu":
+            cpu_flops += 2 * k * per
+        else:
+            gpu_flops += 2 * k * per
+    experts = {e.module for e in plan.experts}
+    other = sum(p.numel() for n, p in model.named_parameters() if n.rsplit(".", 1)[0] not in experts)
+    main = "cuda" if plan.main_device.startswith("cuda") else "cpu"
+    by_dev[main] = by_dev.get(main, 0) + other * db + kv_cache_bytes(cfg, prof.runtime.max_seq_len // 2, db)
+    gpu_flops += 2 * other
+    r = out.rates
+    bw = {"cpu": r.cpu_bw, "cuda": r.gpu_bw}
+    out.bytes_per_token = by_dev
+    out.decode_tps = 1 / sum(b / bw[d] for d, b in by_dev.items())
+    main_flops = r.gpu_flops if main == "cuda" else r.cpu_prefill_flops
+    out.prefill_tps = 1 / (cpu_flops / r.cpu_prefill_flops + gpu_flops / main_flops)

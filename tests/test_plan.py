@@ -1,0 +1,117 @@
+"""ktcli plan / --fit: placements for a machine's memory — monotone in the GPU budget, within every device,
+respecting the user's rules, accepted by validate-config unchanged; and the SGLang + kt-kernel export."""
+import json
+import os
+import shlex
+
+import pytest
+
+from conftest import PROFILES
+from ktcli.commands.options import machine_for, profile_from_flags
+from ktcli.placement.fit import Rates, fit
+
+ARCHS = ["qwen3-30b-a3b", "qwen2-57b-a14b", "mixtral-8x7b"]
+
+
+def plan_for(model, gpu_gib, cpu_gib=125, fmt="bf16", profile=None, context=4096):
+    machine = machine_for(f"cuda:0={gpu_gib}GiB,cpu={cpu_gib}GiB,cores=16")
+    return fit(profile_from_flags(profile, model=model), machine, context=context, fmt=fmt), machine
+
+
+@pytest.mark.parametrize("model", ARCHS)
+def test_more_gpu_memory_never_puts_fewer_experts_on_the_gpu(model):
+    counts = []
+    for gib in (16, 24, 48, 80, 141):
+        f, machine = plan_for(model, gib)
+        counts.append(len(f.gpu_layers))
+        if f.notes:                                    # the GPU cannot even hold the non-expert weights
+            assert counts[-1] == 0 and "no placement fits" in f.notes[0]
+            continue
+        for dev, budget in f.budget.items():          # never beyond any device
+            assert f.memory.total(dev) <= budget, (model, gib, dev)
+        assert f.gpu_layers == list(range(len(f.gpu_layers)))                  # filled in layer order
+        assert sorted(f.gpu_layers + f.cpu_layers) == list(range(len(f.gpu_layers) + len(f.cpu_layers)))
+    assert counts == sorted(counts) and counts[-1] > counts[0], counts
+
+
+@pytest.mark.parametrize("model,gib", [("qwen3-30b-a3b", 24), ("qwen2-57b-a14b", 48), ("mixtral-8x7b", 80)])
+def test_the_written_profile_passes_validate_config_unchanged(cli, tmp_path, model, gib):
+    out = tmp_path / "plan.yaml"
+    targets = f"--target-devices=cuda:0={gib}GiB,cpu=125GiB,cores=16"
+    r = cli("plan", "-m", model, targets, "--context", "8192", "-o", str(out))
+    assert r.exit_code == 0, r
+    text = out.read_text()
+    assert text.startswith("# Made by `ktcli plan") and "# predicted decode:" in text and "# memory cuda:0:" in text
+    v = cli("validate-config", str(out), targets)
+    assert v.exit_code == 0 and "OK: this run would work." in v.stdout, v
+
+
+def test_rules_the_user_wrote_pin_what_they_name(tmp_path):
+    p = tmp_path / "pin.yaml"
+    p.write_text("model: qwen3-30b-a3b\nrules:\n  - match: {name: '^model\\.layers\\.(0|1)\\.mlp\\.experts$'}\n"
+                 "    replace: {class: Experts, kwargs: {generate_device: cpu, prefill_device: cpu, generate_op: cpu,"
+                 " prefill_op: cpu, weight_format: int8}}\n")
+    f, _ = plan_for(None, 48, profile=str(p))
+    assert f.pinned == [0, 1] and 0 not in f.gpu_layers and 1 not in f.gpu_layers and f.gpu_layers[0] == 2
+    assert f.profile.rules[0].kwargs["weight_format"] == "int8"        # the user's rule, first, unchanged
+
+
+def test_format_auto_takes_the_first_format_that_fits_the_cpu():
+    assert plan_for("qwen2-57b-a14b", 24, cpu_gib=125, fmt="auto")[0].fmt == "bf16"
+    assert plan_for("qwen2-57b-a14b", 24, cpu_gib=64, fmt="auto")[0].fmt == "int8"
+    assert plan_for("qwen2-57b-a14b", 24, cpu_gib=40, fmt="auto")[0].fmt == "int4"
+    f, _ = plan_for("qwen2-57b-a14b", 24, cpu_gib=8, fmt="auto")
+    assert f.notes and f.notes[0].startswith("cpu needs")
+
+
+def test_a_machine_too_small_is_an_error(cli):
+    r = cli("plan", "-m", "qwen2-57b-a14b", "--target-devices=cuda:0=24GiB,cpu=8GiB")
+    assert r.exit_code == 1 and "note" in r.output and "no placement fits; try --format auto" in r.output
+
+
+def test_predicted_decode_is_the_roofline_of_the_plan():
+    f, _ = plan_for("qwen3-30b-a3b", 24)
+    r = Rates()
+    assert abs(f.decode_tps - 1 / (f.bytes_per_token["cuda"] / r.gpu_bw + f.bytes_per_token["cpu"] / r.cpu_bw)) < 1e-9
+    more, _ = plan_for("qwen3-30b-a3b", 48)
+    assert more.decode_tps > f.decode_tps and more.bytes_per_token["cpu"] < f.bytes_per_token["cpu"]
+
+
+def test_plan_takes_a_checkpoint_and_a_config_json(cli, tmp_path):
+    from ktcli.model.demo import ensure_demo
+    ckpt = ensure_demo()
+    for spec in (ckpt, os.path.join(ckpt, "config.json")):
+        r = cli("plan", "-m", spec, "--target-devices=cuda:0=1GiB,cpu=8GiB")
+        assert r.exit_code == 0 and "rules:" in r.stdout, r
+
+
+def test_sglang_export_uses_only_documented_flags(cli):
+    r = cli("plan", "-m", "qwen2-57b-a14b", "--target-devices=cuda:0=48GiB,cpu=64GiB,cores=16", "--format", "auto",
+            "--export", "sglang")
+    assert r.exit_code == 0, r
+    from ktcli.placement.export import known_flags
+    flags = known_flags()
+    command = "\n".join(line for line in r.stdout.splitlines() if not line.startswith("#")).replace("\\\n", " ")
+    argv = shlex.split(command)
+    assert argv[:3] == ["python", "-m", "sglang.launch_server"]
+    used = [a for a in argv if a.startswith("--")]
+    assert used and all(a in flags for a in used), set(used) - set(flags)
+    assert all(flags[a]["source"] and flags[a]["version"] for a in used)
+    f, _ = plan_for("qwen2-57b-a14b", 48, cpu_gib=64, fmt="auto")
+    per_layer = round(len(f.gpu_layers) * 64 / 28)
+    assert argv[argv.index("--kt-num-gpu-experts") + 1] == str(per_layer)
+    assert argv[argv.index("--kt-method") + 1] == {"bf16": "BF16", "int8": "AMXINT8", "int4": "AMXINT4"}[f.fmt]
+
+
+def test_fit_on_bench_prints_the_placement_it_chose(cli):
+    r = cli("bench", "--fit", "-p", "4", "-n", "0", "-r", "1", "--warmup", "0", "-o", "json")
+    assert r.exit_code == 0, r
+    assert "Plan — demo" in r.stderr and "experts on the CPU" in r.stderr
+    assert json.loads(r.stdout)["results"][0]["tps_mean"] > 0
+
+
+def test_bad_plan_flags(cli):
+    r = cli("plan", "--format", "fp8")
+    assert r.exit_code == 2 and "Error: --format must be one of bf16, int8, int4, auto, got 'fp8'" in r.output
+    r = cli("plan", "--export", "vllm")
+    assert r.exit_code == 2 and "Error: --export takes sglang, got 'vllm'" in r.output
