@@ -26,12 +26,12 @@ def chat(profile: o.ProfileArg = None, model: o.Model = None, weights: o.Weights
          ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past end-of-sequence (up to -n).")] = False,
          think: Annotated[Optional[bool], typer.Option("--think/--no-think", help="Thinking mode, where the chat template supports it.", show_default=False)] = None,
          context_policy: Annotated[str, typer.Option("--context-policy", help="When the context is full: drop-oldest turns, or stop.")] = "drop-oldest"):
-    from ..engine import Engine, GenerationConfig
+    from ..engine import GenerationConfig
     from ..engine.conversation import Conversation
     from ..errors import UsageError
     from ..report.chat_session import ChatSession
     from ..report.chat_ui import ChatUI
-    from .run import load
+    from .run import load_engine
     if context_policy not in ("drop-oldest", "stop"):
         raise UsageError(f"--context-policy must be drop-oldest or stop, got {context_policy!r}",
                          "drop-oldest forgets old turns when the context is full; stop refuses the turn")
@@ -40,15 +40,7 @@ def chat(profile: o.ProfileArg = None, model: o.Model = None, weights: o.Weights
         prompt = sys.stdin.read().strip()
         if not prompt:
             raise UsageError("no prompt: stdin was empty", "pass --prompt TEXT, pipe text in, or use -i")
-    prof = o.profile_from_flags(profile, model=model, weights=weights, dtype=dtype, device=device,
-                                num_layers=num_layers, use_cuda_graph=o.graph_switch(use_cuda_graph_kt, use_cuda_graph),
-                                graph_mode=graph_mode, max_seq_len=max_seq_len, cpu_threads=cpu_threads)
-    machine = o.machine_for(None)
-    if fit:
-        prof = o.apply_fit(prof, machine)
-    v, built = load(prof, machine, need_tokenizer=True)
-    engine = Engine(built)
-    engine.prepare()
+    v, built, engine = load_engine(o.run_flags(locals()), fit)
     ui = ChatUI(interactive=not one_shot)
     conv = Conversation(built.tokenizer, engine.max_len, system=system, thinking=think, policy=context_policy)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

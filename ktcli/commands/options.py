@@ -52,6 +52,15 @@ def profile_from_flags(path, *, model=None, weights=None, dtype=None, device=Non
                            cpu_threads=cpu_threads, prefill_chunk=prefill_chunk)
 
 
+RUN_FLAGS = ("profile", "model", "weights", "dtype", "device", "num_layers", "use_cuda_graph_kt", "use_cuda_graph",
+             "graph_mode", "max_seq_len", "cpu_threads")
+
+
+def run_flags(scope: dict) -> dict:
+    """The profile flags chat and serve share, picked from the command's arguments (its locals())."""
+    return {k: scope[k] for k in RUN_FLAGS}
+
+
 def machine_for(targets: Optional[str]):
     from ..placement.machine import detect_machine, parse_targets
     return parse_targets(targets) if targets else detect_machine()

@@ -28,6 +28,23 @@ def load(profile, machine, need_tokenizer: bool = False):
     return v, built
 
 
+def load_engine(flags: dict, fit: bool):
+    """chat and serve: the profile from the shared flags (options.run_flags), --fit, the model with its tokenizer,
+    and an engine with its CUDA graph captured. Returns (validation, built, engine)."""
+    from ..engine import Engine
+    from . import options as o
+    flags = dict(flags)
+    graphs = o.graph_switch(flags.pop("use_cuda_graph_kt"), flags.pop("use_cuda_graph"))
+    prof = o.profile_from_flags(flags.pop("profile"), use_cuda_graph=graphs, **flags)
+    machine = o.machine_for(None)
+    if fit:
+        prof = o.apply_fit(prof, machine)
+    v, built = load(prof, machine, need_tokenizer=True)
+    engine = Engine(built)
+    engine.prepare()
+    return v, built, engine
+
+
 def prepare_cpu_kernel(plan) -> None:
     """Compile the CPU expert kernel before loading (first use only), so the build is neither silent nor folded
     into the first timings; say so when it is unavailable and CPU experts fall back to torch's path."""

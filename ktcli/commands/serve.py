@@ -25,23 +25,14 @@ def serve(profile: o.ProfileArg = None, model: o.Model = None, weights: o.Weight
           port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free port, printed).")] = 8080,
           api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="KTCLI_API_KEY", help="Require 'Authorization: Bearer KEY'.")] = None,
           max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait behind the running one (429 beyond).")] = 8):
-    from ..engine import Engine
     from ..errors import UsageError
     from ..report.progress import stderr
     from ..server.app import Server
-    from .run import load
+    from .run import load_engine
     if not _loopback(host) and not api_key:
         raise UsageError(f"--host {host} is reachable from other machines: it needs --api-key",
                          "pass --api-key KEY (or set KTCLI_API_KEY), or keep the default --host 127.0.0.1")
-    prof = o.profile_from_flags(profile, model=model, weights=weights, dtype=dtype, device=device,
-                                num_layers=num_layers, use_cuda_graph=o.graph_switch(use_cuda_graph_kt, use_cuda_graph),
-                                graph_mode=graph_mode, max_seq_len=max_seq_len, cpu_threads=cpu_threads)
-    machine = o.machine_for(None)
-    if fit:
-        prof = o.apply_fit(prof, machine)
-    v, built = load(prof, machine, need_tokenizer=True)
-    engine = Engine(built)
-    engine.prepare()
+    v, built, engine = load_engine(o.run_flags(locals()), fit)
     server = Server(engine, built.tokenizer, v.source.name, api_key=api_key, max_queue=max_queue)
     import socket
 
