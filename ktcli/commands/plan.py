@@ -1,5 +1,4 @@
-"""Choose the placement for a machine's memory: as many layers' experts on the GPU as fit, the rest on the CPU; prints
-the plan with predicted speeds and writes it as a profile (or the equivalent SGLang + kt-kernel command)."""
+"""Choose where each layer's experts live for a machine's memory; write it as a profile (or an SGLang command)."""
 from __future__ import annotations
 
 import sys

@@ -1,5 +1,4 @@
-"""Check a profile plus the flags a run would use, without loading any weights (exit 0 ok, 1 the plan fails,
-2 usage, 3 profile, 4 model or checkpoint)."""
+"""Check a profile and the flags a run would use, without loading weights (exit codes: docs/reference.md)."""
 from __future__ import annotations
 
 import json
