@@ -173,3 +173,24 @@ def test_roofline_counts_quantized_experts_at_their_stored_size(cli, tmp_path):
     cpu = {f: x["roofline"]["bytes_per_token"]["cpu"] for f, x in rows.items()}
     # fp32 weights (the demo's dtype) → 0.5 B + one fp32 scale per 16 weights
     assert rows["int4"]["tps_mean"] > 0 and cpu["bf16"] - cpu["int4"] == per_token * (4 - (0.5 + 4 / 16))
+
+
+def test_breakdown_separates_the_kernel_from_the_fixed_cost_per_layer(cli, tmp_path):
+    """int8 CPU experts (layers 2-3) run the C kernel: per repetition 2 layer calls per decoded token; the kernel's
+    time is part of the CPU-expert time, and what is left over per layer call is the fixed cost."""
+    from ktcli.ops import kernels
+    if kernels.get() is None:
+        import pytest
+        pytest.skip("kernel did not build")
+    p = tmp_path / "int8.yaml"
+    p.write_text(open(profile("demo.yaml")).read().replace("prefill_op: cpu, generate_op: cpu}",
+                                                           "prefill_op: cpu, generate_op: cpu, weight_format: int8}"))
+    r = bench(cli, "-p", "0", "-n", "8", str(p), "-o", "json")
+    assert r.exit_code == 0, r
+    tg = json.loads(r.stdout)["results"][0]
+    assert all(rep["cpu_layer_calls"] == 2 * 8 for rep in tg["reps"])
+    b = tg["breakdown"]
+    assert 0 < b["kernel_ms"] <= b["cpu_experts_ms"] <= b["ms_per_token"]
+    sums = {k: sum(rep[k] for rep in tg["reps"]) for k in ("cpu_experts_s", "kernel_s", "cpu_layer_calls")}
+    want = (sums["cpu_experts_s"] - sums["kernel_s"]) / sums["cpu_layer_calls"] * 1e6
+    assert abs(b["fixed_us_per_layer"] - want) < 1e-6 * max(want, 1)

@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from ..ops.clocks import HostClock, SyncClock
+from ..ops.clocks import fixed_cost_us, take_all
 from .generate import GenerationConfig
 
 
@@ -30,21 +30,23 @@ def run_test(engine, kind: str, n: int, reps: int, warmup: int, seed: int = 0, t
         if kind == "pp":
             ids = random_ids(vocab, n, gen)
             _sync(engine.device)
-            HostClock.take(), SyncClock.take()
+            take_all()
             t0 = time.perf_counter()
             engine.prefill(ids)
             _sync(engine.device)
-            dt, cpu, gpu = time.perf_counter() - t0, HostClock.take(), SyncClock.take()
+            dt, clocks = time.perf_counter() - t0, take_all()
         else:
             _, st = engine.generate(random_ids(vocab, 1, gen), GenerationConfig(max_new_tokens=n + 1, ignore_eos=True))
-            dt, cpu, gpu = st.decode_s, st.cpu_experts_s, st.gpu_wait_s
+            dt, clocks = st.decode_s, {k: getattr(st, k) for k in take_all()}
         if i >= warmup:
             samples.append(n / dt)
-            timed.append({"s": dt, "cpu_experts_s": cpu, "gpu_wait_s": gpu})
+            timed.append({"s": dt, **clocks})
         if tick:
             tick()
-    total, cpu, gpu = (sum(r[k] for r in timed) for k in ("s", "cpu_experts_s", "gpu_wait_s"))
+    sums = {k: sum(r[k] for r in timed) for k in (timed[0] if timed else {})}
+    total, cpu, gpu = sums.get("s", 0.0), sums.get("cpu_experts_s", 0.0), sums.get("gpu_wait_s", 0.0)
     per_tok = 1e3 / (n * len(timed)) if timed else 0.0
     return {"samples": samples, "reps": timed,
             "breakdown": {"ms_per_token": total * per_tok, "cpu_experts_ms": cpu * per_tok,
+                          "kernel_ms": sums.get("kernel_s", 0.0) * per_tok, "fixed_us_per_layer": fixed_cost_us(sums),
                           "gpu_wait_ms": gpu * per_tok, "other_ms": max(total - cpu - gpu, 0.0) * per_tok}}

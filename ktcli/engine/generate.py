@@ -8,7 +8,7 @@ import torch
 
 from ..errors import KtcliError
 from ..ops.base import set_stage
-from ..ops.clocks import HostClock, SyncClock
+from ..ops.clocks import take_all
 from .sampling import sample
 from .timing import GenerationStats, peak_host_bytes
 
@@ -133,7 +133,7 @@ class Engine:
         tid = int(tok)                                   # the one sync per token: read it to stream it
         st.prefill_s, st.prompt_tokens = time.perf_counter() - t0, len(prompt_ids) - self.reused
         new, text = [tid], ""
-        HostClock.take(), SyncClock.take()
+        take_all()
         st.stop_reason = "length"
         while True:
             if on_token:
@@ -167,7 +167,8 @@ class Engine:
             st.latencies.append(time.perf_counter() - t1)
             new.append(tid)
         st.decode_tokens, st.decode_s = len(st.latencies), sum(st.latencies)
-        st.cpu_experts_s, st.gpu_wait_s = HostClock.take(), SyncClock.take()
+        for k, v in take_all().items():
+            setattr(st, k, v)
         st.peak_gpu_bytes = torch.cuda.max_memory_allocated(self.device) if cuda else 0
         st.peak_host_bytes = peak_host_bytes()
         return new, st

@@ -22,6 +22,9 @@ class GenerationStats:
     decode_s: float = 0.0
     latencies: list = field(default_factory=list)   # seconds per decoded token
     cpu_experts_s: float = 0.0       # host time inside CPU expert operators during decode
+    kernel_s: float = 0.0            # of which inside the C kernel
+    cpu_step_s: float = 0.0          # from handing each CPU-expert layer to the worker to its return
+    cpu_layer_calls: int = 0
     gpu_wait_s: float = 0.0          # host waiting for the GPU before CPU-expert layers (not seen under full graphs)
     load_s: float = 0.0
     capture_s: float = 0.0

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import bridge as bridge_mod
-from .clocks import HostClock, KernelRate, SyncClock
+from .clocks import HostClock, KernelClock, KernelRate, StepClock, SyncClock
 from . import kernels
 from .base import DeviceOp
 from .worker import worker
@@ -67,8 +67,10 @@ class CpuExperts(DeviceOp):
             threads = (self.staging.threads if self.staging else 0) or torch.get_num_threads()
             t0 = time.perf_counter()
             self.runner(lib, x, idx, w, packed, out, threads)
+            dt = time.perf_counter() - t0
+            KernelClock.add(dt)
             used = len(set(idx.reshape(-1).tolist()))           # experts read by this call
-            KernelRate.offer(used * packed.nbytes() / packed.gu.shape[0], time.perf_counter() - t0)
+            KernelRate.offer(used * packed.nbytes() / packed.gu.shape[0], dt)
         else:
             cpu_moe(x, idx, w, None, None, ex.act_fn, out, weights=lambda e: ex.expert_weights(e, x.dtype))
         return out
@@ -84,6 +86,12 @@ class CpuExperts(DeviceOp):
         self._moe(st.x[:T], st.idx[:T], st.w[:T], st.y[:T])
         HostClock.add(time.perf_counter() - t0)
 
+    def _step(self, T):
+        """Hand the layer to the CPU worker and wait (in a host callback, the segment loop or eagerly)."""
+        t0 = time.perf_counter()
+        worker().run(lambda: self._staged(T))
+        StepClock.add(time.perf_counter() - t0)
+
     def __call__(self, x, idx, w):
         if x.device.type == "cpu":
             t0 = time.perf_counter()
@@ -98,7 +106,7 @@ class CpuExperts(DeviceOp):
         st.idx[:T].copy_(idx, non_blocking=True)
         st.w[:T].copy_(w, non_blocking=True)
         bridge = bridge_mod.active()
-        step = lambda: worker().run(lambda: self._staged(T))   # noqa: E731
+        step = lambda: self._step(T)   # noqa: E731
         if bridge is None:
             t0 = time.perf_counter()
             torch.cuda.current_stream(x.device).synchronize()

@@ -71,10 +71,11 @@ def md(records: list, meta: dict) -> str:
     out = "\n".join(lines)
     stages = [r for r in records if r.get("breakdown")]
     if stages:
-        out += ("\n\n| backend | graphs | test | ms/token | CPU experts ms | waiting for GPU ms | transfers + launch + "
-                "other ms |\n|---|---|---|---:|---:|---:|---:|\n")
+        out += ("\n\n| backend | graphs | test | ms/token | CPU experts ms | of which kernel ms | fixed µs / CPU layer "
+                "| waiting for GPU ms | transfers + launch + other ms |\n|---|---|---|---:|---:|---:|---:|---:|---:|\n")
         out += "\n".join(f"| {r['backend']} | {r.get('graphs', '')} | {r['test']} | {b['ms_per_token']:.3f} "
-                         f"| {b['cpu_experts_ms']:.3f} | {_opt(b, 'gpu_wait_ms', r)} | {_opt(b, 'other_ms', r)} |"
+                         f"| {b['cpu_experts_ms']:.3f} | {_num(b.get('kernel_ms'), 3)} | {_num(b.get('fixed_us_per_layer'), 1)} "
+                         f"| {_opt(b, 'gpu_wait_ms', r)} | {_opt(b, 'other_ms', r)} |"
                          for r in stages for b in [r["breakdown"]])
     roofs = {r["model"] + " / " + r.get("placement", ""): r["roofline"] for r in records if r.get("roofline")}
     for name, roof in roofs.items():
@@ -101,6 +102,10 @@ def ceiling_line(bw: dict) -> str:
             txt += f", raised by {c['raised_by'][-1]['source']}"
         parts.append(txt)
     return f"bandwidth ceilings ({bw['source']}, {bw['measured_at']}): " + "; ".join(parts)
+
+
+def _num(v, digits):
+    return "" if not v else f"{v:.{digits}f}"
 
 
 def _opt(b, key, r):

@@ -7,6 +7,8 @@ import sys
 from rich.console import Console
 from rich.markup import escape
 
+from ..ops.clocks import fixed_cost_us
+
 
 # Control characters a model may emit (ESC, \v, \x1e, …) are shown as their Unicode pictures (␛, ␋, ␞), never sent
 # to the terminal raw: an escape sequence from a model must not move the cursor or recolour the screen.
@@ -116,6 +118,10 @@ class ChatUI:
             gpu_txt = "GPU inside the graph" if st.graph_mode == "full" else f"waiting for GPU {gpu:.2f} ms"
             lines.append(("decode per token", f"CPU experts {cpu:.2f} ms, {gpu_txt}, transfers + launch + other "
                                               f"{rest:.2f} ms (graphs {st.graph_mode})"))
+            fixed = fixed_cost_us(vars(st))
+            if fixed is not None:
+                lines.append(("CPU-expert layers", f"{st.cpu_layer_calls / st.decode_tokens:.0f} per token, kernel "
+                                                   f"{st.kernel_s / n:.2f} ms, {fixed:.0f} µs each outside the kernel"))
         mem = f"host {st.peak_host_bytes / 2**30:.2f} GiB"
         if st.peak_gpu_bytes:
             mem = f"GPU {st.peak_gpu_bytes / 2**30:.2f} GiB, " + mem
