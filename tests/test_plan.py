@@ -115,3 +115,11 @@ def test_bad_plan_flags(cli):
     assert r.exit_code == 2 and "Error: --format must be one of bf16, int8, int4, auto, got 'fp8'" in r.output
     r = cli("plan", "--export", "vllm")
     assert r.exit_code == 2 and "Error: --export takes sglang, got 'vllm'" in r.output
+
+
+def test_int4_plans_pick_a_group_that_divides_the_experts(cli, tmp_path):
+    """The demo's experts (hidden 64, intermediate 32) take group 32, not the default 128: validate-config agrees."""
+    out = tmp_path / "int4.yaml"
+    r = cli("plan", "--format", "int4", "--target-devices=cpu=8GiB", "-o", str(out))
+    assert r.exit_code == 0 and "group_size: 32" in out.read_text(), r
+    assert cli("validate-config", str(out), "--target-devices=cpu=8GiB").exit_code == 0

@@ -87,9 +87,12 @@ def fit(profile, machine, context: int | None = None, fmt: str = "bf16", rates: 
     free = sorted(e.layer for e in pinned_plan.experts if e.rule is None)
     budget = {d: int(b * (1 - (CPU_MARGIN if d == "cpu" else GPU_MARGIN))) for d, b in machine.devices.items()}
 
+    _, I2, H = dict(find_experts(model))[names[0]].gate_up_proj.shape
+    group = next((g for g in (128, 64, 32, 16) if H % g == 0 and (I2 // 2) % g == 0), 128)   # int4: divides both
+
     def evaluate(g, f):
-        prof = _with_rules(profile, _rules(template, gpu, free[:g], free[g:], f, 128) if gpu else
-                           _rules(template, None, [], free, f, 128))
+        prof = _with_rules(profile, _rules(template, gpu, free[:g], free[g:], f, group) if gpu else
+                           _rules(template, None, [], free, f, group))
         plan = make_plan(model, prof.rules, main)
         return prof, plan, estimate(model, plan, prof)
 
