@@ -6,7 +6,6 @@ import shlex
 
 import pytest
 
-from conftest import PROFILES
 from ktcli.commands.options import machine_for, profile_from_flags
 from ktcli.placement.fit import Rates, fit
 

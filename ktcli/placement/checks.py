@@ -44,8 +44,9 @@ def check_rules(profile, plan, model) -> list:
     from ..profile.ktransformers import classify, misspelled, nearest_class
     out = []
     for r in profile.rules:
-        near = nearest_class(r.replace_class) if classify(r.replace_class) == "unknown" else misspelled(r.replace_class, r.kwargs)
-        if classify(r.replace_class) == "unknown" or near:
+        unknown = classify(r.replace_class) == "unknown"
+        near = nearest_class(r.replace_class) if unknown else misspelled(r.replace_class, r.kwargs)
+        if unknown or near:
             out.append(Finding(ERROR, "rule", f"{r.label}: unknown replace class '{r.replace_class}'"
                                + (f" (did you mean {near}?)" if near else ""), r.where,
                                "use Experts, default, or a KTransformers class (see docs/reference.md)"))
@@ -96,8 +97,8 @@ def check_operators(profile, plan) -> list:
             op = resolve_op(sp.op)
             label = e.rule.label if e.rule else "default placement"
             if op is None:
-                near = difflib.get_close_matches(str(sp.op), [a for o in OPERATORS.values() for a in (o.name, *o.aliases)],
-                                                 n=1, cutoff=0.6)
+                names = [a for o in OPERATORS.values() for a in (o.name, *o.aliases)]
+                near = difflib.get_close_matches(str(sp.op), names, n=1, cutoff=0.6)
                 out.append(Finding(ERROR, "operator", f"{label}: unknown {stage} operator '{sp.op}' (layers {layers})"
                                    + (f" (did you mean {near[0]}?)" if near else ""),
                                    _where(e, profile), f"valid operators: {op_names()}"))

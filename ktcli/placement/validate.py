@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..model.config import find_experts, meta_model, resolve_model, supported_model_types
 from ..errors import CheckpointError, KtcliError
-from . import checks
+from ..model.config import find_experts, meta_model, resolve_model, supported_model_types
 from ..model.weights import TOKENIZER_FILES
+from . import checks
 from .checks import ERROR, WARNING, Finding
 from .plan import make_plan, normalize_device
 

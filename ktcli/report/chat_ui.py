@@ -12,7 +12,8 @@ from ..ops.clocks import fixed_cost_us
 
 # Control characters a model may emit (ESC, \v, \x1e, …) are shown as their Unicode pictures (␛, ␋, ␞), never sent
 # to the terminal raw: an escape sequence from a model must not move the cursor or recolour the screen.
-VISIBLE = {c: 0x2400 + c for c in range(32) if chr(c) not in "\n\t"} | {0x7f: 0x2421} | {c: 0xfffd for c in range(0x80, 0xa0)}
+VISIBLE = ({c: 0x2400 + c for c in range(32) if chr(c) not in "\n\t"} | {0x7f: 0x2421}
+           | {c: 0xfffd for c in range(0x80, 0xa0)})
 PROMPT = "\001\033[1;32m\002>>> \001\033[0m\002"   # \001…\002: readline counts only the visible width
 
 

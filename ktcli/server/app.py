@@ -39,7 +39,8 @@ class Server:
         return JSONResponse(ApiError(404, f"no route {request.url.path}", None, "not_found").body(), status_code=404)
 
     async def _not_allowed(self, request, e):
-        return JSONResponse(ApiError(405, f"{request.method} is not allowed on {request.url.path}").body(), status_code=405)
+        err = ApiError(405, f"{request.method} is not allowed on {request.url.path}")
+        return JSONResponse(err.body(), status_code=405)
 
     def _authorize(self, request: HttpRequest) -> None:
         if self.api_key is None:
