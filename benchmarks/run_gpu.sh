@@ -10,10 +10,17 @@ case $what in
     python3 -m pytest -v -p no:cacheprovider tests/test_graphs.py tests/test_ops.py tests/test_kernels.py \
         tests/test_kernel_model.py tests/test_benchmark_scripts.py 2>&1 | tee $out/gpu-tests.log | tail -3 ;;
   kernel)   # CPU expert kernel per format and batch, Qwen2-57B and Qwen3-30B expert shapes, against the ceiling
-    python3 benchmarks/cpu_experts.py --layers 4 --threads 16 --reps 10 --rounds 5 --batches 1,4,16 \
+            # (~30 s a row on the H200 host: 18 rows, about 9 minutes; cut runs keep their ceiling)
+    python3 benchmarks/cpu_experts.py --layers 4 --threads 16 --reps 10 --rounds 3 --batches 1,4,16 \
         --formats bf16,int8,int4 --stock-max-t 1 --out $out/cpu-experts-qwen2-57b-shape.json
     python3 benchmarks/cpu_experts.py --hidden 2048 --inter 768 --experts 128 --topk 8 --layers 16 --threads 16 \
-        --reps 10 --rounds 5 --batches 1,4,16 --stock-max-t 0 --out $out/cpu-experts-qwen3-30b-shape.json ;;
+        --reps 10 --rounds 3 --batches 1,4,16 --stock-max-t 0 --out $out/cpu-experts-qwen3-30b-shape.json ;;
+  fresh)    # the same decode in three fresh processes (the spread between processes; DESIGN.md's lazily populated
+            # memory): Qwen3-30B-A3B hybrid and all-CPU int4, 16 layers, full graph, with the per-layer breakdown
+    for i in 1 2 3; do
+      python3 -m ktcli bench profiles/qwen3-30b-a3b-gpu-half.yaml profiles/qwen3-30b-a3b-cpu-experts-int4.yaml \
+          -p 0 -n 64 -r 3 --graph-mode full --num-layers 16 -o json --output-file $out/decode-fresh-$i.json
+    done ;;
   decode)   # decode, graphs off vs full, both architectures' headline placements
     python3 -m ktcli bench profiles/qwen2-57b-a14b-gpu01-graphs.yaml -p 0 -n 32 -r 3 --graph-mode off,full \
         -o json --output-file $out/decode-qwen2-57b-a14b.json
@@ -28,5 +35,5 @@ case $what in
     python3 -m ktcli bench profiles/qwen3-30b-a3b-cpu-experts.yaml profiles/qwen3-30b-a3b-gpu-half.yaml \
         -p 128 -n 32 -r 2 --graph-mode off,piecewise,full --baseline hf-gpu,hf-accelerate --baseline-n-gen 2 \
         -o json --output-file $out/bench-qwen3-30b-a3b-baselines.json ;;
-  *) echo "stages: tests kernel decode parity baselines"; exit 2 ;;
+  *) echo "stages: tests kernel decode fresh parity baselines"; exit 2 ;;
 esac
