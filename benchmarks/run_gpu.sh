@@ -35,5 +35,12 @@ case $what in
     python3 -m ktcli bench profiles/qwen3-30b-a3b-cpu-experts.yaml profiles/qwen3-30b-a3b-gpu-half.yaml \
         -p 128 -n 32 -r 2 --graph-mode off,piecewise,full --baseline hf-gpu,hf-accelerate --baseline-n-gen 2 \
         -o json --output-file $out/bench-qwen3-30b-a3b-baselines.json ;;
-  *) echo "stages: tests kernel decode fresh parity baselines"; exit 2 ;;
+  serve)    # #18's proof: the server's decode t/s for one long completion against bench's tg, same profile
+    python3 benchmarks/serve_vs_bench.py profiles/qwen3-30b-a3b-gpu-half.yaml --tokens 128 --reps 3 \
+        --out $out/serve-vs-bench-qwen3-30b-a3b.json ;;
+  plan)     # #17's proof: predicted vs measured tg128 per GPU budget, and the shipped profiles that fit the budget.
+            # Full models take minutes each: split the work with MODELS=… BUDGETS=… (one call per model and budget)
+    python3 benchmarks/plan_check.py --models ${MODELS:-qwen3-30b-a3b} --budgets ${BUDGETS:-24} -n 128 -r 3 \
+        --out $out/plan-check-${MODELS:-qwen3-30b-a3b}-${BUDGETS:-24}.json ;;
+  *) echo "stages: tests kernel decode fresh serve plan parity baselines"; exit 2 ;;
 esac

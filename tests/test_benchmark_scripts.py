@@ -56,3 +56,25 @@ def test_quant_accuracy_through_the_integer_path(tmp_path):
     assert r["int8_activations"] is True
     assert r["results"]["int8"]["kernel_logits_rel_err"] < 0.03 and r["results"]["int4"]["kernel_logits_rel_err"] < 0.1
     assert r["results"]["int8"]["kernel_top1_agreement"] >= 0.9
+
+
+def test_serve_vs_bench_runs_end_to_end(tmp_path):
+    """The #18 proof harness on the demo: the server's decode timing and bench's tg, written with their ratio."""
+    out = tmp_path / "s.json"
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "serve_vs_bench.py"), "--tokens", "8",
+                    "--reps", "2", "--out", str(out)], check=True, capture_output=True, text=True, cwd=ROOT,
+                   env={**os.environ, "KTCLI_BW_PROBE_MIB": "64"})
+    r = json.loads(out.read_text())
+    assert len(r["serve_tps"]) == 2 and len(r["bench_tps"]) == 2 and r["serve_over_bench"] > 0
+
+
+def test_plan_check_runs_end_to_end(tmp_path):
+    """The #17 proof harness on the demo (CPU only): a plan per budget, measured, beside the shipped demo profile."""
+    out = tmp_path / "p.json"
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "plan_check.py"), "--models", "demo",
+                    "--budgets", "1,2", "--targets", "cpu={gib}GiB", "-n", "4", "-r", "1", "--out", str(out)],
+                   check=True, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "KTCLI_BW_PROBE_MIB": "64"})
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["budget_gib"] for r in rows] == [1.0, 2.0]
+    for r in rows:
+        assert r["predicted_tps"] > 0 and r["measured"]["tps_mean"] > 0 and "demo.yaml" in r["shipped"]

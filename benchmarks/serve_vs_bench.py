@@ -1,0 +1,83 @@
+"""ktcli serve's decode speed against ktcli bench's tg on the same profile, in the same run.
+
+Starts `ktcli serve` on a free loopback port, asks for one long completion (ignore_eos, fixed length) several
+times and reads the server's own `timings.predicted_per_second`; then runs `ktcli bench -p 0 -n N` on the same
+profile. Writes both and their ratio as JSON.
+
+    python benchmarks/serve_vs_bench.py PROFILE --tokens 128 --reps 3 --out r.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def start_server(profile, extra):
+    cmd = [sys.executable, "-m", "ktcli", "serve", *([profile] if profile else []), "--port", "0", *extra]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    seen, deadline = "", time.monotonic() + 1800
+    while time.monotonic() < deadline:
+        seen += proc.stderr.readline()
+        m = re.search(r"http://127\.0\.0\.1:(\d+)/v1", seen.replace("\n", ""))
+        if m:
+            return proc, f"http://127.0.0.1:{m.group(1)}"
+        if proc.poll() is not None:
+            raise SystemExit(f"ktcli serve exited: {seen[-2000:]}")
+    raise SystemExit("ktcli serve did not start")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("profile", nargs="?")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--extra", default="", help="more flags for both commands, e.g. '--num-layers 16'")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    from ktcli.engine.provenance import machine_info
+    from ktcli.files import write_atomic
+    extra = a.extra.split()
+    proc, url = start_server(a.profile, extra)
+    try:
+        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        body = {"model": model, "messages": [{"role": "user", "content": "Write a long story."}],
+                "max_tokens": a.tokens + 1, "ignore_eos": True, "temperature": 0}
+        runs = []
+        for i in range(a.reps + 1):                      # the first is a warm-up
+            t = httpx.post(url + "/v1/chat/completions", json=body, timeout=3600).json()["timings"]
+            if i:
+                runs.append(t)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    bench_json = os.path.join(os.path.dirname(os.path.abspath(a.out)), ".serve_vs_bench_bench.json")
+    subprocess.run([sys.executable, "-m", "ktcli", "bench", *([a.profile] if a.profile else []), "-p", "0", "-n",
+                    str(a.tokens), "-r", str(a.reps), "-o", "json", "--output-file", bench_json, *extra],
+                   cwd=ROOT, check=True)
+    with open(bench_json, encoding="utf-8") as f:
+        bench = json.load(f)
+    os.remove(bench_json)
+    serve_tps = [r["predicted_per_second"] for r in runs]
+    bench_tps = bench["results"][0]["samples"]
+    res = {"command": " ".join(["python", *sys.argv]), "machine": machine_info(), "profile": a.profile,
+           "tokens": a.tokens, "serve_tps": serve_tps, "bench_tps": bench_tps, "bench": bench,
+           "serve_mean": statistics.fmean(serve_tps), "bench_mean": statistics.fmean(bench_tps)}
+    res["serve_over_bench"] = res["serve_mean"] / res["bench_mean"]
+    write_atomic(a.out, json.dumps(res, indent=2))
+    print(f"serve {res['serve_mean']:.2f} t/s, bench {res['bench_mean']:.2f} t/s: "
+          f"{100 * res['serve_over_bench']:.1f}%")
+
+
+if __name__ == "__main__":
+    main()
