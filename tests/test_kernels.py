@@ -264,3 +264,25 @@ def test_cpu_cflags_make_a_separate_build(tmp_path, monkeypatch):
     monkeypatch.setenv("KTCLI_CPU_CFLAGS", "-fno-such-option")
     with pytest.raises(subprocess.CalledProcessError):
         kernels.build(str(tmp_path))
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt,calls", [("int8", 3), ("int4", 3), ("bf16", 0)])
+def test_long_prefill_runs_quantized_experts_through_the_kernel_in_slices(fp32_act, monkeypatch, fmt, calls):
+    """T=40 > MAX_TOKENS: int8/int4 go through the kernel in slices of 16 (3 calls) and equal torch's dequantize
+    path; bf16 stays on torch's GEMMs (no kernel call)."""
+    import types
+
+    from ktcli.ops.cpu import CpuExperts
+    gu, dn, x, idx, w = case(8, 64, 32, 2, 40, torch.randint(0, 2**30, ()).item())
+    ew = pack(fmt, gu.bfloat16() if fmt == "bf16" else gu, dn.bfloat16() if fmt == "bf16" else dn, group=32)
+    ex = types.SimpleNamespace(act_fn=torch.nn.SiLU(), packed=ew, quantized=ew if fmt != "bf16" else None,
+                               expert_weights=lambda e, dt: ew.expert(e, dt))
+    op, n = CpuExperts(ex, torch.device("cpu")), [0]
+    real = kernels.Runner.__call__
+    monkeypatch.setattr(kernels.Runner, "__call__", lambda self, *a: (n.__setitem__(0, n[0] + 1), real(self, *a))[1])
+    got = op(x.to(ew.gu.dtype if fmt == "bf16" else x.dtype), idx, w)
+    assert n[0] == calls
+    monkeypatch.setenv("KTCLI_CPU_KERNEL", "0")
+    want = op(x.to(got.dtype), idx, w)
+    assert rel(got, want) <= (2e-2 if fmt == "bf16" else 1e-5), fmt

@@ -58,21 +58,25 @@ class CpuExperts(DeviceOp):
         self.silu = isinstance(experts.act_fn, torch.nn.SiLU) or type(experts.act_fn).__name__ == "SiLUActivation"
 
     def _moe(self, x, idx, w, out):
-        """All on the CPU: our kernel for few tokens (bf16/int8/int4), torch's GEMMs otherwise."""
+        """All on the CPU: our kernel for few tokens (bf16/int8/int4), and for int8/int4 at any length in slices of
+        MAX_TOKENS (torch would dequantize every expert it touches, every call); torch's GEMMs for longer bf16."""
         ex = self.experts
         packed = getattr(ex, "packed", None)
-        lib = kernels.get() if packed is not None and self.silu and x.shape[0] <= kernels.MAX_TOKENS \
+        T, S = x.shape[0], kernels.MAX_TOKENS
+        lib = kernels.get() if packed is not None and self.silu and (T <= S or ex.quantized) \
             and kernels.enabled() else None
-        if lib is not None:
-            threads = (self.staging.threads if self.staging else 0) or torch.get_num_threads()
-            t0 = time.perf_counter()
-            self.runner(lib, x, idx, w, packed, out, threads)
-            dt = time.perf_counter() - t0
-            KernelClock.add(dt)
+        if lib is None:
+            cpu_moe(x, idx, w, None, None, ex.act_fn, out, weights=lambda e: ex.expert_weights(e, x.dtype))
+            return out
+        threads = (self.staging.threads if self.staging else 0) or torch.get_num_threads()
+        t0 = time.perf_counter()
+        for a in range(0, T, S):                    # [T,H] in row slices: each stays contiguous
+            self.runner(lib, x[a:a + S], idx[a:a + S], w[a:a + S], packed, out[a:a + S], threads)
+        dt = time.perf_counter() - t0
+        KernelClock.add(dt)
+        if T <= S:                                  # decode-sized calls set the streaming-rate ceiling
             used = len(set(idx.reshape(-1).tolist()))           # experts read by this call
             KernelRate.offer(used * packed.nbytes() / packed.gu.shape[0], dt)
-        else:
-            cpu_moe(x, idx, w, None, None, ex.act_fn, out, weights=lambda e: ex.expert_weights(e, x.dtype))
         return out
 
     def compute(self, x, idx, w):
