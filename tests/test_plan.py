@@ -122,3 +122,18 @@ def test_int4_plans_pick_a_group_that_divides_the_experts(cli, tmp_path):
     r = cli("plan", "--format", "int4", "--target-devices=cpu=8GiB", "-o", str(out))
     assert r.exit_code == 0 and "group_size: 32" in out.read_text(), r
     assert cli("validate-config", str(out), "--target-devices=cpu=8GiB").exit_code == 0
+
+
+def test_given_bandwidths_drive_the_prediction(cli):
+    args = ["plan", "-m", "qwen3-30b-a3b", "--target-devices=cuda:0=24GiB,cpu=125GiB"]
+    slow = cli(*args, "--cpu-bw", "40", "--gpu-bw", "1000")
+    fast = cli(*args, "--cpu-bw", "80", "--gpu-bw", "2000")
+    pred = lambda r: float(r.stdout.split("# predicted decode: ")[1].split(" t/s")[0])  # noqa: E731
+    assert slow.exit_code == fast.exit_code == 0
+    assert abs(pred(fast) / pred(slow) - 2) < 1e-3                   # every byte read twice as fast
+    assert "# rates from: defaults, --cpu-bw, --gpu-bw" in fast.stdout
+
+
+def test_fit_on_chat(cli):
+    r = cli("chat", "--fit", "--prompt", "Hello!", "-n", "3")
+    assert r.exit_code == 0 and "Plan — demo" in r.stderr and "eval count:" in r.stderr, r
