@@ -187,3 +187,18 @@ def test_api_key_and_hosts(tmp_path):
         assert [m.id for m in ok.models.list().data] == [MODEL]
     finally:
         s.stop()
+
+
+def test_a_taken_port_is_refused_before_loading():
+    import socket
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        r = subprocess.run([sys.executable, "-m", "ktcli", "serve", "--port", str(port)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+    finally:
+        taken.close()
+    assert r.returncode == 2 and f"Error: cannot listen on 127.0.0.1:{port}: Address already in use" in r.stderr
+    assert "loading" not in r.stderr

@@ -32,17 +32,18 @@ def serve(profile: o.ProfileArg = None, model: o.Model = None, weights: o.Weight
     if not _loopback(host) and not api_key:
         raise UsageError(f"--host {host} is reachable from other machines: it needs --api-key",
                          "pass --api-key KEY (or set KTCLI_API_KEY), or keep the default --host 127.0.0.1")
-    v, built, engine = load_engine(o.run_flags(locals()), fit)
-    server = Server(engine, built.tokenizer, v.source.name, api_key=api_key, max_queue=max_queue)
+    flags = o.run_flags(locals())
     import socket
 
     import uvicorn
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)   # bound first: a taken port fails
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)                 # before minutes of loading
     try:
         sock.bind((host, port))
     except OSError as e:
         raise UsageError(f"cannot listen on {host}:{port}: {e.strerror}", "pick another --port") from None
+    v, built, engine = load_engine(flags, fit)
+    server = Server(engine, built.tokenizer, v.source.name, api_key=api_key, max_queue=max_queue)
     bound = sock.getsockname()[1]
     stderr.print(f"serving [bold]{v.source.name}[/] (graphs {engine.mode}) at http://{host}:{bound}/v1 — "
                  f"OpenAI API; Ctrl-C stops", highlight=False)
