@@ -152,19 +152,42 @@ def test_a_disconnected_stream_stops_its_generation(client, server):
     assert r.choices[0].message.content is not None and time.monotonic() - t0 < 3.0
 
 
-def test_a_full_queue_answers_429(server):
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Go on"}], "max_tokens": 900, "stream": True,
-            "ignore_eos": True}
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body) as running, \
-            httpx.stream("POST", server.url + "/v1/chat/completions", json=body) as waiting:
-        next(running.iter_lines()), next(waiting.iter_lines())
-        assert httpx.get(server.url + "/health").json()["queued"] == 2      # one running, one waiting (--max-queue 1)
-        r = httpx.post(server.url + "/v1/chat/completions", json={**body, "stream": False})
-        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
-    deadline = time.monotonic() + 10          # both clients gone: both jobs end (the 900-token one mid-reply)
-    while httpx.get(server.url + "/health").json()["queued"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert httpx.get(server.url + "/health").json()["queued"] == 0
+def test_a_full_queue_answers_429():
+    """One request running and --max-queue 1 waiting: the next gets 429 with an OpenAI error object. In process,
+    with an engine that holds each request until released, so the timing is certain."""
+    import types
+
+    from starlette.testclient import TestClient
+
+    from ktcli.model.demo import ensure_demo
+    from ktcli.server.app import Server
+    from transformers import AutoTokenizer
+    release = threading.Event()
+
+    class HeldEngine:
+        max_len, reused = 256, 0
+
+        def generate(self, ids, cfg, on_token=None, should_stop=None):
+            release.wait(30)
+            st = types.SimpleNamespace(prompt_tokens=len(ids), decode_tokens=0, prefill_s=0.0, decode_s=0.0,
+                                       prompt_tps=0.0, decode_tps=0.0, stop_reason="length")
+            return [], st
+    server = Server(HeldEngine(), AutoTokenizer.from_pretrained(ensure_demo()), MODEL, max_queue=1)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Go on"}], "max_tokens": 4}
+    with TestClient(server.app) as http:
+        threads = [threading.Thread(target=http.post, args=("/v1/chat/completions",), kwargs={"json": body})
+                   for _ in range(2)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while http.get("/health").json()["queued"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        r = http.post("/v1/chat/completions", json=body)
+        release.set()
+        for t in threads:
+            t.join()
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert r.json()["error"]["type"] == "rate_limit_error"
 
 
 def test_200_requests_keep_the_server_flat(client, server):

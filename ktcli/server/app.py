@@ -69,11 +69,15 @@ class Server:
     async def chat(self, request):
         r = protocol.parse(await self._body(request), "chat", self.name)
         conv = Conversation(self.tok, self.engine.max_len, thinking=r.thinking)
-        return await self._run(request, r, "chat", conv.encode(r.messages))
+        with self.sched.tok_lock:
+            ids = conv.encode(r.messages)
+        return await self._run(request, r, "chat", ids)
 
     async def completions(self, request):
         r = protocol.parse(await self._body(request), "completion", self.name)
-        return await self._run(request, r, "completion", self.tok.encode(r.prompt))
+        with self.sched.tok_lock:
+            ids = self.tok.encode(r.prompt)
+        return await self._run(request, r, "completion", ids)
 
     async def _run(self, request, r, kind, ids):
         if not ids:

@@ -32,14 +32,15 @@ class Job:
         self.ids, self.cfg, self.stops, self.emit = ids, cfg, stops, emit
         self.cancel = threading.Event()
 
-    def run(self, engine, tokenizer) -> None:
+    def run(self, engine, tokenizer, tok_lock) -> None:
         if self.cancel.is_set():
             return self.emit("done", "cancelled", None)
         detok, state = Detokenizer(tokenizer), {"full": "", "sent": 0, "stopped": False}
         hold = max((len(s) for s in self.stops), default=1) - 1
 
         def on_token(tid):
-            state["full"] += detok.push(tid)
+            with tok_lock:                   # the request handlers encode with the same tokenizer
+                state["full"] += detok.push(tid)
             full = state["full"]
             hits = [full.find(s, max(state["sent"] - hold, 0)) for s in self.stops]
             hits = [h for h in hits if h >= 0]
@@ -63,6 +64,9 @@ class Job:
 class Scheduler:
     def __init__(self, engine, tokenizer, max_queue: int = 8):
         self.engine, self.tokenizer, self.max_queue = engine, tokenizer, max_queue
+        # Hugging Face's fast tokenizers are not meant to be used from two threads at once (encode may change
+        # their settings): the handlers' encodes and the engine thread's decodes take this lock.
+        self.tok_lock = threading.Lock()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._lock, self.pending = threading.Lock(), 0     # running + waiting
         threading.Thread(target=self._loop, name="ktcli-serve-engine", daemon=True).start()
@@ -80,7 +84,7 @@ class Scheduler:
         while True:
             job = self._jobs.get()
             try:
-                job.run(self.engine, self.tokenizer)
+                job.run(self.engine, self.tokenizer, self.tok_lock)
             except BaseException as e:     # noqa: BLE001 — reported to that request; the server goes on
                 job.emit("error", e, None)
             finally:
