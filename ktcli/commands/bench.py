@@ -45,13 +45,11 @@ def bench(profiles: Annotated[Optional[list[str]], typer.Argument(help="Profiles
     from ..errors import UsageError
     from ..profile.schema import GRAPH_MODES
     from ..report.bench import add_baseline_ratios, finish, llama_fields, render
-    from ..files import output_problem, write_atomic
+    from ..files import write_atomic
     from ..report.progress import steps_progress
     if output not in FORMATS:
         raise UsageError(f"-o must be one of {', '.join(FORMATS)}, got {output!r}", "md prints a table; json keeps every sample")
-    if output_file and output_problem(output_file):
-        raise UsageError(f"--output-file {output_file}: {output_problem(output_file)}",
-                         "give a file path in an existing, writable directory")
+    o.check_output_file(output_file)
     if model and model_config:
         raise UsageError("--model and --model-config name the model twice", "give one")
     tests = [("pp", n) for n in _ints(n_prompt, "-p") if n] if n_prompt != "0" else []

@@ -71,29 +71,28 @@ Fit = Annotated[bool, typer.Option("--fit", help="Choose the placement for this 
 
 def plan_rates(machine, cpu_bw=None, gpu_bw=None):
     """The rates `ktcli plan` predicts with: flags, else this machine's last measured ceilings, else defaults."""
-    import json
-    import os
-
-    from ..files import cache_root
+    from ..engine.bandwidth import cached
     from ..placement.fit import Rates
     r, src = Rates(), ["defaults"]
-    if not machine.target:
-        try:
-            from ..engine.bandwidth import machine_key
-            with open(os.path.join(cache_root(), "bandwidth.json"), encoding="utf-8") as f:
-                c = json.load(f)[machine_key()]
-            r.cpu_bw = max(x for v in c["cpu_readings"].values() for x in v)
-            if c.get("cuda_readings"):
-                r.gpu_bw = max(x for v in c["cuda_readings"].values() for x in v)
-            src = [f"bandwidths measured here {c['measured_at']}"]
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
+    last = None if machine.target else cached()
+    if last is not None:
+        r.cpu_bw = last.cpu.value
+        r.gpu_bw = last.cuda.value if last.cuda else r.gpu_bw
+        src = [f"bandwidths measured here {last.measured_at}"]
     if cpu_bw:
         r.cpu_bw, src = cpu_bw * 1e9, src + ["--cpu-bw"]
     if gpu_bw:
         r.gpu_bw, src = gpu_bw * 1e9, src + ["--gpu-bw"]
     r.source = ", ".join(src)
     return r
+
+
+def check_output_file(path: Optional[str]) -> None:
+    """--output-file is refused before any work when it cannot be written (bench, plan)."""
+    from ..files import output_problem
+    problem = path and output_problem(path)
+    if problem:
+        raise UsageError(f"--output-file {path}: {problem}", "give a file path in an existing, writable directory")
 
 
 def num_experts(config) -> int:

@@ -23,7 +23,7 @@ def plan(profile: o.ProfileArg = None, model: o.Model = None, weights: o.Weights
     from rich.console import Console
 
     from ..errors import UsageError
-    from ..files import output_problem, write_atomic
+    from ..files import write_atomic
     from ..model.config import resolve_model
     from ..placement.export import as_shell, sglang_command
     from ..placement.fit import fit
@@ -32,9 +32,7 @@ def plan(profile: o.ProfileArg = None, model: o.Model = None, weights: o.Weights
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}", "auto picks the first that fits")
     if export not in (None, "sglang"):
         raise UsageError(f"--export takes sglang, got {export!r}", "leave it out to get a ktcli profile")
-    if output_file and output_problem(output_file):
-        raise UsageError(f"--output-file {output_file}: {output_problem(output_file)}",
-                         "give a file path in an existing, writable directory")
+    o.check_output_file(output_file)
     prof = o.profile_from_flags(profile, model=model, weights=weights, dtype=dtype, num_layers=num_layers,
                                 cpu_threads=cpu_threads)
     machine = o.machine_for(target_devices)

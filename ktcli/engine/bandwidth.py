@@ -145,22 +145,38 @@ def measure() -> Bandwidths:
                       machine_key())
 
 
-def bandwidths(cached: bool = False, cache_dir: str | None = None) -> Bandwidths:
-    """Measured now (and saved); with `cached`, the last saved readings of this machine when there are any."""
-    path = os.path.join(cache_dir or cache_root(), "bandwidth.json")
-    cache = {}
+def _cache_file(cache_dir: str | None = None) -> str:
+    return os.path.join(cache_dir or cache_root(), "bandwidth.json")
+
+
+def _read_cache(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             cache = json.load(f)
     except (OSError, ValueError):
-        cache = {}
-    key = machine_key()
-    if cached and isinstance(cache.get(key), dict) and "cpu_readings" in cache[key]:
-        c = cache[key]
-        cuda = Ceiling(c["cuda_readings"]) if c.get("cuda_readings") else None
-        return Bandwidths(Ceiling(c["cpu_readings"]), cuda, c["measured_at"], key, cached=True)
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def cached(cache_dir: str | None = None) -> Bandwidths | None:
+    """This machine's last saved readings (labelled with when), or None."""
+    c = _read_cache(_cache_file(cache_dir)).get(machine_key())
+    if not isinstance(c, dict) or "cpu_readings" not in c:
+        return None
+    cuda = Ceiling(c["cuda_readings"]) if c.get("cuda_readings") else None
+    return Bandwidths(Ceiling(c["cpu_readings"]), cuda, c["measured_at"], machine_key(), cached=True)
+
+
+def bandwidths(cached_ok: bool = False, cache_dir: str | None = None) -> Bandwidths:
+    """Measured now (and saved); with `cached_ok`, the last saved readings of this machine when there are any."""
+    if cached_ok:
+        old = cached(cache_dir)
+        if old is not None:
+            return old
+    path = _cache_file(cache_dir)
+    cache = _read_cache(path)
     bw = measure()
-    cache[key] = {"cpu_readings": bw.cpu.readings, "cuda_readings": bw.cuda.readings if bw.cuda else None,
-                  "measured_at": bw.measured_at}
+    cache[machine_key()] = {"cpu_readings": bw.cpu.readings, "measured_at": bw.measured_at,
+                            "cuda_readings": bw.cuda.readings if bw.cuda else None}
     write_atomic(path, json.dumps(cache, indent=2), make_dirs=True)
     return bw

@@ -109,7 +109,7 @@ def run(sw: Sweep, tick=None, saved=None) -> list:
                   "backend": "ktcli", "threads": prof.runtime.cpu_threads or torch.get_num_threads()}
         if built is not None:
             if sw.bw is None:
-                sw.bw = bandwidths(cached=sw.cached_bw)
+                sw.bw = bandwidths(cached_ok=sw.cached_bw)
             cfg = built.model.config
             full = getattr(v.source.config, "_ktcli_full_layers", None)
             common.update(placement=placement_summary(built.plan), num_layers=cfg.num_hidden_layers,

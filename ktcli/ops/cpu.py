@@ -76,8 +76,14 @@ class CpuExperts(DeviceOp):
         KernelClock.add(dt)
         if T <= S:                                  # decode-sized calls set the streaming-rate ceiling
             used = len(set(idx.reshape(-1).tolist()))           # experts read by this call
-            KernelRate.offer(used * packed.nbytes() / packed.gu.shape[0], dt)
+            KernelRate.offer(used * self._expert_bytes(packed), dt)
         return out
+
+    def _expert_bytes(self, packed) -> float:
+        """Stored bytes of one expert (scales included), computed once: decode calls this every layer."""
+        if getattr(self, "_per_expert", None) is None:
+            self._per_expert = packed.nbytes() / packed.gu.shape[0]
+        return self._per_expert
 
     def compute(self, x, idx, w):
         return self._moe(x, idx, w, torch.empty_like(x))
