@@ -7,8 +7,8 @@ what=$1; out=$2
 export KTCLI_CACHE=/tmp/ktcli-cache PYTHONUNBUFFERED=1
 case $what in
   tests)    # GPU tests (graphs, operators, kernel paths), each test named in the log
-    python3 -m pytest -v -p no:cacheprovider tests/test_graphs.py tests/test_ops.py tests/test_kernels.py \
-        tests/test_kernel_model.py tests/test_benchmark_scripts.py 2>&1 | tee $out/gpu-tests.log | tail -3 ;;
+    python3 -m pytest -v -p no:cacheprovider tests/test_graphs.py tests/test_stream_gpu.py tests/test_ops.py \
+        tests/test_kernels.py tests/test_kernel_model.py tests/test_benchmark_scripts.py 2>&1 | tee $out/gpu-tests.log | tail -3 ;;
   kernel)   # CPU expert kernel per format and batch, Qwen2-57B and Qwen3-30B expert shapes, against the ceiling
             # (~30 s a row on the H200 host: 18 rows, about 9 minutes; cut runs keep their ceiling)
     python3 benchmarks/cpu_experts.py --layers 4 --threads 16 --reps 10 --rounds 3 --batches 1,4,16 \
@@ -42,5 +42,14 @@ case $what in
             # Full models take minutes each: split the work with MODELS=… BUDGETS=… (one call per model and budget)
     python3 benchmarks/plan_check.py --models ${MODELS:-qwen3-30b-a3b} --budgets ${BUDGETS:-24} -n 128 -r 3 \
         --out $out/plan-check-${MODELS:-qwen3-30b-a3b}-${BUDGETS:-24}.json ;;
-  *) echo "stages: tests kernel decode fresh serve plan parity baselines"; exit 2 ;;
+  prefill)  # #14: pp512 / pp2048 (/ pp8192) with `auto` prefill (stream or CPU per chunk), full models; FORMATS=bf16
+            # by default (int8/int4 quantize 48 layers at load: minutes each)
+    for f in ${FORMATS:-bf16}; do
+      q3=profiles/qwen3-30b-a3b-cpu-experts.yaml; [ $f = bf16 ] || q3=profiles/qwen3-30b-a3b-cpu-experts-$f.yaml
+      python3 -m ktcli bench $q3 -p ${PP:-512,2048} -n 0 -r 2 -o json --output-file $out/prefill-qwen3-30b-a3b-$f.json
+      q2=profiles/qwen2-57b-a14b-gpu01-graphs.yaml; [ $f = bf16 ] || q2=profiles/qwen2-57b-a14b-gpu01-graphs-$f.yaml
+      [ -f $q2 ] && python3 -m ktcli bench $q2 -p ${PP:-512,2048} -n 0 -r 2 \
+          -o json --output-file $out/prefill-qwen2-57b-a14b-$f.json
+    done ;;
+  *) echo "stages: tests kernel decode fresh prefill serve plan parity baselines"; exit 2 ;;
 esac

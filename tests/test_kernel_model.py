@@ -62,7 +62,7 @@ def count_kernel_calls(monkeypatch):
 
 
 CASES = {   # name → (checkpoint sizes, dtype, format, group, int8 activations, tolerance); measured error in ()
-    "bf16": (dict(), "bfloat16", "bf16", 128, None, 1e-2),                                 # (5.3e-3)
+    "bf16": (dict(), "bfloat16", "bf16", 128, None, 4e-2),      # (5.3e-3 / 2.5e-2: see the per-layer test below)
     "int8-fp32act": (dict(), "float32", "int8", 128, 0, 1e-6),                             # (2.1e-7)
     "int4-fp32act": (dict(), "float32", "int4", 16, 0, 1e-6),                              # (2.0e-7)
     "int8-int8act": (dict(hidden_size=128, moe_intermediate_size=128), "float32", "int8", 128, 1, 2e-2),  # (1.47e-2)
@@ -91,7 +91,37 @@ def test_kernel_in_the_model_matches_transformers(tmp_path_factory, monkeypatch,
             kernels.tune(*was)
     assert calls[0] == b.model.config.num_hidden_layers     # one kernel call per layer: 12 tokens ≤ 16
     err = rel(got, want)
-    assert err <= tol, (case, err)
+    assert err <= tol, (case, err, tol)
+
+
+def test_kernel_bf16_layers_are_closer_to_fp32_than_torch_bf16(tmp_path_factory, monkeypatch):
+    """bf16 logits of a 3-layer random model amplify rounding (0.6% or 2.5% from ktcli to transformers on two
+    prompts), so each layer is judged instead: against the experts in fp32 on the same bf16 weights, the kernel
+    (gate/up, h, the weighted sum kept in fp32) must be no worse than transformers' bf16 loop (measured 0.22% vs
+    0.46%)."""
+    from ktcli.ops.base import eager_reference
+    from ktcli.ops.cpu import CpuExperts
+    ckpt = make_checkpoint(tmp_path_factory.getbasetemp(), "qwen3_moe", seed=0)
+    b = built_on_cpu(tmp_path_factory.mktemp("k"), ckpt, [with_format(ALL_CPU, "bf16", 128)], "bfloat16")
+    seen, real = [], CpuExperts.__call__
+
+    def keep(self, x, idx, w):
+        y = real(self, x, idx, w)
+        seen.append((self.experts, x.clone(), idx.clone(), w.clone(), y.clone()))
+        return y
+    monkeypatch.setattr(CpuExperts, "__call__", keep)
+    calls = count_kernel_calls(monkeypatch)
+    for seed in (5, 6):
+        ids = torch.randint(0, b.model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            set_stage(b.model, "decode")
+            b.model(ids)
+    assert calls[0] == len(seen) == 2 * b.model.config.num_hidden_layers
+    for m, x, idx, w, y in seen:
+        gu, dn = m.gate_up_proj.data, m.down_proj.data
+        exact = eager_reference(x.float(), idx, w.float(), gu.float(), dn.float(), m.act_fn)
+        torch_bf16 = eager_reference(x, idx, w, gu, dn, m.act_fn)
+        assert rel(y.float(), exact) <= max(rel(torch_bf16.float(), exact), 1e-3), m.layer
 
 
 def test_quantizers_round_to_the_nearest_step():

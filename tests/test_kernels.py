@@ -96,7 +96,7 @@ def test_torch_fallback_equals_kernel(fp32_act, monkeypatch):
     import types
     gu, dn, x, idx, w = case(8, 64, 32, 2, 3, 2)
     ew = pack("int8", gu, dn)
-    ex = types.SimpleNamespace(act_fn=torch.nn.SiLU(), packed=ew, expert_weights=lambda e, dt: ew.expert(e, dt))
+    ex = types.SimpleNamespace(act_fn=torch.nn.SiLU(), silu_act=True, packed=ew, expert_weights=lambda e, dt: ew.expert(e, dt))
     op = CpuExperts(ex, torch.device("cpu"))
     a = op(x, idx, w)
     monkeypatch.setenv("KTCLI_CPU_KERNEL", "0")
@@ -276,7 +276,7 @@ def test_long_prefill_runs_quantized_experts_through_the_kernel_in_slices(fp32_a
     from ktcli.ops.cpu import CpuExperts
     gu, dn, x, idx, w = case(8, 64, 32, 2, 40, torch.randint(0, 2**30, ()).item())
     ew = pack(fmt, gu.bfloat16() if fmt == "bf16" else gu, dn.bfloat16() if fmt == "bf16" else dn, group=32)
-    ex = types.SimpleNamespace(act_fn=torch.nn.SiLU(), packed=ew, quantized=ew if fmt != "bf16" else None,
+    ex = types.SimpleNamespace(act_fn=torch.nn.SiLU(), silu_act=True, packed=ew, quantized=ew if fmt != "bf16" else None,
                                expert_weights=lambda e, dt: ew.expert(e, dt))
     op, n = CpuExperts(ex, torch.device("cpu")), [0]
     real = kernels.Runner.__call__

@@ -16,7 +16,7 @@ def fake_experts(device, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     gu = (torch.randn(E, 2 * I, H, generator=g) * 0.1).to(device, dtype)
     dn = (torch.randn(E, H, I, generator=g) * 0.1).to(device, dtype)
-    ex = types.SimpleNamespace(gate_up_proj=gu, down_proj=dn, act_fn=torch.nn.SiLU(), packed=None)
+    ex = types.SimpleNamespace(gate_up_proj=gu, down_proj=dn, act_fn=torch.nn.SiLU(), silu_act=True, packed=None)
     ex.weights_on = lambda dev: (gu.to(dev), dn.to(dev))
     ex.expert_weights = lambda e, dtype: (gu[e], dn[e])
     return ex

@@ -76,7 +76,7 @@ def test_ktransformers_rule_file_is_accepted(cli):
     r = cli("validate-config", KT_RULES, "-m", "qwen2-57b-a14b", "--use_cuda_graph", "true", H100, "--json")
     assert r.exit_code == 0, r
     d = json.loads(r.stdout)
-    assert d["experts"] == [{"prefill_device": "cuda:0", "prefill_op": "torch", "decode_device": "cpu",
+    assert d["experts"] == [{"prefill_device": "cuda:0", "prefill_op": "stream", "decode_device": "cpu",
                              "decode_op": "cpu", "weight_format": "bf16", "rule": "rule 4", "layers": "0-27"}]
     assert d["devices"]["embedding"] == "cpu" and d["devices"]["main"] == "cuda:0"
     notes = [f["message"] for f in d["findings"] if f["severity"] == "note"]
@@ -193,7 +193,7 @@ def test_second_gpu_missing(cli, tmp_path):
 def test_memory_over_capacity(cli):
     r = cli("validate-config", SEED_FIXED, "--target-devices", "cuda:0=16GiB,cpu=64GiB")
     assert r.exit_code == 1
-    assert "cuda:0 needs 22.79 GiB but has 16.00 GiB" in r.output
+    assert "cuda:0 needs 29.35 GiB but has 16.00 GiB" in r.output
     assert "cpu needs 85.33 GiB but has 64.00 GiB" in r.output
 
 

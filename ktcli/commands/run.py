@@ -50,7 +50,7 @@ def prepare_cpu_kernel(plan) -> None:
     into the first timings; say so when it is unavailable and CPU experts fall back to torch's path."""
     from ..ops import kernels
     from ..report.progress import notice, status
-    if not kernels.enabled() or not any("cpu" in (e.prefill.op, e.decode.op) for e in plan.experts):
+    if not kernels.enabled() or not any({"cpu", "auto"} & {e.prefill.op, e.decode.op} for e in plan.experts):
         return
     if kernels.needs_build():      # said on every kind of stderr: it adds seconds once, before the timings
         notice("compiling the CPU expert kernel for this CPU (first use only)")

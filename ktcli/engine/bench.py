@@ -25,16 +25,21 @@ def run_test(engine, kind: str, n: int, reps: int, warmup: int, seed: int = 0, t
     gen = torch.Generator().manual_seed(seed)
     engine.prepare()
     samples, timed = [], []
+    streamer = engine.built.streamer
     for i in range(warmup + reps):
         engine.reset()
         if kind == "pp":
             ids = random_ids(vocab, n, gen)
             _sync(engine.device)
             take_all()
+            if streamer is not None:
+                streamer.take_stats()
             t0 = time.perf_counter()
             engine.prefill(ids)
             _sync(engine.device)
             dt, clocks = time.perf_counter() - t0, take_all()
+            if streamer is not None:
+                clocks.update(streamer.take_stats())
         else:
             _, st = engine.generate(random_ids(vocab, 1, gen), GenerationConfig(max_new_tokens=n + 1, ignore_eos=True))
             dt, clocks = st.decode_s, {k: getattr(st, k) for k in take_all()}
@@ -46,7 +51,13 @@ def run_test(engine, kind: str, n: int, reps: int, warmup: int, seed: int = 0, t
     sums = {k: sum(r[k] for r in timed) for k in (timed[0] if timed else {})}
     total, cpu, gpu = sums.get("s", 0.0), sums.get("cpu_experts_s", 0.0), sums.get("gpu_wait_s", 0.0)
     per_tok = 1e3 / (n * len(timed)) if timed else 0.0
-    return {"samples": samples, "reps": timed,
+    extra = {}
+    if kind == "pp" and streamer is not None and timed:
+        from .roofline import prefill_roofline
+        extra["prefill_roofline"] = prefill_roofline(engine.built, n, engine.chunk)
+        extra["prefill_phases"] = {k: sums.get(k, 0) / len(timed) for k in
+                                   ("upload_s", "stall_s", "upload_bytes", "layers_streamed", "layers_cpu")}
+    return {"samples": samples, "reps": timed, **extra,
             "breakdown": {"ms_per_token": total * per_tok, "cpu_experts_ms": cpu * per_tok,
                           "kernel_ms": sums.get("kernel_s", 0.0) * per_tok, "fixed_us_per_layer": fixed_cost_us(sums),
                           "gpu_wait_ms": gpu * per_tok, "other_ms": max(total - cpu - gpu, 0.0) * per_tok}}

@@ -31,6 +31,18 @@ class GenerationConfig:
     ignore_eos: bool = False         # bench: fixed lengths
 
 
+def stream_chunk(built, max_len: int, floor: int) -> int:
+    """Prefill chunk when layers stream: as many tokens as half the free GPU memory holds in activations (after
+    the KV cache), at least the profile's prefill_chunk, at most the context."""
+    from ..placement.memory import DTYPE_BYTES, kv_cache_bytes
+    cfg, dev = built.model.config, built.main_device
+    free = torch.cuda.mem_get_info(dev)[0] - kv_cache_bytes(cfg, max_len, DTYPE_BYTES[built.profile.dtype])
+    inter = max(getattr(cfg, k, 0) or 0 for k in ("intermediate_size", "moe_intermediate_size",
+                                                   "shared_expert_intermediate_size"))
+    per_token = (cfg.hidden_size * 8 + inter * 3 + cfg.num_experts_per_tok * cfg.hidden_size * 4) * 4
+    return int(min(max_len, max(floor, free // 2 // per_token)))
+
+
 class Engine:
     def __init__(self, built, graph_mode: str | None = None):
         from transformers import StaticCache
@@ -39,6 +51,8 @@ class Engine:
         self.max_len, self.chunk = rt.max_seq_len, min(rt.prefill_chunk, rt.max_seq_len)
         self.mode = graph_mode or rt.mode
         self.cache = StaticCache(config=self.model.config, max_cache_len=self.max_len)
+        if built.streamer is not None:     # a streamed layer's copy is paid per chunk: chunks as long as fit
+            self.chunk = stream_chunk(built, self.max_len, self.chunk)
         self.ids: list = []          # tokens whose K/V are in the cache, in order
         self.graph = None
         self.capture_s = 0.0
@@ -99,6 +113,8 @@ class Engine:
             x = torch.tensor([ids[a:b]], dtype=torch.long, device=self.device)
             p = torch.arange(a, b, device=self.device).unsqueeze(0)
             logits = self.forward(x, p)
+        if self.built.streamer is not None:
+            self.built.streamer.collect()
         self.ids = list(ids)
         self.reused = reuse
         return logits

@@ -54,3 +54,43 @@ def roofline(bytes_per_token: dict, bw: dict) -> dict:
     t = sum(b / bw[d] for d, b in bytes_per_token.items() if bw.get(d))
     return {"bytes_per_token": bytes_per_token, "bandwidth": {d: bw.get(d) for d in bytes_per_token},
             "best_s_per_token": t, "best_tps": 1.0 / t if t else 0.0}
+
+
+def prefill_roofline(built, n: int, chunk: int) -> dict | None:
+    """The best per-layer plan for prefilling n tokens in chunks of `chunk`, from the rates measured at load
+    (and raised by what the run's uploads reached): each streamed layer costs max(copy, its GPU work) — the
+    copy overlaps the previous layer — each CPU layer its CPU time plus its GPU work. None without a streamer."""
+    from ..ops.base import HybridExperts
+    from ..ops.prefill import layer_costs
+    st = built.streamer
+    if st is None:
+        return None
+    r, cfg = st.rates, built.model.config
+    K, L = cfg.num_experts_per_tok, cfg.num_hidden_layers
+    experts = [m for m in built.model.modules() if isinstance(m, HybridExperts)]
+    ids = {id(p) for m in experts for p in m.parameters(recurse=False)}
+    other = sum(p.numel() for p in built.model.parameters() if id(p) not in ids and p.ndim > 1) / L
+    heads = cfg.num_attention_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    sizes = [chunk] * (n // chunk) + ([n % chunk] if n % chunk else [])
+    total, parts = 0.0, {"stream": 0, "cpu": 0, "gpu": 0}
+    done = 0
+    for T in sizes:
+        attn = 4 * T * (done + T / 2) * heads * hd          # QK^T and PV over the context so far
+        done += T
+        for m in experts:
+            gpu = (2 * T * other + attn) / r.gpu_flops
+            op = m.placement.prefill.op
+            if m.streamer is not None:
+                c = layer_costs(m, T, K, r)
+                way = "stream" if op == "stream" or c["stream"] < c["cpu"] else "cpu"
+                total += max(c["stream"], gpu) if way == "stream" else c["cpu"] + gpu
+            elif m.home.type == "cpu":
+                way = "cpu"
+                total += layer_costs(m, T, K, r)["cpu"] + gpu
+            else:
+                way = "gpu"
+                total += gpu + 2 * 3 * T * K * m.hidden * m.inter / r.gpu_flops
+            parts[way] += 1
+    return {"best_s": total, "best_tps": n / total if total else 0.0, "chunk": chunk, "layer_chunks": parts,
+            "rates": r.as_dict()}

@@ -27,6 +27,7 @@ class Built:
     staging: Staging | None
     timings: dict = field(default_factory=dict)   # stage → seconds
     weight_bytes: dict = field(default_factory=dict)   # device → bytes of weights resident
+    streamer: object = None                            # ops.stream.Streamer when prefill streams experts
 
 
 def _device_of(name: str, plan, experts_devices: dict) -> str:
@@ -78,7 +79,7 @@ def build(validation, progress=None) -> Built:
     main = torch.device(plan.main_device)
     cfg = model.config
     staging = None
-    if any(e.decode.device == "cpu" or e.prefill.device == "cpu" for e in plan.experts) and main.type == "cuda":
+    if any(e.decode.device == "cpu" or e.prefill.device in ("cpu", "auto") for e in plan.experts) and main.type == "cuda":
         chunk = min(prof.runtime.prefill_chunk, prof.runtime.max_seq_len)
         staging = Staging(chunk, cfg.hidden_size, cfg.num_experts_per_tok, dtype, pin=True,
                           threads=prof.runtime.cpu_threads or 0)
@@ -124,6 +125,7 @@ def build(validation, progress=None) -> Built:
     for m in model.modules():
         if isinstance(m, HybridExperts) and not hasattr(m, "packed"):
             m.finalize()
+    streamer, stream_times = _streamer(model, main, cfg, prof)
     # Modules off the main device (KTransformers puts embed_tokens on the CPU) hand their output back.
     emb = model.get_input_embeddings()
     if plan.embed_device != plan.main_device:
@@ -143,7 +145,24 @@ def build(validation, progress=None) -> Built:
         torch.cuda.synchronize()
     tokenizer = load_tokenizer(src.checkpoint_dir)
     return Built(model, tokenizer, plan, prof, main, dtype, staging,
-                 timings={"load": time.perf_counter() - t0}, weight_bytes=weight_bytes)
+                 timings={"load": time.perf_counter() - t0, **stream_times}, weight_bytes=weight_bytes,
+                 streamer=streamer)
+
+
+def _streamer(model, main, cfg, prof):
+    """The Streamer of the layers whose prefill may copy CPU-resident experts to the GPU: host memory pinned,
+    two slots allocated, rates measured. (None, {}) when no layer streams."""
+    from ..ops.registry import resolve_op
+    from ..ops.stream import Streamer
+    layers = [m for m in model.modules() if isinstance(m, HybridExperts)
+              and resolve_op(m.placement.prefill.op).streams_from and m.home.type == "cpu"]
+    if not layers or main.type != "cuda":
+        return None, {}
+    st = Streamer(main)
+    for m in layers:
+        st.add(m)
+    times = st.setup(cfg.num_experts_per_tok, prof.runtime.cpu_threads or 0)
+    return st, {f"load: {k}": v for k, v in times.items()}
 
 
 def load_tokenizer(ckpt):

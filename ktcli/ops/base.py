@@ -41,6 +41,8 @@ class HybridExperts(nn.Module):
         E, I2, H = orig.gate_up_proj.shape
         self.num_experts, self.hidden, self.inter = E, H, I2 // 2
         self.act_fn = orig.act_fn
+        self.silu_act = isinstance(orig.act_fn, torch.nn.SiLU) or type(orig.act_fn).__name__ == "SiLUActivation"
+        self.streamer = None     # set by the model build when this layer's prefill may stream to the GPU
         home = torch.device(placement.home)
         # Filled by the weight loader; meta until then.
         self.gate_up_proj = nn.Parameter(torch.empty(E, I2, H, dtype=dtype, device="meta"), requires_grad=False)
@@ -50,7 +52,8 @@ class HybridExperts(nn.Module):
         self.ops = {}
         for stage in ("prefill", "decode"):
             sp = getattr(placement, stage)
-            self.ops[stage] = OPERATORS[sp.op].load()(self, torch.device(sp.device), staging)
+            dev = None if sp.device == "auto" else torch.device(sp.device)   # auto: decided per call
+            self.ops[stage] = OPERATORS[sp.op].load()(self, dev, staging)
 
     def finalize(self) -> None:
         """After loading: CPU-resident weights are packed into their format (int8/int4 quantized here)."""
@@ -69,6 +72,14 @@ class HybridExperts(nn.Module):
         """The packed int8/int4 weights when this layer's experts are stored quantized (after finalize), else None."""
         packed = getattr(self, "packed", None)
         return packed if packed is not None and packed.fmt != "bf16" else None
+
+    @property
+    def stream_src(self):
+        """The host tensors a streamed prefill copies: the packed weights (bf16 or quantized), or the raw ones."""
+        if getattr(self, "packed", None) is not None:
+            return self.packed
+        from .quant import ExpertWeights
+        return ExpertWeights("bf16", self.inter, 0, self.gate_up_proj.data, None, self.down_proj.data, None)
 
     def expert_weights(self, e: int, dtype):
         """(gate_up[e], down[e]) for the torch path, dequantized when the stored format is int8/int4."""

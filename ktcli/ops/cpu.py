@@ -55,7 +55,6 @@ class CpuExperts(DeviceOp):
         super().__init__(experts, device, staging)
         self.staging = staging
         self.runner = kernels.Runner()
-        self.silu = isinstance(experts.act_fn, torch.nn.SiLU) or type(experts.act_fn).__name__ == "SiLUActivation"
 
     def _moe(self, x, idx, w, out):
         """All on the CPU: our kernel for few tokens (bf16/int8/int4), and for int8/int4 at any length in slices of
@@ -63,7 +62,7 @@ class CpuExperts(DeviceOp):
         ex = self.experts
         packed = getattr(ex, "packed", None)
         T, S = x.shape[0], kernels.MAX_TOKENS
-        lib = kernels.get() if packed is not None and self.silu and (T <= S or ex.quantized) \
+        lib = kernels.get() if packed is not None and ex.silu_act and (T <= S or ex.quantized) \
             and kernels.enabled() else None
         if lib is None:
             cpu_moe(x, idx, w, None, None, ex.act_fn, out, weights=lambda e: ex.expert_weights(e, x.dtype))

@@ -19,6 +19,7 @@ class Operator:
     summary: str
     impl: str                  # "module:Class", imported only when a model is built
     stages: tuple = ("prefill", "decode")
+    streams_from: tuple = ()   # where the weights live when it computes elsewhere (copied per layer, 2 slots)
 
     def load(self):
         mod, cls = self.impl.split(":")
@@ -46,6 +47,20 @@ OPERATORS = {op.name: op for op in (
         summary="routed experts computed on the CPU from CPU-resident weights; under a CUDA graph it runs "
                 "through host callbacks (full) or between graph segments (piecewise)",
         impl="cpu:CpuExperts"),
+    Operator(
+        name="stream", devices=("cuda",), graph_modes=("off",), why_not_graph="a prefill operator",
+        weight_formats=("bf16", "int8", "int4"), aliases=(), stages=("prefill",),
+        streams_from=("cpu",),
+        summary="prefill of CPU-resident experts on the GPU: weights copied from pinned host memory, the next "
+                "layer's while this one computes; int8/int4 cross packed and are dequantized on the GPU",
+        impl="prefill:StreamedExperts"),
+    Operator(
+        name="auto", devices=("auto",), graph_modes=("off",), why_not_graph="a prefill operator",
+        weight_formats=("bf16", "int8", "int4"), aliases=(), stages=("prefill",),
+        streams_from=("cpu",),
+        summary="prefill of CPU-resident experts, per chunk the faster of `stream` and `cpu` by rates measured "
+                "at load (prefill_device: auto, the default for experts that decode on the CPU)",
+        impl="prefill:AutoPrefill"),
 )}
 
 _ALIASES = {a.lower(): op.name for op in OPERATORS.values() for a in (op.name, *op.aliases)}

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 
 from ..ops.registry import OPERATORS, op_names, resolve_op
-from .memory import estimate
+from .memory import estimate, expert_bytes_per_param
 
 ERROR, WARNING, NOTE = "error", "warning", "note"
 
@@ -71,7 +71,7 @@ def check_rules(profile, plan, model) -> list:
     unruled = [e.layer for e in plan.experts if e.rule is None]
     if profile.rules and unruled:
         out.append(Finding(WARNING, "coverage", f"experts of layer(s) {ranges(unruled)} are matched by no rule: "
-                           f"they follow the default ({plan.experts[0].decode.device if plan.experts else '?'})",
+                           f"they follow the default ({next(e.decode.device for e in plan.experts if e.rule is None)})",
                            profile.path, "add a rule for '^model\\.layers\\..*\\.mlp\\.experts$'"))
     return out
 
@@ -103,8 +103,15 @@ def check_operators(profile, plan) -> list:
                                    + (f" (did you mean {near[0]}?)" if near else ""),
                                    _where(e, profile), f"valid operators: {op_names()}"))
                 continue
+            if stage not in op.stages:
+                good = [o.name for o in OPERATORS.values() if stage in o.stages]
+                out.append(Finding(ERROR, "operator", f"{label}: operator '{op.name}' runs only in "
+                                   f"{'/'.join(op.stages)}, but it is named for {stage} (layers {layers})",
+                                   _where(e, profile), f"{stage} operators: {', '.join(good)}"))
+                continue
             if sp.device.split(":")[0] not in op.devices:
-                good = [o.name for o in OPERATORS.values() if sp.device.split(":")[0] in o.devices]
+                good = [o.name for o in OPERATORS.values()
+                        if sp.device.split(":")[0] in o.devices and stage in o.stages]
                 out.append(Finding(ERROR, "operator", f"{label}: operator '{op.name}' runs on "
                                    f"{'/'.join(op.devices)}, but {stage} of layers {layers} is placed on {sp.device}",
                                    _where(e, profile), f"use an operator for {sp.device}: {', '.join(good)}"))
@@ -112,7 +119,11 @@ def check_operators(profile, plan) -> list:
                 out.append(Finding(ERROR, "operator", f"{label}: operator '{op.name}' has no weight_format "
                                    f"'{e.weight_format}' (layers {layers})", _where(e, profile),
                                    f"formats it supports: {', '.join(op.weight_formats)}"))
-            if stage == "prefill" and sp.device != e.home:
+            if op.streams_from and e.home.split(":")[0] not in op.streams_from:
+                out.append(Finding(ERROR, "operator", f"{label}: operator '{op.name}' copies experts from "
+                                   f"{'/'.join(op.streams_from)}, but layers {layers} keep their weights on {e.home}",
+                                   _where(e, profile), "use prefill_op torch or gpu_static for GPU-resident experts"))
+            if stage == "prefill" and sp.device != e.home and not op.streams_from:
                 out.append(Finding(NOTE, "operator", f"layers {layers}: prefill runs on {sp.device} while the weights "
                                    f"live on {e.home}; each layer's experts are copied over during prefill",
                                    _where(e, profile)))
@@ -148,7 +159,8 @@ def check_devices(profile, plan, machine) -> list:
     used = {}
     for e in plan.experts:
         for sp in (e.prefill, e.decode):
-            used.setdefault(sp.device, e.rule.where if e.rule else profile.where("rules"))
+            if sp.device != "auto":      # auto runs on the main device and the CPU, both checked
+                used.setdefault(sp.device, e.rule.where if e.rule else profile.where("rules"))
     for dev in set(plan.module_devices.values()) | {plan.main_device}:
         used.setdefault(dev, profile.where("device"))
     for dev, where in sorted(used.items()):
@@ -178,7 +190,8 @@ def check_graphs(profile, plan) -> list:
         op = resolve_op(e.decode.op)
         if op is None or mode in op.graph_modes:
             continue
-        safe = [o.name for o in OPERATORS.values() if mode in o.graph_modes and e.decode.device.split(":")[0] in o.devices]
+        safe = [o.name for o in OPERATORS.values() if mode in o.graph_modes and "decode" in o.stages
+                and e.decode.device.split(":")[0] in o.devices]
         label = e.rule.label if e.rule else "default placement"
         fix = (f"use a graph-safe decode operator on {e.decode.device} (generate_op: {safe[0]}"
                + (f" — KTransformers name {OPERATORS[safe[0]].aliases[0]}" if safe and OPERATORS[safe[0]].aliases else "")
@@ -186,6 +199,34 @@ def check_graphs(profile, plan) -> list:
         out.append(Finding(ERROR, "cuda-graph", f"{label}: CUDA graphs are on (graph_mode {mode}), but layers "
                            f"{ranges(x.layer for x in es)} decode with operator '{op.name}' on {e.decode.device}, "
                            f"which is not graph safe: {op.why_not_graph}", _where(e, profile), fix))
+    return out
+
+
+def check_prefill(profile, plan, model, rates=None) -> list:
+    """What `auto` prefill will do: the chunk length from which streaming beats the CPU, and a layer's copy time,
+    at assumed rates (the run measures its own at load and decides per chunk from those)."""
+    from ..ops.prefill import PrefillRates, cpu_seconds, stream_seconds
+    from .fit import Rates
+    r = rates or Rates()
+    pr = PrefillRates(pcie_bps=r.pcie_bw, cpu_bps=r.cpu_bw, cpu_flops=r.cpu_prefill_flops, gpu_flops=r.gpu_flops)
+    k = getattr(model.config, "num_experts_per_tok", 1)
+    out = []
+    for es in _group(plan, lambda e: (e.prefill.op, e.weight_format)):
+        e = es[0]
+        if e.prefill.op not in ("auto", "stream"):
+            continue
+        m = model.get_submodule(e.module)
+        E, I2, H = m.gate_up_proj.shape
+        per = 3 * (I2 // 2) * H * expert_bytes_per_param(e.weight_format, 2, e.group_size)
+        copy = stream_seconds(E * per, pr)
+        cross = next((T for T in (2 ** i for i in range(17)) if copy < cpu_seconds(
+            E, k, H, I2 // 2, per, T, e.weight_format != "bf16" or T <= 16, pr)), None)
+        what = (f"streams chunks of ≥ {cross} tokens to the GPU, computes shorter ones on the CPU"
+                if e.prefill.op == "auto" and cross else "streams every chunk to the GPU")
+        out.append(Finding(NOTE, "prefill", f"layers {ranges(x.layer for x in es)}: prefill {e.prefill.op} {what} "
+                           f"(a layer's {e.weight_format} experts, {fmt_bytes(E * per)}, copy in {1e3 * copy:.0f} ms "
+                           f"at {r.pcie_bw / 1e9:.0f} GB/s, rates: {r.source}; a run decides from the rates it "
+                           f"measures at load)", _where(e, profile)))
     return out
 
 

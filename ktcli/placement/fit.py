@@ -28,6 +28,7 @@ class Rates:
     gpu_bw: float = 2.0e12
     cpu_prefill_flops: float = 0.4e12   # ktcli's CPU-expert prefill (torch GEMMs), effective: H200 pp512 2026-12-02
     gpu_flops: float = 300e12
+    pcie_bw: float = 25e9               # pinned host → GPU (PCIe 4.0 x16 in practice; 5.0 about twice that)
     source: str = "defaults"
 
 

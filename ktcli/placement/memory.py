@@ -4,6 +4,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from ..ops.registry import resolve_op
+
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
@@ -52,7 +54,11 @@ def estimate(model, plan, profile) -> MemoryReport:
             per = expert_bytes_per_param(e.weight_format, db, e.group_size)
             n = sum(p.numel() for _, p in own)
             rep.add(e.home, "experts", n * per)
-            if e.prefill.device != e.home:
+            op = resolve_op(e.prefill.op)
+            if op is not None and op.streams_from:   # two slots of the stored format, on the main GPU
+                item = "prefill stream buffers (2 layers)"
+                rep.rows[plan.main_device][item] = max(rep.rows[plan.main_device][item], int(2 * n * per))
+            elif e.prefill.device != e.home:
                 stage = e.prefill.device
                 rep.rows[stage]["prefill staging (1 layer)"] = max(rep.rows[stage]["prefill staging (1 layer)"],
                                                                   int(n * db))
@@ -66,7 +72,8 @@ def estimate(model, plan, profile) -> MemoryReport:
     if plan.main_device.startswith("cuda"):
         work += 512 * 2**20   # CUDA context, cuBLAS workspace, graph pool
     rep.add(plan.main_device, "activations/workspace", work)
-    if any(e.decode.device == "cpu" or e.prefill.device == "cpu" for e in plan.experts) and plan.main_device != "cpu":
+    if any(e.decode.device == "cpu" or e.prefill.device in ("cpu", "auto") for e in plan.experts) \
+            and plan.main_device != "cpu":
         k = getattr(cfg, "num_experts_per_tok", 8)
         rep.add("cpu", "pinned staging", chunk * (cfg.hidden_size * 2 * 4 + k * 16))
     return rep

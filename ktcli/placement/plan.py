@@ -58,6 +58,8 @@ class Plan:
 def _ctx_from_rule(parent: dict, rule) -> dict:
     ctx = dict(parent)
     ctx.update({k: v for k, v in rule.kwargs.items()})
+    if "prefill_device" in rule.kwargs or "prefill_op" in rule.kwargs:
+        ctx["prefill_named"] = True
     ctx["rule"] = rule
     ctx["kind"] = classify(rule.replace_class)
     op = class_op(rule.replace_class)
@@ -65,6 +67,18 @@ def _ctx_from_rule(parent: dict, rule) -> dict:
         ctx.setdefault("generate_op", op)
         ctx.setdefault("prefill_op", op)
     return ctx
+
+
+def _prefill(ctx, d, op, opname, home, main_device):
+    """Prefill of experts whose weights live on the CPU while the model runs on a GPU: `auto` (stream or CPU per
+    chunk) unless a rule names prefill_device/prefill_op; a GPU operator named for them streams the weights."""
+    gpu_main = main_device.startswith("cuda")
+    if str(ctx.get("prefill_device", "")).strip().lower() == "auto" or \
+            (home == "cpu" and gpu_main and not ctx.get("prefill_named") and ctx.get("kind") != "default"):
+        return "auto", resolve_op("auto") if op is None or op.name in ("cpu", "torch") else op, opname
+    if home == "cpu" and d.startswith("cuda") and op is not None and op.name in ("torch", "gpu_static"):
+        return d, resolve_op("stream"), "stream"
+    return d, op, opname
 
 
 def make_plan(model, rules: list, main_device: str) -> Plan:
@@ -96,6 +110,8 @@ def make_plan(model, rules: list, main_device: str) -> Plan:
                 rule_hits=hits)
     for rule in rules:
         for key in ("generate_device", "prefill_device", "out_device"):
+            if key == "prefill_device" and str(rule.kwargs.get(key)).strip().lower() == "auto":
+                continue
             if key in rule.kwargs and normalize_device(rule.kwargs[key]) is None:
                 plan.bad_devices.append((rule, key, rule.kwargs[key]))
         if rule.ignored or (is_kt_class(rule.replace_class) and classify(rule.replace_class) == "default"
@@ -110,12 +126,14 @@ def make_plan(model, rules: list, main_device: str) -> Plan:
     for name in sorted(experts, key=layer_index):
         ctx = ctx_of[name]
         stages = {}
-        for stage, dkey, okey in (("prefill", "prefill_device", "prefill_op"), ("decode", "generate_device", "generate_op")):
+        for stage, dkey, okey in (("decode", "generate_device", "generate_op"), ("prefill", "prefill_device", "prefill_op")):
             d = dev(ctx, dkey)
             opname = ctx.get(okey)
             if opname is None or ctx.get("kind") == "default":
                 opname = "torch" if ctx.get("kind") == "default" and ctx.get("rule") else default_op(d.split(":")[0]).name
             op = resolve_op(opname)
+            if stage == "prefill":
+                d, op, opname = _prefill(ctx, d, op, opname, stages["decode"].device, main_device)
             stages[stage] = StagePlacement(d, op.name if op else str(opname))
         plan.experts.append(ExpertsPlacement(
             layer=layer_index(name), module=name, prefill=stages["prefill"], decode=stages["decode"],

@@ -95,6 +95,7 @@ def validate(profile, machine) -> Validation:
     v.findings += checks.check_operators(profile, v.plan)
     v.findings += checks.check_formats(profile, v.plan, v.model)
     v.findings += checks.check_graphs(profile, v.plan)
+    v.findings += checks.check_prefill(profile, v.plan, v.model)
     mem_findings, v.memory = checks.check_memory(profile, v.plan, machine, v.model)
     v.findings += mem_findings
     v.findings += checks.check_threads(profile, machine)

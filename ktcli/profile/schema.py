@@ -26,11 +26,14 @@ RUNTIME_FIELDS = {
                   "layers) or `off`; overrides use_cuda_graph",
     "max_seq_len": "KV cache length, prompt + reply (default 4096)",
     "cpu_threads": "threads for CPU experts (default: all physical cores)",
-    "prefill_chunk": "tokens per prefill step; also sizes the pinned staging buffers (default 512)",
+    "prefill_chunk": "tokens per prefill step; also sizes the pinned staging buffers (default 512); when experts "
+                     "stream to the GPU, steps are as long as free GPU memory allows (the copy is paid per step)",
 }
 KWARG_FIELDS = {
     "generate_device": "where decode computes this module (experts: where their weights live)",
-    "prefill_device": "where prefill computes it; experts whose weights live elsewhere are copied in per layer",
+    "prefill_device": "where prefill computes it: cpu, cuda (CPU-resident experts stream to the GPU: operator "
+                      "`stream`) or auto (per chunk the faster of the two; the default for experts that decode on "
+                      "the CPU when the model runs on a GPU)",
     "generate_op": "decode operator for experts (a name or KTransformers alias from the operator table)",
     "prefill_op": "prefill operator for experts",
     "out_device": "accepted for KTransformers files; outputs always return to the main device",

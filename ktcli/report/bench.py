@@ -16,6 +16,9 @@ def finish(rec: dict) -> dict:
     roof = rec.get("roofline")
     if roof and rec["test"].startswith("tg") and roof.get("best_tps") and rec["tps_mean"]:
         rec["roofline_ratio"] = rec["tps_mean"] / roof["best_tps"]
+    pre = rec.get("prefill_roofline")
+    if pre and pre.get("best_tps") and rec["tps_mean"]:
+        rec["roofline_ratio"] = rec["tps_mean"] / pre["best_tps"]
     return rec
 
 
@@ -83,6 +86,16 @@ def md(records: list, meta: dict) -> str:
         parts = [f"{d} reads {b / 1e9:.2f} GB/token at {roof['bandwidth'][d] / 1e9:.1f} GB/s"
                  for d, b in roof["bytes_per_token"].items() if roof["bandwidth"].get(d)]
         out += f"\n\nroofline ({name}): " + "; ".join(parts) + f" → best {roof['best_tps']:.2f} t/s"
+    for r in records:
+        pre, ph = r.get("prefill_roofline"), r.get("prefill_phases")
+        if pre and ph:
+            rt = pre["rates"]
+            out += (f"\n\nprefill roofline ({r['test']}, chunks of {pre['chunk']}): layer-chunks "
+                    + ", ".join(f"{k} {v}" for k, v in pre["layer_chunks"].items() if v)
+                    + f" at PCIe {rt['pcie_GBps']:.1f} GB/s, CPU {rt['cpu_GBps']:.1f} GB/s / {rt['cpu_TFLOPs']:.2f} "
+                    f"TFLOP/s, GPU {rt['gpu_TFLOPs']:.0f} TFLOP/s → best {pre['best_tps']:.0f} t/s; per run: uploads "
+                    f"{ph['upload_bytes'] / 1e9:.1f} GB in {ph['upload_s']:.3f} s, GPU stalled on uploads "
+                    f"{ph['stall_s']:.3f} s, layer-chunks streamed {ph['layers_streamed']:.0f} / CPU {ph['layers_cpu']:.0f}")
     if meta.get("bandwidth"):
         out += "\n\n" + ceiling_line(meta["bandwidth"])
     if meta.get("notes"):

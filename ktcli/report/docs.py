@@ -30,10 +30,12 @@ def reference() -> str:
              f"({', '.join(DEVICE_ONLY_CLASSES[:4])}, …) keep transformers' module and use only their devices.", "",
              _table(("kwarg", "meaning"), [(f"`{k}`", v) for k, v in KWARG_FIELDS.items()]), "",
              "## Expert operators", "",
-             _table(("operator", "KTransformers names", "devices", "graph modes", "weight formats", "what it does"),
-                    [(f"`{o.name}`", ", ".join(o.aliases), ", ".join(o.devices), ", ".join(o.graph_modes),
-                      ", ".join(o.weight_formats),
-                      o.summary + (f". Not graph safe: {o.why_not_graph}" if o.why_not_graph else ""))
+             _table(("operator", "KTransformers names", "stages", "devices", "decode graph modes", "weight formats",
+                     "what it does"),
+                    [(f"`{o.name}`", ", ".join(o.aliases), ", ".join(o.stages), ", ".join(o.devices),
+                      ", ".join(o.graph_modes) if "decode" in o.stages else "—", ", ".join(o.weight_formats),
+                      o.summary + (f". Not graph safe: {o.why_not_graph}"
+                                   if o.why_not_graph and "decode" in o.stages else ""))
                      for o in OPERATORS.values()]), "",
              "## Exit codes", "",
              "Every known mistake ends with one `Error: …` line and a `Hint: …` line on stderr, and one of these codes:",

@@ -1,0 +1,185 @@
+"""Streaming prefill: CPU-resident expert weights cross to the GPU layer by layer, the next layer's on a copy
+stream while this one computes (two preallocated slots sized for the largest layer).
+
+Why it pays: a layer's copy costs the same whatever the chunk length (bytes ÷ pinned PCIe rate), so a long chunk
+amortizes it, where the CPU's cost grows with every token. The host memory is registered (pinned in place,
+no copy) once at load; int8/int4 layers cross packed and are dequantized expert by expert on the GPU.
+Works with a CPU "device" too (plain copies, no streams): the tests run the same slot logic without a GPU.
+"""
+from __future__ import annotations
+
+import time
+import weakref
+
+import torch
+
+from .prefill import PrefillRates, probe_cpu, probe_gpu
+
+PARTS = ("gu", "gu_s", "dn", "dn_s")       # an ExpertWeights' tensors, in copy order
+
+
+def register_host(t: torch.Tensor) -> bool:
+    """Pin a CPU tensor's pages where they are (cudaHostRegister): copies from it run at full PCIe rate."""
+    if t.numel() == 0 or t.is_pinned():
+        return True
+    cudart = torch.cuda.cudart()
+    ptr, n = t.data_ptr(), t.numel() * t.element_size()
+    if int(cudart.cudaHostRegister(ptr, n, 0)) != 0:
+        return False
+    weakref.finalize(t.untyped_storage(), cudart.cudaHostUnregister, ptr)   # before the memory goes back
+    return True
+
+
+def _bytes_view(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+class Streamer:
+    """One per model: the streamed layers in forward order, two GPU slots, the copy stream and its statistics."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.layers: list = []          # HybridExperts whose prefill may stream, in layer order
+        self.pinned = True              # every layer's host memory registered
+        self.slots: list = []           # [{part: uint8 buffer}, …] × 2
+        self.holds = [None, None]       # which layer position each slot holds (or is being filled with)
+        self.ready = [None, None]       # copy-done events
+        self.free = [None, None]        # compute-done events (the slot may be overwritten after)
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.rates = PrefillRates()     # measured at setup; pcie raised by every upload timed
+        self.top_k = 1
+        self.reset_stats()
+
+    # -- setup -----------------------------------------------------------------------------------------------
+    def add(self, experts) -> None:
+        """A layer whose prefill may stream (after its weights are packed)."""
+        experts.stream_pos = len(self.layers)
+        experts.streamer = self
+        self.layers.append(experts)
+
+    def setup(self, top_k: int, threads: int = 0) -> dict:
+        """After the weights are packed: pin host memory, allocate both slots, measure the rates the choice
+        uses. Returns load timings (seconds) for the report."""
+        self.top_k = top_k
+        t0 = time.perf_counter()
+        if self.cuda:
+            for m in self.layers:
+                for part in PARTS:
+                    t = getattr(m.stream_src, part)
+                    if t is not None and not register_host(t):
+                        self.pinned = False
+        t1 = time.perf_counter()
+        size = {p: max((_nbytes(getattr(m.stream_src, p)) for m in self.layers), default=0) for p in PARTS}
+        self.slots = [{p: torch.empty(n, dtype=torch.uint8, device=self.device) for p, n in size.items()}
+                      for _ in range(2)]
+        t2 = time.perf_counter()
+        if self.cuda:
+            self.rates.pcie_bps, self.rates.gpu_flops = self._probe(), probe_gpu(self.device)
+        self.rates.cpu_bps, self.rates.cpu_flops = probe_cpu(self.layers[0], threads)
+        return {"pin": t1 - t0, "stream buffers": t2 - t1, "prefill rates": time.perf_counter() - t2}
+
+    def slot_bytes(self) -> int:
+        return sum(b.numel() for s in self.slots for b in s.values())
+
+    def _probe(self) -> float:
+        """Copy rate from the first layer's host memory (as the uploads will read it), best of three."""
+        src = _bytes_view(self.layers[0].stream_src.gu)[: self.slots[0]["gu"].numel()][: 256 * 2**20]
+        dst = self.slots[0]["gu"][: src.numel()]
+        best = 0.0
+        for _ in range(3):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            dst.copy_(src, non_blocking=True)
+            b.record()
+            b.synchronize()
+            best = max(best, src.numel() / (a.elapsed_time(b) / 1e3))
+        self.holds[0] = None
+        return best
+
+    # -- per layer -------------------------------------------------------------------------------------------
+    def weights(self, experts, T: int):
+        """This layer's weights on the GPU as a function e → (gate_up[e], down[e]) in the compute dtype. Waits
+        for its upload (started earlier when possible) and starts the next streamed layer's."""
+        pos = experts.stream_pos
+        s = pos % 2
+        cur = torch.cuda.current_stream(self.device) if self.cuda else None
+        prev = (pos - 1) % 2
+        if self.cuda:   # everything queued so far includes the previous layer's compute on the other slot
+            self.free[prev] = cur.record_event()
+        if self.holds[s] != pos:
+            self._upload(pos)
+        nxt = next((m for m in self.layers[pos + 1:] if m.ops["prefill"].streams(T)), None)
+        if nxt is not None and nxt.stream_pos % 2 != s and self.holds[1 - s] != nxt.stream_pos:
+            self._upload(nxt.stream_pos)
+        if self.cuda:
+            t0 = cur.record_event(torch.cuda.Event(enable_timing=True))
+            cur.wait_event(self.ready[s])
+            self._stalls.append((t0, cur.record_event(torch.cuda.Event(enable_timing=True))))
+        self.stats["layers_streamed"] += 1
+        return self._views(experts, s)
+
+    def _upload(self, pos: int) -> None:
+        m, s = self.layers[pos], pos % 2
+        src = m.stream_src
+        self.holds[s] = pos
+        if not self.cuda:
+            for p in PARTS:
+                t = getattr(src, p)
+                if t is not None:
+                    self.slots[s][p][: _nbytes(t)].copy_(_bytes_view(t))
+            self.stats["upload_bytes"] += src.nbytes()
+            return
+        cs = self.copy_stream
+        if self.free[s] is not None:
+            cs.wait_event(self.free[s])      # the layer that used this slot is done with it
+        a = cs.record_event(torch.cuda.Event(enable_timing=True))
+        with torch.cuda.stream(cs):
+            for p in PARTS:
+                t = getattr(src, p)
+                if t is not None:
+                    self.slots[s][p][: _nbytes(t)].copy_(_bytes_view(t), non_blocking=True)
+        b = cs.record_event(torch.cuda.Event(enable_timing=True))
+        self.ready[s] = b
+        self._uploads.append((a, b, src.nbytes()))
+
+    def _views(self, experts, s):
+        pk, slot = experts.stream_src, self.slots[s]
+        v = {p: slot[p][: _nbytes(t)].view(t.dtype).view(t.shape) for p in PARTS
+             if (t := getattr(pk, p)) is not None}
+        dtype = experts.gate_up_proj.dtype
+        if pk.fmt == "bf16":
+            return lambda e: (v["gu"][e], v["dn"][e])
+        from .quant import dequantize
+        return lambda e: (dequantize(pk.fmt, v["gu"][e], v["gu_s"][e], pk.group, dtype),
+                          dequantize(pk.fmt, v["dn"][e], v["dn_s"][e], pk.group, dtype))
+
+    # -- statistics ------------------------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        self.stats = {"layers_streamed": 0, "layers_cpu": 0, "upload_bytes": 0, "upload_s": 0.0, "stall_s": 0.0}
+        self._uploads, self._stalls = [], []
+
+    def collect(self) -> None:
+        """Fold the timed events of finished uploads and stalls into the statistics (synchronizes: the engine
+        calls it after each prefill, so the event lists never grow)."""
+        if self.cuda and (self._uploads or self._stalls):
+            torch.cuda.synchronize(self.device)
+            for a, b, n in self._uploads:
+                s = a.elapsed_time(b) / 1e3
+                self.stats["upload_bytes"] += n
+                self.stats["upload_s"] += s
+                if s > 0:
+                    self.rates.pcie_bps = max(self.rates.pcie_bps, n / s)
+            self.stats["stall_s"] += sum(a.elapsed_time(b) / 1e3 for a, b in self._stalls)
+        self._uploads, self._stalls = [], []
+
+    def take_stats(self) -> dict:
+        """Uploads and compute-stream stalls since the last take."""
+        self.collect()
+        out = dict(self.stats)
+        self.reset_stats()
+        return out
+
+
+def _nbytes(t) -> int:
+    return 0 if t is None else t.numel() * t.element_size()

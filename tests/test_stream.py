@@ -1,0 +1,126 @@
+"""Streaming prefill (ops/stream.py, ops/prefill.py) without a GPU: the same slot and prefetch logic with a CPU
+"device", every format against the eager reference on fresh random inputs, the cost model, and the plan's
+`auto` / `stream` prefill placement (validate-config with a target GPU)."""
+import math
+
+import pytest
+import torch
+
+from conftest import H100
+from ktcli.ops.base import HybridExperts, eager_reference
+from ktcli.ops.prefill import PrefillRates, StreamedExperts, cpu_seconds, layer_costs, used_experts
+from ktcli.ops.stream import Streamer
+from test_kernel_model import built_on_cpu, with_format
+from tiny import experts_rule, make_checkpoint
+
+ALL_CPU = experts_rule(".*", "cpu", "cpu", "cpu")
+
+
+def routed(T, E, K, gen):
+    """Uneven loads: tokens pick K distinct experts from the first 3/4 of E, weighted towards low ids, so some
+    experts get many tokens and the last quarter none."""
+    p = torch.linspace(2, 1, (3 * E) // 4)
+    idx = torch.stack([torch.multinomial(p, K, generator=gen) for _ in range(T)])
+    return idx, torch.rand(T, K, generator=gen)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.getbasetemp(), "qwen3_moe", seed=3, layers=3)
+
+
+def streamed_model(tmp_path, ckpt, fmt):
+    b = built_on_cpu(tmp_path, ckpt, [with_format(ALL_CPU, fmt, 16)], "float32")
+    layers = [m for m in b.model.modules() if isinstance(m, HybridExperts)]
+    st = Streamer(torch.device("cpu"))
+    for m in layers:
+        m.ops["prefill"] = StreamedExperts(m, None)
+        st.add(m)
+    st.setup(b.model.config.num_experts_per_tok, threads=1)
+    return layers, st
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+def test_streamed_experts_match_the_eager_reference(tmp_path, ckpt, fmt):
+    layers, st = streamed_model(tmp_path, ckpt, fmt)
+    gen = torch.Generator().manual_seed(11)
+    for T in (17, 64, 512, 2048):
+        for m in layers:                                    # one pass in layer order, as a forward makes it
+            K = st.top_k
+            x = torch.randn(T, m.hidden, generator=gen)
+            idx, w = routed(T, m.num_experts, K, gen)
+            got = m.ops["prefill"](x, idx, w)
+            deq = [m.stream_src.expert(e, torch.float32) if fmt != "bf16" else
+                   (m.gate_up_proj[e], m.down_proj[e]) for e in range(m.num_experts)]
+            want = eager_reference(x, idx, w, torch.stack([d[0] for d in deq]), torch.stack([d[1] for d in deq]),
+                                   m.act_fn)
+            assert ((got - want).norm() / want.norm()).item() <= 1e-5, (fmt, T, m.layer)
+            assert bool((got[idx.eq(0).any(1) == False].abs().sum() >= 0).all())   # noqa: E712 (rows all written)
+
+
+def test_each_layer_is_uploaded_once_per_pass_and_slots_alternate(tmp_path, ckpt):
+    layers, st = streamed_model(tmp_path, ckpt, "int8")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(32, layers[0].hidden, generator=gen)
+    idx, w = routed(32, layers[0].num_experts, st.top_k, gen)
+    st.take_stats()
+    for m in layers:
+        m.ops["prefill"](x, idx, w)
+        pos = m.stream_pos
+        assert st.holds[pos % 2] == pos
+        if pos + 1 < len(layers):                           # the next layer was prefetched into the other slot
+            assert st.holds[(pos + 1) % 2] == pos + 1
+    s = st.take_stats()
+    assert s["layers_streamed"] == 3
+    assert s["upload_bytes"] == sum(m.stream_src.nbytes() for m in layers)
+    # a layer already in its slot is not copied again (two streamed layers stay resident between chunks)
+    layers[2].ops["prefill"](x, idx, w)
+    assert st.take_stats()["upload_bytes"] == 0
+
+
+def test_cost_model_prefers_the_cpu_for_short_chunks_and_streaming_for_long_ones(tmp_path, ckpt):
+    layers, st = streamed_model(tmp_path, ckpt, "int8")
+    m = layers[0]
+    st.rates = PrefillRates(pcie_bps=50e9, cpu_bps=100e9, cpu_flops=1e12, gpu_flops=500e12)
+    short, long = layer_costs(m, 1, st.top_k, st.rates), layer_costs(m, 4096, st.top_k, st.rates)
+    assert short["cpu"] < short["stream"] and long["stream"] < long["cpu"]
+    assert long["stream"] == pytest.approx(m.stream_src.nbytes() / 50e9)
+    # used experts: never more than E, one token touches K
+    assert used_experts(8, 2, 1) == pytest.approx(2) and used_experts(8, 2, 10_000) == pytest.approx(8)
+    assert cpu_seconds(8, 2, 32, 16, 1e3, 16, True, PrefillRates()) == math.inf   # no rate measured: never chosen
+
+
+def test_plan_puts_cpu_experts_prefill_on_auto_and_streams_named_gpu_prefill(cli, tmp_path, ckpt):
+    from test_validate_config import write
+    p = write(tmp_path, f"""\
+        model: {ckpt}
+        dtype: bfloat16
+        rules:
+          - match: {{name: "^model\\\\.layers\\\\.0\\\\.mlp\\\\.experts$"}}
+            replace: {{class: Experts, kwargs: {{generate_device: cpu, generate_op: cpu}}}}
+          - match: {{name: "^model\\\\.layers\\\\.1\\\\.mlp\\\\.experts$"}}
+            replace: {{class: Experts, kwargs: {{generate_device: cpu, generate_op: cpu, prefill_device: cuda,
+                                                 prefill_op: KExpertsTorch}}}}
+          - match: {{name: "^model\\\\.layers\\\\.2\\\\.mlp\\\\.experts$"}}
+            replace: {{class: Experts, kwargs: {{generate_device: cpu, prefill_device: cpu, prefill_op: cpu}}}}
+        """)
+    r = cli("validate-config", p, H100, "--json")
+    assert r.exit_code == 0, r
+    import json
+    plan = {e["layers"]: (e["prefill_device"], e["prefill_op"]) for e in json.loads(r.stdout)["experts"]}
+    assert plan == {"0": ("auto", "auto"), "1": ("cuda:0", "stream"), "2": ("cpu", "cpu")}   # cpu: KTransformers' meaning
+    r = cli("validate-config", p, H100)
+    assert "prefill stream buffers (2 layers)" in r.output
+
+
+def test_streaming_gpu_resident_experts_is_refused(cli, tmp_path, ckpt):
+    from test_validate_config import write
+    p = write(tmp_path, f"""\
+        model: {ckpt}
+        rules:
+          - match: {{name: "^model\\\\.layers\\\\..*\\\\.mlp\\\\.experts$"}}
+            replace: {{class: Experts, kwargs: {{generate_device: cuda, generate_op: gpu_static, prefill_device: auto}}}}
+        """)
+    r = cli("validate-config", p, H100)
+    assert r.exit_code == 1, r
+    assert "operator 'auto' copies experts from cpu, but layers 0-2 keep their weights on cuda:0" in r.output

@@ -1,0 +1,84 @@
+"""Streaming prefill on the GPU machine: host memory pinned in place, streamed and `auto` prefill against plain
+transformers, every format, one or several chunks, and graph decode after each prefill path equal to eager."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ktcli.engine import Engine, GenerationConfig
+from ktcli.ops.base import HybridExperts
+from ktcli.ops.prefill import PrefillRates
+from test_hybrid import built, rel
+from test_kernel_model import reference_with_stored_weights, with_format
+from tiny import experts_rule, make_checkpoint
+
+pytestmark = pytest.mark.gpu
+
+STREAM = experts_rule(".*", "cpu", "torch", "cpu", prefill_device="cuda")      # plan: prefill op `stream`
+AUTO = {"match": {"name": r"^model\.layers\..*\.mlp\.experts$"},
+        "replace": {"class": "Experts", "kwargs": {"generate_device": "cpu", "generate_op": "cpu"}}}
+FAVOUR = {"stream": PrefillRates(pcie_bps=1e12, cpu_bps=1e6, cpu_flops=1e6, gpu_flops=1e14),
+          "cpu": PrefillRates(pcie_bps=1e3, cpu_bps=1e12, cpu_flops=1e15, gpu_flops=1e14)}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.getbasetemp(), "qwen2_moe", layers=4)
+
+
+def experts_of(b):
+    return [m for m in b.model.modules() if isinstance(m, HybridExperts)]
+
+
+def test_host_memory_is_pinned_in_place(tmp_path, ckpt):
+    b = built(tmp_path, ckpt, [STREAM], dtype="bfloat16")
+    assert b.streamer is not None and b.streamer.pinned
+    for m in experts_of(b):
+        assert m.stream_src.gu.is_pinned() and m.stream_src.dn.is_pinned()
+        assert m.stream_src.gu.data_ptr() == m.packed.gu.data_ptr()        # registered, not copied
+    assert any(k.startswith("load: pin") for k in b.timings)
+
+
+@pytest.mark.parametrize("fmt,group", [("bf16", 128), ("int8", 128), ("int4", 16)])
+@pytest.mark.parametrize("rules,way", [([STREAM], "stream"), ([AUTO], "stream"), ([AUTO], "cpu")])
+@pytest.mark.parametrize("chunk", [64, 16])                 # 16: a 50-token prompt crosses 4 chunks
+def test_prefill_logits_match_transformers(tmp_path, ckpt, fmt, group, rules, way, chunk):
+    dtype = "float32" if fmt != "bf16" else "bfloat16"
+    b = built(tmp_path, ckpt, [with_format(r, fmt, group) for r in rules], dtype=dtype, prefill_chunk=chunk)
+    b.streamer.rates = FAVOUR[way]
+    ref = reference_with_stored_weights(ckpt, b.model, getattr(torch, dtype)).cuda()
+    e = Engine(b, graph_mode="off")
+    e.chunk = chunk                                          # the memory-sized default would take all 50 at once
+    ids = torch.randint(0, ref.config.vocab_size, (50,), generator=torch.Generator().manual_seed(3)).tolist()
+    b.streamer.take_stats()
+    got = e.prefill(ids)
+    stats = b.streamer.take_stats()
+    assert (stats["layers_streamed"] > 0) == (way == "stream") and (stats["layers_cpu"] > 0) == (way == "cpu")
+    with torch.no_grad():
+        want = ref(torch.tensor([ids]).cuda()).logits[:, -1]
+    tol = 1e-5 if dtype == "float32" and (way == "stream" or fmt == "bf16") else 2e-2
+    assert rel(got, want) <= (tol if dtype == "float32" else 2e-2), (fmt, way, chunk)
+
+
+@pytest.mark.parametrize("way", ["stream", "cpu"])
+@pytest.mark.parametrize("fmt", ["bf16", "int4"])
+def test_graph_decode_after_each_prefill_path_equals_eager(tmp_path, ckpt, way, fmt):
+    b = built(tmp_path, ckpt, [with_format(AUTO, fmt, 16)], dtype="bfloat16", max_seq_len=512)
+    b.streamer.rates = FAVOUR[way]
+    cfg = GenerationConfig(max_new_tokens=64, ignore_eos=True)
+    prompt = list(range(5, 90))
+    want = Engine(b, graph_mode="off").generate(prompt, cfg)[0]
+    g = Engine(b, graph_mode="full")
+    g.prepare()
+    assert g.generate(prompt, cfg)[0] == want
+
+
+def test_bench_prints_a_prefill_roofline(tmp_path, ckpt, cli):
+    from tiny import write_profile
+    p = write_profile(tmp_path, ckpt, [AUTO], dtype="bfloat16", max_seq_len=600)
+    r = cli("bench", p, "-p", "512", "-n", "0", "-r", "2", "--warmup", "1", "-o", "json",
+            "--output-file", str(tmp_path / "b.json"))
+    assert r.exit_code == 0, r
+    import json
+    rec = json.load(open(tmp_path / "b.json"))["results"][0]
+    assert rec["test"] == "pp512" and 0 < rec["roofline_ratio"]
+    assert rec["prefill_roofline"]["rates"]["pcie_GBps"] > 1
