@@ -57,6 +57,7 @@ def _tps(r):
 
 def decode(d, kind="tg") -> str:
     rows = []
+    pre = any(r.get("prefill_roofline") for r in d["results"])      # streamed prefill rows carry their roofline
     for r in _bench_records(d):
         if r["backend"] != "ktcli" or not r["test"].startswith(kind):
             continue
@@ -66,10 +67,17 @@ def decode(d, kind="tg") -> str:
             row += [f"{100 * r['roofline_ratio']:.1f}%" if r.get("roofline_ratio") else "",
                     f"{r['roofline']['best_tps']:.2f}" if r.get("roofline") else "",
                     f"{b.get('cpu_experts_ms', 0):.2f}", f"{b.get('ms_per_token', 0):.2f}"]
+        elif pre:
+            pre, ph = r.get("prefill_roofline"), r.get("prefill_phases") or {}
+            row += [f"{100 * r['roofline_ratio']:.1f}%" if r.get("roofline_ratio") else "",
+                    f"{pre['best_tps']:.0f}" if pre else "", f"{ph.get('upload_s', 0):.3f}" if pre else "",
+                    f"{ph.get('stall_s', 0):.3f}" if pre else ""]
         rows.append(row)
     head = ["model", "profile", "graphs", "test", "t/s"]
     if kind == "tg":
         head += ["% roofline", "roofline t/s", "CPU experts ms", "token ms"]
+    elif pre:
+        head += ["% roofline", "roofline t/s", "uploads s", "GPU stalled on uploads s"]
     out = _table(head, rows)
     if kind == "tg" and d.get("bandwidth"):
         from ktcli.report.bench import ceiling_line

@@ -83,9 +83,9 @@ class Streamer:
         return sum(b.numel() for s in self.slots for b in s.values())
 
     def _probe(self) -> float:
-        """Copy rate from the first layer's host memory (as the uploads will read it), best of three."""
-        src = _bytes_view(self.layers[0].stream_src.gu)[: self.slots[0]["gu"].numel()][: 256 * 2**20]
-        dst = self.slots[0]["gu"][: src.numel()]
+        """Pinned host → GPU copy rate, best of three, on 128 MiB (a small model's layer would measure latency)."""
+        src = torch.empty(128 * 2**20, dtype=torch.uint8, pin_memory=True)
+        dst = torch.empty_like(src, device=self.device)
         best = 0.0
         for _ in range(3):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

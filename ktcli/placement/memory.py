@@ -58,6 +58,9 @@ def estimate(model, plan, profile) -> MemoryReport:
             if op is not None and op.streams_from:   # two slots of the stored format, on the main GPU
                 item = "prefill stream buffers (2 layers)"
                 rep.rows[plan.main_device][item] = max(rep.rows[plan.main_device][item], int(2 * n * per))
+                if e.weight_format != "bf16":      # dequantized for the grouped GEMMs, one layer at a time
+                    item = "prefill dequantized layer"
+                    rep.rows[plan.main_device][item] = max(rep.rows[plan.main_device][item], int(n * db))
             elif e.prefill.device != e.home:
                 stage = e.prefill.device
                 rep.rows[stage]["prefill staging (1 layer)"] = max(rep.rows[stage]["prefill staging (1 layer)"],
