@@ -36,7 +36,7 @@ case $what in
         -p 128 -n 32 -r 2 --graph-mode off,piecewise,full --baseline hf-gpu,hf-accelerate --baseline-n-gen 2 \
         -o json --output-file $out/bench-qwen3-30b-a3b-baselines.json ;;
   serve)    # #18's proof: the server's decode t/s for one long completion against bench's tg, same profile
-    python3 benchmarks/serve_vs_bench.py profiles/qwen3-30b-a3b-gpu-half.yaml --tokens 128 --reps 3 \
+    python3 benchmarks/serve_vs_bench.py profiles/qwen3-30b-a3b-gpu-half.yaml --demo-tokenizer --tokens 128 --reps 3 \
         --out $out/serve-vs-bench-qwen3-30b-a3b.json ;;
   plan)     # #17's proof: predicted vs measured tg128 per GPU budget, and the shipped profiles that fit the budget.
             # Full models take minutes each: split the work with MODELS=… BUDGETS=… (one call per model and budget)
