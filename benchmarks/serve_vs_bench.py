@@ -30,8 +30,18 @@ def start_server(profile, extra):
     while time.monotonic() < deadline:
         seen += proc.stderr.readline()
         m = re.search(r"http://127\.0\.0\.1:(\d+)/v1", seen.replace("\n", ""))
-        if m:
-            return proc, f"http://127.0.0.1:{m.group(1)}"
+        if m:      # the port is bound before the model loads; requests are taken once /health answers
+            url = f"http://127.0.0.1:{m.group(1)}"
+            import threading      # keep reading its stderr (load progress), or a full pipe would stall the server
+            threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    if httpx.get(url + "/health", timeout=5).status_code == 200:
+                        return proc, url
+                except httpx.HTTPError:
+                    pass
+                time.sleep(1)
+            raise SystemExit("ktcli serve exited or never became ready")
         if proc.poll() is not None:
             raise SystemExit(f"ktcli serve exited: {seen[-2000:]}")
     raise SystemExit("ktcli serve did not start")
