@@ -86,7 +86,7 @@ class Server:
                                temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, seed=r.seed,
                                ignore_eos=r.ignore_eos)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        job = Job(ids, cfg, r.stop, lambda *ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        job = Job(ids, cfg, r.stop, lambda *ev: loop.call_soon_threadsafe(events.put_nowait, ev), stream=r.stream)
         if not self.sched.submit(job):
             raise ApiError(429, f"the server is busy: {self.sched.pending} requests running or queued", None,
                            "rate_limit_exceeded", "rate_limit_error")

@@ -28,8 +28,9 @@ class Stats:
 
 
 class Job:
-    def __init__(self, ids: list, cfg: GenerationConfig, stops: tuple, emit):
+    def __init__(self, ids: list, cfg: GenerationConfig, stops: tuple, emit, stream: bool = True):
         self.ids, self.cfg, self.stops, self.emit = ids, cfg, stops, emit
+        self.stream = stream     # False: the text goes out once at the end (no event-loop wake-up per token)
         self.cancel = threading.Event()
 
     def run(self, engine, tokenizer, tok_lock) -> None:
@@ -47,13 +48,14 @@ class Job:
             end = min(hits) if hits else len(full) - hold
             if hits:
                 state["stopped"] = True
-            if end > state["sent"]:
+                state["full"] = full[:end]
+            if end > state["sent"] and self.stream:
                 self.emit("text", full[state["sent"]:end], None)
                 state["sent"] = end
 
         new, st = engine.generate(self.ids, self.cfg, on_token=on_token,
                                   should_stop=lambda: state["stopped"] or self.cancel.is_set())
-        if not state["stopped"] and len(state["full"]) > state["sent"]:
+        if len(state["full"]) > state["sent"]:      # the rest (all of it without streaming), cut at a stop string
             self.emit("text", state["full"][state["sent"]:], None)
         finish = "stop" if state["stopped"] or st.stop_reason == "eos" else \
             "cancelled" if st.stop_reason == "interrupted" else "length"
