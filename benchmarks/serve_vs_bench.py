@@ -1,8 +1,8 @@
 """ktcli serve's decode speed against ktcli bench's tg on the same profile, in the same run.
 
 Starts `ktcli serve` on a free loopback port, asks for one long completion (ignore_eos, fixed length) several
-times and reads the server's own `timings.predicted_per_second`; then runs `ktcli bench -p 0 -n N` on the same
-profile. Writes both and their ratio as JSON.
+times and reads the server's own `timings.predicted_per_second`; runs `ktcli bench -p 0 -n N` on the same
+profile before and after the server (each a fresh process: drift between processes shows on both sides). Writes both and their ratio as JSON.
 
     python benchmarks/serve_vs_bench.py PROFILE --tokens 128 --reps 3 --out r.json
 """
@@ -68,6 +68,17 @@ def with_demo_tokenizer(profile, folder):
     return out
 
 
+def run_bench(a, extra) -> dict:
+    bench_json = os.path.join(os.path.dirname(os.path.abspath(a.out)), ".serve_vs_bench_bench.json")
+    subprocess.run([sys.executable, "-m", "ktcli", "bench", *([a.profile] if a.profile else []), "-p", "0", "-n",
+                    str(a.tokens), "-r", str(a.reps), "-o", "json", "--output-file", bench_json, *extra],
+                   cwd=ROOT, check=True)
+    with open(bench_json, encoding="utf-8") as f:
+        bench = json.load(f)
+    os.remove(bench_json)
+    return bench
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("profile", nargs="?")
@@ -84,6 +95,7 @@ def main():
     from ktcli.engine.provenance import machine_info
     from ktcli.files import write_atomic
     extra = a.extra.split()
+    before = run_bench(a, extra)            # bench before and after the server: fresh-process drift shows in both
     proc, url = start_server(a.profile, extra)
     try:
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
@@ -97,15 +109,10 @@ def main():
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    bench_json = os.path.join(os.path.dirname(os.path.abspath(a.out)), ".serve_vs_bench_bench.json")
-    subprocess.run([sys.executable, "-m", "ktcli", "bench", *([a.profile] if a.profile else []), "-p", "0", "-n",
-                    str(a.tokens), "-r", str(a.reps), "-o", "json", "--output-file", bench_json, *extra],
-                   cwd=ROOT, check=True)
-    with open(bench_json, encoding="utf-8") as f:
-        bench = json.load(f)
-    os.remove(bench_json)
+    after = run_bench(a, extra)
     serve_tps = [r["predicted_per_second"] for r in runs]
-    bench_tps = bench["results"][0]["samples"]
+    bench_tps = before["results"][0]["samples"] + after["results"][0]["samples"]
+    bench = {"before": before, "after": after}
     res = {"command": " ".join(["python", *sys.argv]), "machine": machine_info(), "profile": a.profile,
            "note": "served from the architecture's config + the demo tokenizer (--demo-tokenizer)" if a.demo_tokenizer
            else "",
