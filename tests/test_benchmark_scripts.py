@@ -65,7 +65,7 @@ def test_serve_vs_bench_runs_end_to_end(tmp_path):
                     "--reps", "2", "--out", str(out)], check=True, capture_output=True, text=True, cwd=ROOT,
                    env={**os.environ, "KTCLI_BW_PROBE_MIB": "64"})
     r = json.loads(out.read_text())
-    assert len(r["serve_tps"]) == 2 and len(r["bench_tps"]) == 2 and r["serve_over_bench"] > 0
+    assert len(r["serve_tps"]) == 2 and len(r["bench_tps"]) == 4 and r["serve_over_bench"] > 0   # bench before + after
 
 
 def test_plan_check_runs_end_to_end(tmp_path):
