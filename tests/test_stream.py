@@ -111,6 +111,8 @@ def test_plan_puts_cpu_experts_prefill_on_auto_and_streams_named_gpu_prefill(cli
     assert plan == {"0": ("auto", "auto"), "1": ("cuda:0", "stream"), "2": ("cpu", "cpu")}   # cpu: KTransformers' meaning
     r = cli("validate-config", p, H100)
     assert "prefill stream buffers (2 layers)" in r.output
+    assert "layers 0: prefill auto streams chunks of ≥ " in r.output            # the choice, before anything loads
+    assert "layers 1: prefill stream streams every chunk to the GPU" in r.output
 
 
 def test_streaming_gpu_resident_experts_is_refused(cli, tmp_path, ckpt):

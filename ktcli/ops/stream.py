@@ -79,9 +79,6 @@ class Streamer:
         self.rates.cpu_bps, self.rates.cpu_flops = probe_cpu(self.layers[0], threads)
         return {"pin": t1 - t0, "stream buffers": t2 - t1, "prefill rates": time.perf_counter() - t2}
 
-    def slot_bytes(self) -> int:
-        return sum(b.numel() for s in self.slots for b in s.values())
-
     def _probe(self) -> float:
         """Pinned host → GPU copy rate, best of three, on 128 MiB (a small model's layer would measure latency)."""
         src = torch.empty(128 * 2**20, dtype=torch.uint8, pin_memory=True)
@@ -94,7 +91,6 @@ class Streamer:
             b.record()
             b.synchronize()
             best = max(best, src.numel() / (a.elapsed_time(b) / 1e3))
-        self.holds[0] = None
         return best
 
     # -- per layer -------------------------------------------------------------------------------------------
@@ -200,7 +196,7 @@ class BlockDequant:
 
     def __init__(self, pk, views, dtype):
         self.pk, self.v, self.dtype = pk, views, dtype
-        E, H = pk.gu.shape[0], pk.dn.shape[1]
+        E, H = pk.gu.shape[0], pk.dn.shape[1]   # experts, hidden
         per = 3 * pk.inter * H * 4                     # one expert's gate/up and down, fp32 while dequantizing
         self.block = max(1, min(E, self.BLOCK_BYTES // max(per, 1)))
         self.start, self.cache = -1, None
