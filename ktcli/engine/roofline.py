@@ -80,10 +80,9 @@ def prefill_roofline(built, n: int, chunk: int) -> dict | None:
         done += T
         for m in experts:
             gpu = (2 * T * other + attn) / r.gpu_flops
-            op = m.placement.prefill.op
-            if m.streamer is not None:
+            if m.streamer is not None:       # the operator's own choice (auto: the cheaper; stream: always)
                 c = layer_costs(m, T, K, r)
-                way = "stream" if op == "stream" or c["stream"] < c["cpu"] else "cpu"
+                way = "stream" if m.ops["prefill"].streams(T) else "cpu"
                 total += max(c["stream"], gpu) if way == "stream" else c["cpu"] + gpu
             elif m.home.type == "cpu":
                 way = "cpu"

@@ -50,6 +50,12 @@ def cpu_moe(x, idx, w, gate_up, down, act, out, weights=None):
     return out
 
 
+def kernel_path(ex, T: int) -> bool:
+    """Whether T tokens of this layer go through the C kernel (else torch's path); the prefill cost model reads it."""
+    return getattr(ex, "packed", None) is not None and ex.silu_act and kernels.enabled() \
+        and (T <= kernels.MAX_TOKENS or ex.quantized is not None) and kernels.get() is not None
+
+
 class CpuExperts(DeviceOp):
     def __init__(self, experts, device, staging=None):
         super().__init__(experts, device, staging)
@@ -62,8 +68,7 @@ class CpuExperts(DeviceOp):
         ex = self.experts
         packed = getattr(ex, "packed", None)
         T, S = x.shape[0], kernels.MAX_TOKENS
-        lib = kernels.get() if packed is not None and ex.silu_act and (T <= S or ex.quantized) \
-            and kernels.enabled() else None
+        lib = kernels.get() if kernel_path(ex, T) else None
         if lib is None:
             cpu_moe(x, idx, w, None, None, ex.act_fn, out, weights=lambda e: ex.expert_weights(e, x.dtype))
             return out

@@ -16,7 +16,7 @@ import torch
 
 from . import kernels
 from .base import DeviceOp
-from .cpu import CpuExperts, cpu_moe
+from .cpu import CpuExperts, cpu_moe, kernel_path
 
 
 @dataclass
@@ -59,11 +59,8 @@ def layer_costs(experts, T: int, K: int, rates: PrefillRates) -> dict:
     src = experts.stream_src
     E, H, I = experts.num_experts, experts.hidden, experts.inter
     per = src.nbytes() / E
-    kernel_path = kernels.enabled() and kernels.get() is not None and experts.silu_act \
-        and getattr(experts, "packed", None) is not None \
-        and (T <= kernels.MAX_TOKENS or src.fmt in ("int8", "int4"))
     return {"stream": stream_seconds(src.nbytes(), rates),
-            "cpu": cpu_seconds(E, K, H, I, per, T, kernel_path, rates)}
+            "cpu": cpu_seconds(E, K, H, I, per, T, kernel_path(experts, T), rates)}
 
 
 def probe_cpu(experts, threads: int) -> tuple:
