@@ -100,15 +100,17 @@ def phase_times(call, n, threads):
     """Where one call's time goes (µs since the kernel's entry, median over n calls): the thread team forked, all
     threads in, the input ready, the first and the last thread done with gate/up rows and with down rows, the
     output written, the kernel returned; "call" is the whole call as Python times it, from before the kernel's
-    entry (the rest is the Runner, ctypes and this profile's own bookkeeping)."""
+    entry (the rest is the Runner, ctypes and this profile's own bookkeeping); "joined" how many members took part."""
     rows = []
     for i in range(n):
         t0 = time.perf_counter()
         p = kernels.profile(lambda: call(i), threads)
         total = (time.perf_counter() - t0) * 1e6
-        rows.append({"fork": p["fork"], "team": max(p["start"]), "prep": max(p["prep"]), "gate_up_first": min(p["gate_up"]),
-                     "gate_up_last": max(p["gate_up"]), "down_first": min(p["down"]), "down_last": max(p["down"]),
-                     "end": max(p["end"]), "exit": p["exit"], "call": total})
+        v = {k: [t for t in p[k] if t is not None] or [float("nan")] for k in kernels.STAMPS}   # members that joined
+        rows.append({"fork": p["fork"], "team": max(v["start"]), "joined": len(v["start"]), "prep": max(v["prep"]),
+                     "gate_up_first": min(v["gate_up"]), "gate_up_last": max(v["gate_up"]),
+                     "down_first": min(v["down"]), "down_last": max(v["down"]), "end": max(v["end"]),
+                     "exit": p["exit"], "call": total})
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
 

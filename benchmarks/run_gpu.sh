@@ -7,7 +7,7 @@ what=$1; out=$2
 export KTCLI_CACHE=/tmp/ktcli-cache PYTHONUNBUFFERED=1
 case $what in
   tests)    # GPU tests (graphs, operators, kernel paths), each test named in the log
-    python3 -m pytest -v -p no:cacheprovider tests/test_graphs.py tests/test_stream_gpu.py tests/test_ops.py \
+    python3 -m pytest -v -p no:cacheprovider tests/test_graphs.py tests/test_team.py tests/test_stream_gpu.py tests/test_ops.py \
         tests/test_kernels.py tests/test_kernel_model.py tests/test_benchmark_scripts.py 2>&1 | tee $out/gpu-tests.log | tail -3 ;;
   kernel)   # CPU expert kernel per format and batch, Qwen2-57B and Qwen3-30B expert shapes, against the ceiling
             # (~30 s a row on the H200 host: 18 rows, about 9 minutes; cut runs keep their ceiling)
@@ -21,12 +21,15 @@ case $what in
       python3 -m ktcli bench profiles/qwen3-30b-a3b-gpu-half.yaml profiles/qwen3-30b-a3b-cpu-experts-int4.yaml \
           -p 0 -n 64 -r 3 --graph-mode full --num-layers 16 -o json --output-file $out/decode-fresh-$i.json
     done ;;
-  decode)   # decode, graphs off vs full, both architectures' headline placements
-    python3 -m ktcli bench profiles/qwen2-57b-a14b-gpu01-graphs.yaml -p 0 -n 32 -r 3 --graph-mode off,full \
-        -o json --output-file $out/decode-qwen2-57b-a14b.json
-    python3 -m ktcli bench profiles/qwen3-30b-a3b-cpu-experts.yaml profiles/qwen3-30b-a3b-gpu-half.yaml \
-        profiles/qwen3-30b-a3b-cpu-experts-int4.yaml -p 512 -n 64 -r 3 --graph-mode off,full \
-        -o json --output-file $out/decode-qwen3-30b-a3b.json ;;
+  decode)   # #15: tg128 with full graphs, every target placement; MODELS=qwen3 or qwen2 (Qwen2's int8 quantizes 26
+            # layers at load: ~140 s)
+    case ${MODELS:-qwen3} in
+      qwen3) python3 -m ktcli bench profiles/qwen3-30b-a3b-cpu-experts.yaml profiles/qwen3-30b-a3b-gpu-half.yaml \
+          profiles/qwen3-30b-a3b-cpu-experts-int4.yaml profiles/qwen3-30b-a3b-cpu-experts-int8.yaml \
+          -p 0 -n 128 -r 3 --graph-mode full -o json --output-file $out/decode-qwen3-30b-a3b.json ;;
+      qwen2) python3 -m ktcli bench profiles/qwen2-57b-a14b-gpu01-graphs.yaml profiles/qwen2-57b-a14b-gpu01-graphs-int8.yaml \
+          -p 0 -n 128 -r 3 --graph-mode full -o json --output-file $out/decode-qwen2-57b-a14b.json ;;
+    esac ;;
   parity)   # graph replay == eager, token for token, full-size placements
     python3 benchmarks/graph_parity.py profiles/qwen3-30b-a3b-gpu-half.yaml profiles/qwen3-30b-a3b-cpu-experts.yaml \
         --tokens 64 --out $out/parity-qwen3-30b.json

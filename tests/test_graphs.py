@@ -73,9 +73,10 @@ def test_quantized_cpu_experts_under_graphs_equal_eager(tmp_path, ckpt, fmt, gro
 
 @pytest.mark.parametrize("mode", ["full", "piecewise"])
 def test_an_error_inside_the_cpu_step_reaches_the_caller(tmp_path, ckpt, mode, monkeypatch):
-    """A CPU-expert failure during replay (inside a host callback under full graphs) is raised to the caller with
-    its cause, not lost; the engine decodes again once the fault is gone."""
+    """A CPU-expert failure during replay in the Python step (inside a host callback under full graphs) is raised
+    to the caller with its cause, not lost; the engine decodes again once the fault is gone."""
     from ktcli.ops.cpu import CpuExperts
+    monkeypatch.setattr(CpuExperts, "host_block", lambda self, T: None)   # the Python step, not the C one
     b = built(tmp_path, ckpt, PLACEMENTS["seed"], dtype="bfloat16", max_seq_len=256)
     g = Engine(b, graph_mode=mode)
     g.prepare()
@@ -91,5 +92,30 @@ def test_an_error_inside_the_cpu_step_reaches_the_caller(tmp_path, ckpt, mode, m
     with pytest.raises((RuntimeError, ValueError), match="injected CPU-expert fault"):
         g.generate([5, 6, 7], cfg)
     monkeypatch.setattr(CpuExperts, "_moe", real)
+    torch.cuda.synchronize()
+    assert g.generate([5, 6, 7], cfg)[0] == ok
+
+
+@pytest.mark.parametrize("mode", ["full", "piecewise", "off"])
+def test_an_error_inside_the_c_host_step_is_one_clear_error(tmp_path, ckpt, mode):
+    """The C step (moe_host on a block built before capture) refusing its arguments — here every layer's block
+    told its layer has one expert — is raised once after the replay as one RuntimeError, in every graph mode;
+    with the blocks repaired the engine decodes as before."""
+    from ktcli.ops.cpu import CpuExperts
+    b = built(tmp_path, ckpt, PLACEMENTS["all-cpu"], dtype="bfloat16", max_seq_len=256)
+    g = Engine(b, graph_mode=mode)
+    g.prepare()
+    cfg = GenerationConfig(max_new_tokens=8, ignore_eos=True)
+    ok = g.generate([5, 6, 7], cfg)[0]
+    blocks = [blk for m in b.model.modules() if hasattr(m, "ops") for op in m.ops.values()
+              if isinstance(op, CpuExperts) for blk in op.runner.calls.values() if blk.call.T == 1]
+    assert blocks, "decode used the C step"
+    experts = [blk.call.E for blk in blocks]
+    for blk in blocks:
+        blk.call.E = 1
+    with pytest.raises(RuntimeError, match="refused"):
+        g.generate([5, 6, 7], cfg)
+    for blk, e in zip(blocks, experts):
+        blk.call.E = e
     torch.cuda.synchronize()
     assert g.generate([5, 6, 7], cfg)[0] == ok

@@ -57,7 +57,22 @@ def run_test(engine, kind: str, n: int, reps: int, warmup: int, seed: int = 0, t
         extra["prefill_roofline"] = prefill_roofline(engine.built, n, engine.chunk)
         extra["prefill_phases"] = {k: sums.get(k, 0) / len(timed) for k in
                                    ("upload_s", "stall_s", "upload_bytes", "layers_streamed", "layers_cpu")}
-    return {"samples": samples, "reps": timed, **extra,
-            "breakdown": {"ms_per_token": total * per_tok, "cpu_experts_ms": cpu * per_tok,
-                          "kernel_ms": sums.get("kernel_s", 0.0) * per_tok, "fixed_us_per_layer": fixed_cost_us(sums),
-                          "gpu_wait_ms": gpu * per_tok, "other_ms": max(total - cpu - gpu, 0.0) * per_tok}}
+    calls = sums.get("cpu_layer_calls", 0)
+    bd = {"ms_per_token": total * per_tok, "cpu_experts_ms": cpu * per_tok,
+          "kernel_ms": sums.get("kernel_s", 0.0) * per_tok, "fixed_us_per_layer": fixed_cost_us(sums),
+          "kernel_us_per_layer": sums.get("kernel_s", 0.0) / calls * 1e6 if calls else None,
+          "gpu_wait_ms": gpu * per_tok, "other_ms": max(total - cpu - gpu, 0.0) * per_tok}
+    if kind == "tg" and calls and getattr(engine.graph, "mode", None) == "full":
+        bd["host_node_us"] = _host_node_us(engine)   # the part of the fixed cost no host clock sees
+        if bd["host_node_us"] is not None and bd["fixed_us_per_layer"] is not None:
+            bd["fixed_us_per_layer"] += bd["host_node_us"]
+    return {"samples": samples, "reps": timed, **extra, "breakdown": bd}
+
+
+def _host_node_us(engine) -> float | None:
+    """bridge.host_node_us with the CPU experts' thread count, measured once per engine."""
+    if not hasattr(engine, "_host_node_us"):
+        from ..ops.bridge import host_node_us
+        st = engine.built.staging
+        engine._host_node_us = host_node_us((st.threads if st else 0) or torch.get_num_threads())
+    return engine._host_node_us

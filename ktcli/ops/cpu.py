@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import bridge as bridge_mod
-from .clocks import HostClock, KernelClock, KernelRate, StepClock, SyncClock
+from .clocks import HostClock, StepClock, SyncClock
 from . import kernels
 from .base import DeviceOp
 from .worker import worker
@@ -72,22 +72,21 @@ class CpuExperts(DeviceOp):
         if lib is None:
             cpu_moe(x, idx, w, None, None, ex.act_fn, out, weights=lambda e: ex.expert_weights(e, x.dtype))
             return out
-        threads = (self.staging.threads if self.staging else 0) or torch.get_num_threads()
-        t0 = time.perf_counter()
         for a in range(0, T, S):                    # [T,H] in row slices: each stays contiguous
-            self.runner(lib, x[a:a + S], idx[a:a + S], w[a:a + S], packed, out[a:a + S], threads)
-        dt = time.perf_counter() - t0
-        KernelClock.add(dt)
-        if T <= S:                                  # decode-sized calls set the streaming-rate ceiling
-            used = len(set(idx.reshape(-1).tolist()))           # experts read by this call
-            KernelRate.offer(used * self._expert_bytes(packed), dt)
-        return out
+            self.runner(lib, x[a:a + S], idx[a:a + S], w[a:a + S], packed, out[a:a + S], self._threads())
+        return out                                  # the kernel times its own calls (clocks.pull_kernel)
 
-    def _expert_bytes(self, packed) -> float:
-        """Stored bytes of one expert (scales included), computed once: decode calls this every layer."""
-        if getattr(self, "_per_expert", None) is None:
-            self._per_expert = packed.nbytes() / packed.gu.shape[0]
-        return self._per_expert
+    def _threads(self) -> int:
+        return (self.staging.threads if self.staging else 0) or torch.get_num_threads()
+
+    def host_block(self, T: int):
+        """The C kernel's argument block for T staged tokens (decode-sized), or None where the layer takes the
+        Python path (no kernel, a format or dtype it does not take directly)."""
+        ex, st = self.experts, self.staging
+        if T > kernels.MAX_TOKENS or not kernel_path(ex, T):
+            return None
+        return self.runner.prepare(kernels.get(), st.x[:T], st.idx[:T], st.w[:T], ex.packed, st.y[:T],
+                                   self._threads())
 
     def compute(self, x, idx, w):
         return self._moe(x, idx, w, torch.empty_like(x))
@@ -120,12 +119,16 @@ class CpuExperts(DeviceOp):
         st.idx[:T].copy_(idx, non_blocking=True)
         st.w[:T].copy_(w, non_blocking=True)
         bridge = bridge_mod.active()
-        step = lambda: self._step(T)   # noqa: E731
+        block = self.host_block(T)
+        # the C step (no Python inside a CUDA graph), else the Python step on the CPU worker
+        step = (lambda: block.run_host(kernels.get())) if block is not None else (lambda: self._step(T))
         if bridge is None:
             t0 = time.perf_counter()
             torch.cuda.current_stream(x.device).synchronize()
             SyncClock.add(time.perf_counter() - t0)
             step()
+        elif block is not None:
+            bridge.host_call(block, step)
         else:
             bridge.cpu_step(step)
         return st.y[:T].to(x.device, non_blocking=True)

@@ -1,12 +1,13 @@
 """The CPU expert kernel (csrc/moe_cpu.c): compiled from source on first use for this machine's CPU.
 
-Built with gcc -O3 -march=native (the instruction set is the running CPU's: AVX-512, AVX2, or plain), linked
-against torch's own libgomp so kernel and torch share one OpenMP thread pool. If gcc is missing or the build
-fails, `get()` returns None and the pure-torch path runs instead. KTCLI_CPU_CFLAGS adds compiler flags (A/B
+Built with gcc -O3 -march=native (the instruction set is the running CPU's: AVX-512, AVX2, or plain). Its threads
+are its own persistent team (csrc/team.h), not OpenMP: whichever thread calls (a CUDA host function, the main
+thread) gets the same pinned workers, woken in microseconds. If gcc is missing or the build fails, `get()` returns None and the pure-torch path runs instead. KTCLI_CPU_CFLAGS adds compiler flags (A/B
 builds of a compile-time variant in benchmarks, e.g. -DNDEBUG); they are part of the cached build's name.
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import glob
 import hashlib
@@ -34,27 +35,21 @@ def _cpu_flags() -> str:
         return ""
 
 
-def _torch_gomp() -> str | None:
-    libs = glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp*.so*"))
-    return libs[0] if libs else None
-
-
 def _target(cache: str | None = None) -> tuple:
-    """(compiler, torch's libgomp, extra flags, the cached library's path for this source/CPU/compiler/flags)."""
+    """(compiler, extra flags, the cached library's path for this source/CPU/compiler/flags)."""
     from ..files import cache_root
     cc = shutil.which(os.environ.get("CC", "gcc"))
     if cc is None:
         raise RuntimeError("no C compiler (gcc) on PATH")
-    gomp = _torch_gomp()
     src = b""
     for path in (SRC, *HEADERS):
         with open(path, "rb") as f:
             src += f.read()
     extra = os.environ.get("KTCLI_CPU_CFLAGS", "").split()
-    ident = src + _cpu_flags().encode() + str(gomp).encode() + cc.encode() + " ".join(extra).encode()
+    ident = src + _cpu_flags().encode() + cc.encode() + " ".join(extra).encode()
     key = hashlib.sha1(ident).hexdigest()[:16]
     folder = cache or os.path.join(cache_root(), "kernels")
-    return cc, gomp, extra, os.path.join(folder, f"moe_cpu-{key}.so")
+    return cc, extra, os.path.join(folder, f"moe_cpu-{key}.so")
 
 
 def needs_build() -> bool:
@@ -62,23 +57,22 @@ def needs_build() -> bool:
     if _state["tried"]:
         return False
     try:
-        return not os.path.isfile(_target()[3])
+        return not os.path.isfile(_target()[2])
     except RuntimeError:
         return False
 
 
 def build(cache: str | None = None) -> str:
-    cc, gomp, extra, out = _target(cache)
+    cc, extra, out = _target(cache)
     folder = os.path.dirname(out)
     if os.path.isfile(out):
         return out
     os.makedirs(folder, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         obj, so = os.path.join(tmp, "k.o"), os.path.join(tmp, "k.so")
-        flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-fno-math-errno", *extra]
+        flags = ["-O3", "-march=native", "-fopenmp-simd", "-pthread", "-fPIC", "-fno-math-errno", *extra]
         subprocess.run([cc, *flags, "-c", SRC, "-o", obj], check=True, capture_output=True, text=True)
-        link = [gomp, f"-Wl,-rpath,{os.path.dirname(gomp)}"] if gomp else ["-fopenmp"]
-        subprocess.run([cc, "-shared", obj, "-o", so, *link, "-lm"], check=True, capture_output=True, text=True)
+        subprocess.run([cc, "-shared", obj, "-o", so, "-pthread", "-lm"], check=True, capture_output=True, text=True)
         os.replace(so, out)
     return out
 
@@ -98,6 +92,14 @@ def get():
                     lib.moe_tune.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
                     lib.moe_profile.argtypes = [ctypes.c_void_p]
                     lib.moe_call.argtypes = [ctypes.c_void_p]
+                    lib.moe_host.argtypes = [ctypes.c_void_p]
+                    lib.moe_host.restype = None
+                    lib.moe_nop.argtypes = [ctypes.c_void_p]
+                    lib.moe_nop.restype = None
+                    lib.moe_stats.argtypes = [ctypes.c_void_p]
+                    lib.moe_team.argtypes = [ctypes.c_void_p]
+                    lib.moe_errors.restype = ctypes.c_int
+                    atexit.register(lib.moe_shutdown)   # workers joined before the interpreter goes
                     _state["lib"] = lib
                     act = os.environ.get("KTCLI_CPU_INT8_ACT")   # 0/1 overrides "where VNNI exists"
                     if act in ("0", "1"):
@@ -120,16 +122,20 @@ def bf16_activations() -> bool:
     return caps()["dpbf16"]
 
 
-KNOBS = ("chunk", "prefetch", "int8_act", "pipeline")
+KNOBS = ("chunk", "prefetch", "int8_act", "pipeline", "spin_us", "pin")
 
 
-def tune(chunk: int = -1, prefetch: int = -1, int8_act: int = -1, pipeline: int = -1) -> tuple:
+def tune(chunk: int = -1, prefetch: int = -1, int8_act: int = -1, pipeline: int = -1, spin_us: int = -1,
+         pin: int = -1) -> tuple:
     """Kernel knobs (benchmarks, tests); -1 keeps a setting. chunk: rows handed to threads in tasks of this many
     KiB of weights (0 = one contiguous range per thread); prefetch: software prefetch distance in bytes (0 = off);
     int8_act: int8 activations for int8/int4 weights (1 on, 0 off); pipeline: one task list over both matrices,
-    an expert's down rows waiting only for its own gate/up rows (1), or two phases with a barrier between (0).
-    Returns the previous settings, in KNOBS order, which `tune(*was)` restores."""
-    return _tune(get(), chunk=chunk, prefetch=prefetch, int8_act=int8_act, pipeline=pipeline)
+    an expert's down rows waiting only for its own gate/up rows (1), or two phases with a barrier between (0);
+    spin_us: how long an idle worker spins before sleeping (KTCLI_CPU_SPIN_US); pin: workers pinned to cores
+    (KTCLI_CPU_PIN; a change restarts the team). Returns the previous settings, in KNOBS order, which
+    `tune(*was)` restores."""
+    return _tune(get(), chunk=chunk, prefetch=prefetch, int8_act=int8_act, pipeline=pipeline, spin_us=spin_us,
+                 pin=pin)
 
 
 def _tune(lib, **knobs) -> tuple:
@@ -138,14 +144,43 @@ def _tune(lib, **knobs) -> tuple:
     return tuple(was)
 
 
+def team() -> dict:
+    """The kernel's thread team now: members (0 before the first call) and whether its workers are pinned."""
+    out = (ctypes.c_int * 2)()
+    get().moe_team(out)
+    return {"threads": out[0], "pinned": bool(out[1])}
+
+
+STATS = ("calls", "kernel_s", "host_calls", "host_s", "best_bps", "errors")
+
+
+def take_stats() -> dict | None:
+    """The kernel's own counters since the last take (then zeroed), or None before the library is loaded: calls
+    and seconds of every kernel call, of every layer step (moe_host: CUDA host functions, piecewise and eager
+    decode), the fastest call's selected-expert bytes/s, refused host calls."""
+    lib = _state["lib"]
+    if lib is None:
+        return None
+    out = (ctypes.c_double * len(STATS))()
+    lib.moe_stats(out)
+    return dict(zip(STATS, out))
+
+
+def host_errors() -> int:
+    """Host-function calls whose arguments the kernel refused since the last check (then zeroed)."""
+    lib = _state["lib"]
+    return lib.moe_errors() if lib is not None else 0
+
+
 STAMPS = ("start", "prep", "gate_up", "down", "end")   # moe_cpu.c's T_* slots, 8 per thread
 
 
 def profile(fn, threads: int) -> dict:
-    """Runs fn() (one kernel call) with timestamps on; returns µs since the kernel's entry: "fork" the thread
-    team started, "exit" the kernel returning, and per thread (lists) "start" entering the parallel region,
-    "prep" the input ready, "gate_up" its last gate/up task done, "down" its last down task done (before the
-    barrier), "end" its share of the output written."""
+    """Runs fn() (one kernel call) with timestamps on; returns µs since the kernel's entry: "fork" the team
+    started, "exit" the kernel returning, and per member (lists) "start" joining the call, "prep" the input
+    ready, "gate_up" its last gate/up task done, "down" its last down task done, "end" its share of the output
+    written. A member that did not join the call (it woke after the work was done) or took no task of a phase
+    has None there."""
     lib = get()
     buf = (ctypes.c_double * (4 + 8 * threads))()
     lib.moe_profile(buf)
@@ -153,7 +188,7 @@ def profile(fn, threads: int) -> dict:
         fn()
     finally:
         lib.moe_profile(None)
-    us = [1e6 * (v - buf[0]) for v in buf]
+    us = [1e6 * (v - buf[0]) if v else None for v in buf]
     return {"fork": us[1], "exit": us[2], **{k: us[4 + i::8][:threads] for i, k in enumerate(STAMPS)}}
 
 
@@ -163,7 +198,7 @@ class _Call(ctypes.Structure):
                 *((n, ctypes.c_void_p) for n in ("x", "idx", "wts")),
                 ("fmt", ctypes.c_int), ("G", ctypes.c_int),
                 *((n, ctypes.c_void_p) for n in ("gu", "gu_s", "dn", "dn_s", "out", "scratch")),
-                ("threads", ctypes.c_int), ("io", ctypes.c_int), ("E", ctypes.c_int)]
+                ("threads", ctypes.c_int), ("io", ctypes.c_int), ("E", ctypes.c_int), ("rc", ctypes.c_int)]
 
 
 def enabled() -> bool:
@@ -193,34 +228,67 @@ class Runner:
             b = self.bufs[name] = torch.empty(n, dtype=dtype)
         return b[:n]
 
+    def prepare(self, lib, x, idx, w, weights, out, threads: int):
+        """The kernel's argument block for these buffers (x/w/out bf16 or fp32 alike, contiguous; idx int64), built
+        once and kept with the scratch it points at; None when the buffers need conversion first. A CUDA graph
+        records the block's address: the caller keeps the returned object alive as long as the graph."""
+        T, H = x.shape
+        K = idx.shape[1]
+        direct = next((io for io, dt in enumerate((torch.float32, torch.bfloat16))
+                       if x.dtype == w.dtype == out.dtype == dt), None)
+        if direct is None or not (x.is_contiguous() and w.is_contiguous() and out.is_contiguous()) \
+                or idx.dtype != torch.int64 or not idx.is_contiguous():
+            return None
+        wt = (weights.gu, weights.gu_s, weights.dn, weights.dn_s)
+        key = (x.data_ptr(), idx.data_ptr(), w.data_ptr(), out.data_ptr(), T, K, threads, direct, weights.fmt,
+               weights.group, weights.inter, *(t.data_ptr() if t is not None else 0 for t in wt))
+        block = self.calls.get(key)
+        if block is None:
+            I = weights.inter
+            need = lib.moe_scratch_bytes(T, K, H, I)
+            if len(self.calls) > 64:
+                self.calls.clear()   # blocks a graph still uses are kept alive by the graph's owner
+            scratch = self.bufs.get("scratch")
+            if scratch is None or scratch.numel() < need:   # a new buffer: blocks made before keep the old one
+                scratch = self.bufs["scratch"] = torch.empty(need, dtype=torch.uint8)
+            call = _Call(T, K, H, I, _p(x), _p(idx), _p(w), FORMATS[weights.fmt], weights.group, *(_p(t) for t in wt),
+                         _p(out), _p(scratch), threads, direct, weights.gu.shape[0], 0)
+            block = self.calls[key] = Block(call, scratch)
+        return block
+
     def __call__(self, lib, x, idx, w, weights, out, threads: int) -> None:
         """x [T,H], idx [T,K], w [T,K], out [T,H] (any float dtype); weights: an ExpertWeights of E experts (the
         kernel refuses ids outside [0, E))."""
         T, H = x.shape
         K = idx.shape[1]
-        direct = next((io for io, dt in enumerate((torch.float32, torch.bfloat16))
-                       if x.dtype == w.dtype == out.dtype == dt), None)
-        if direct is None or not (x.is_contiguous() and w.is_contiguous() and out.is_contiguous()):
+        if idx.dtype != torch.int64 or not idx.is_contiguous():
+            idx = self._buf("idx", T * K, torch.int64).view(T, K).copy_(idx)
+        block = self.prepare(lib, x, idx, w, weights, out, threads)
+        if block is None:
             of = self._buf("out", T * H).view(T, H)
             self(lib, self._buf("x", T * H).view(T, H).copy_(x), idx, self._buf("w", T * K).view(T, K).copy_(w),
                  weights, of, threads)
             out.copy_(of)
             return
-        if idx.dtype != torch.int64 or not idx.is_contiguous():
-            idx = self._buf("idx", T * K, torch.int64).view(T, K).copy_(idx)
-        wt = (weights.gu, weights.gu_s, weights.dn, weights.dn_s)
-        key = (x.data_ptr(), idx.data_ptr(), w.data_ptr(), out.data_ptr(), T, K, threads, direct, weights.fmt,
-               weights.group, weights.inter, *(t.data_ptr() if t is not None else 0 for t in wt))
-        args = self.calls.get(key)
-        if args is None:
-            I = weights.inter
-            need = lib.moe_scratch_bytes(T, K, H, I)
-            if len(self.calls) > 64 or self.bufs.get("scratch") is None or self.bufs["scratch"].numel() < need:
-                self.calls.clear()   # the cached argument lists point at the scratch buffer about to be replaced
-            scratch = self._buf("scratch", need, torch.uint8)
-            call = _Call(T, K, H, I, _p(x), _p(idx), _p(w), FORMATS[weights.fmt], weights.group, *(_p(t) for t in wt),
-                         _p(out), _p(scratch), threads, direct, weights.gu.shape[0])
-            args = self.calls[key] = (call, ctypes.addressof(call))   # the struct kept alive beside its address
-        if lib.moe_call(args[1]) != 0:
-            raise RuntimeError(f"moe_forward rejected its arguments (T={T}, K={K}, E={weights.gu.shape[0]}, "
-                               f"group={weights.group}; expert ids must lie in [0, E))")
+        if lib.moe_call(block.addr) != 0:
+            raise refused(T, K, weights)
+
+
+def refused(T, K, weights) -> RuntimeError:
+    return RuntimeError(f"moe_forward rejected its arguments (T={T}, K={K}, E={weights.gu.shape[0]}, "
+                        f"group={weights.group}; expert ids must lie in [0, E))")
+
+
+class Block:
+    """One kernel argument block (moe_cpu.c's Call) with the scratch it points at; `addr` is what C receives."""
+
+    def __init__(self, call, scratch):
+        self.call, self.scratch, self.addr = call, scratch, ctypes.addressof(call)
+
+    def run_host(self, lib) -> None:
+        """The layer step as a CUDA host function would run it (eager and piecewise decode): same C entry."""
+        lib.moe_host(self.addr)
+        if self.call.rc != 0:
+            lib.moe_errors()   # raised here: not again after a later graph replay
+            raise RuntimeError("the CPU expert kernel refused its arguments (an expert id outside [0, E) or bad "
+                               "sizes)")

@@ -9,11 +9,12 @@
  *   offset 8) + fp32 scale per group of G inputs.
  * Activations x [T, H], routing weights [T, K] and out [T, H] are fp32 (io = 0) or bf16 (io = 1).
  */
+#define _GNU_SOURCE   /* CPU affinity (team.h) */
 #include <math.h>
-#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
+#include "team.h"
 #include "dots.h"
 #include "acts.h"
 #include "rows.h"
@@ -25,21 +26,39 @@ static double *prof;             /* moe_profile(): per-thread timestamps of the 
 
 int moe_caps(void) { return HAS_DPBF16 | HAS_VNNI << 1; }
 
-/* Tuning knobs for benchmarks and tests, in this order: chunk, prefetch, idot, pipelined. Writes the
- * settings in force to was[4], then applies set[4] (a negative value keeps a setting). */
+/* Tuning knobs for benchmarks and tests, in this order: chunk, prefetch, idot, pipelined, spin_us, pin. Writes
+ * the settings in force to was[6], then applies set[6] (a negative value keeps a setting). A new pin setting
+ * restarts the thread team. */
 void moe_tune(const int *set, int *was) {
-    int *knob[] = {&chunk_kb, &pf_bytes, &int_dot, &pipelined};
-    for (int k = 0; k < 4; k++) {
+    int *knob[] = {&chunk_kb, &pf_bytes, &int_dot, &pipelined, &spin_us, &pin};
+    for (int k = 0; k < 6; k++) {
         was[k] = *knob[k];
         if (set[k] >= 0) *knob[k] = set[k];
     }
+    if (set[5] >= 0 && set[5] != was[5]) {
+        pthread_mutex_lock(&team_lock);
+        team_stop();
+        pthread_mutex_unlock(&team_lock);
+    }
 }
 
-/* Timestamps (omp_get_wtime) of each call from now on: buf[0] the call's entry, buf[1] the thread team's fork,
- * buf[2] the return, then 8 slots per thread (T_* below); NULL stops. buf holds 4 + 8 × threads doubles. */
+/* Stops the thread team (the next call starts a new one): at exit, so no worker outlives the interpreter. */
+void moe_shutdown(void) {
+    pthread_mutex_lock(&team_lock);
+    team_stop();
+    pthread_mutex_unlock(&team_lock);
+}
+
+/* Members in the team and whether they are pinned: out[2]. */
+void moe_team(int *out) { out[0] = team.n, out[1] = team.pinned; }
+
+static double secs(void) { return now_ns() * 1e-9; }
+
+/* Timestamps (seconds) of each call from now on: buf[0] the call's entry, buf[1] the team's start, buf[2] the
+ * return, then 8 slots per member (T_* below); NULL stops. buf holds 4 + 8 × threads doubles. */
 enum { T_START, T_PREP, T_GATE_UP, T_DOWN, T_END };
 void moe_profile(double *buf) { prof = buf; }
-#define STAMP(k) do { if (prof) prof[4 + 8 * omp_get_thread_num() + (k)] = omp_get_wtime(); } while (0)
+#define STAMP(id, k) do { if (prof) prof[4 + 8 * (id) + (k)] = secs(); } while (0)
 
 static int path_for(int fmt, int C, int G) {
     if (fmt == 0) return HAS_DPBF16 ? DPBF16 : FLOAT;
@@ -61,23 +80,38 @@ static void task_rows(const Mat *m, int R, const Acts *a, long b, long rpb, long
     expert_rows(m, R, a, u, r0, r1, uniq, start, order, K, by_token, out);
 }
 
-/* Every selected expert's rows of one matrix against the vectors routed to it: out[p * R + row] for pair p
- * (no barrier at the end: the caller's). Tasks handed out as threads free up (dynamic schedule); chunk_kb = 0 splits the U·R rows into one contiguous range per thread instead (the same rows every
- * call: benchmarks use it to keep weights in each core's L2). */
+/* Tasks of one matrix: chunk_kb KiB of rows each, or (chunk_kb = 0) one contiguous range of the U·R rows per
+ * member, the same rows every call (benchmarks use it to keep weights in each core's L2). */
+static long matrix_tasks(const Mat *m, int R, const Acts *a, int U, int n) {
+    if (chunk_kb == 0) return n;
+    long rpb = rows_per_task(m, R, a->n);
+    return U * ((R + rpb - 1) / rpb);
+}
+
+/* Every selected expert's rows of one matrix against the vectors routed to it: out[p * R + row] for pair p.
+ * Tasks go to members as they free up (*next); each finished task counts in *fin. With chunk_kb = 0 member id
+ * takes range id first, then any range left (claimed[]: ranges taken). */
 static void matrix_rows(const Mat *m, int R, const Acts *a, int U, const int *uniq, const int *start,
-                        const int *order, int K, int by_token, float *out) {
+                        const int *order, int K, int by_token, float *out, long *next, long *fin, int *claimed,
+                        int id, int n) {
     if (chunk_kb == 0) {
-        long N = (long)U * R, nth = omp_get_num_threads(), id = omp_get_thread_num();
-        for (long g = N * id / nth, g1 = N * (id + 1) / nth; g < g1;) {
-            int u = (int)(g / R), r0 = (int)(g % R), r1 = g1 - g < R - r0 ? r0 + (int)(g1 - g) : R;
-            expert_rows(m, R, a, u, r0, r1, uniq, start, order, K, by_token, out);
-            g += r1 - r0;
+        for (int k = 0; k < n; k++) {
+            int r = (id + k) % n;
+            if (__atomic_exchange_n(&claimed[r], 1, __ATOMIC_RELAXED)) continue;
+            long g, g1;
+            split((long)U * R, r, n, &g, &g1);
+            while (g < g1) {
+                int u = (int)(g / R), r0 = (int)(g % R), r1 = g1 - g < R - r0 ? r0 + (int)(g1 - g) : R;
+                expert_rows(m, R, a, u, r0, r1, uniq, start, order, K, by_token, out);
+                g += r1 - r0;
+            }
+            done(fin, 1);
         }
         return;
     }
     long rpb = rows_per_task(m, R, a->n), tpe = (R + rpb - 1) / rpb;
-#pragma omp for schedule(runtime) nowait
-    for (long b = 0; b < U * tpe; b++) task_rows(m, R, a, b, rpb, tpe, uniq, start, order, K, by_token, out);
+    for (long b; (b = claim(next, U * tpe)) >= 0; done(fin, 1))
+        task_rows(m, R, a, b, rpb, tpe, uniq, start, order, K, by_token, out);
 }
 
 /* h = SiLU(gate) * up for pair p, prepared for the down rows' dot path. */
@@ -90,8 +124,8 @@ static void act_pair(Scratch *s, int p, int I) {
 }
 
 /* The pipelined schedule: one task counter over the gate/up tasks of every expert, then its down tasks. An
- * expert's down tasks wait only for that expert's own gate/up tasks (the thread finishing the last one computes
- * its h), so threads done with gate/up rows go on to down rows without a barrier between the matrices. */
+ * expert's down tasks wait only for that expert's own gate/up tasks (the member finishing the last one computes
+ * its h), so members done with gate/up rows go on to down rows without a barrier between the matrices. */
 static void pipe_init(Pipe *pp, const Mat *mg, int U, int H, int I) {
     long rg = rows_per_task(mg, 2 * I, H);
     pp->next = 0;
@@ -99,13 +133,13 @@ static void pipe_init(Pipe *pp, const Mat *mg, int U, int H, int I) {
 }
 
 static void pipelined_rows(Pipe *pp, const Mat *mg, const Mat *md, Scratch *s, int U, int H, int I,
-                           const int *uniq, const int *start, const int *order, int K) {
+                           const int *uniq, const int *start, const int *order, int K, int id, long *fin) {
     long rg = rows_per_task(mg, 2 * I, H), tg = (2 * I + rg - 1) / rg, ng = U * tg;
     long rd = rows_per_task(md, H, I), td = (H + rd - 1) / rd;
     for (long b; (b = __atomic_fetch_add(&pp->next, 1, __ATOMIC_RELAXED)) < ng + U * td;) {
         if (b < ng) {
             task_rows(mg, 2 * I, &s->xa, b, rg, tg, uniq, start, order, K, 1, s->gu_out);
-            STAMP(T_GATE_UP);
+            STAMP(id, T_GATE_UP);
             int u = (int)(b / tg);
             if (__atomic_sub_fetch(&pp->left[u], 1, __ATOMIC_ACQ_REL) == 0) {   /* sees every task's rows */
                 for (int q = start[u]; q < start[u + 1]; q++) act_pair(s, order[q], I);
@@ -114,13 +148,12 @@ static void pipelined_rows(Pipe *pp, const Mat *mg, const Mat *md, Scratch *s, i
             continue;
         }
         b -= ng;
-        while (!__atomic_load_n(&pp->ready[b / td], __ATOMIC_ACQUIRE))
-#if defined(__x86_64__)
-            __builtin_ia32_pause();
-#else
-            ;
-#endif
+        for (int i = 1; !__atomic_load_n(&pp->ready[b / td], __ATOMIC_ACQUIRE); i++) {
+            cpu_relax();
+            if ((i & 1023) == 0) sched_yield();   /* the member computing h may wait for this core */
+        }
         task_rows(md, H, &s->ha, b, rd, td, uniq, start, order, K, 0, s->y);
+        done(fin, 1);
     }
 }
 
@@ -129,6 +162,73 @@ size_t moe_scratch_bytes(int T, int K, int H, int I) {
     return layout(&s, 0, T, K, H, I, FLOAT, FLOAT, 0);
 }
 
+/* One layer call's state, shared by the members that join it. Every phase hands out tasks (next) and counts
+ * the finished ones (fin); a phase waits for the previous one's count, never for a given member. */
+typedef struct {
+    int T, K, H, I, U, io, pipe;
+    const Mat *mg, *md;
+    Scratch *s;
+    const int *uniq, *start, *order;
+    const void *x, *wts;
+    void *out;
+    long prep_next, prep_fin, gu_next, gu_fin, act_next, act_fin, dn_next, dn_fin, sum_next, sum_fin;
+    int gu_claimed[MAXT], dn_claimed[MAXT];   /* chunk_kb = 0: ranges taken */
+} Layer;
+
+#define SUM_CHUNK 1024   /* outputs per task of the weighted sum */
+
+static void layer_member(void *arg, int id, int n) {
+    Layer *L = arg;
+    Scratch *s = L->s;
+    int T = L->T, K = L->K, H = L->H, I = L->I, P = T * K;
+    const uint16_t *xb = L->x, *wb = L->wts;
+    const float *xf = L->x, *wf = L->wts;
+    STAMP(id, T_START);
+    /* the input in fp32, prepared for the gate/up rows' dot path, in pieces of QB inputs */
+    long pieces = (H + QB - 1) / QB, np = T * pieces;
+    for (long k; (k = claim(&L->prep_next, np)) >= 0; done(&L->prep_fin, 1)) {
+        int t = (int)(k / pieces), j0 = (int)(k % pieces) * QB, j1 = j0 + QB < H ? j0 + QB : H;
+        for (size_t j = (size_t)t * H + j0; j < (size_t)t * H + j1; j++) s->x32[j] = L->io ? bf16f(xb[j]) : xf[j];
+        prep(&s->xa, t, j0, j1);
+    }
+    await_count(&L->prep_fin, np);
+    STAMP(id, T_PREP);
+    long nd;   /* down-row tasks: the weighted sum waits for them */
+    if (L->pipe) {
+        long rd = rows_per_task(L->md, H, I);
+        nd = L->U * ((H + rd - 1) / rd);
+        pipelined_rows(s->pipe, L->mg, L->md, s, L->U, H, I, L->uniq, L->start, L->order, K, id, &L->dn_fin);
+    } else {
+        long ng = matrix_tasks(L->mg, 2 * I, &s->xa, L->U, n);
+        nd = matrix_tasks(L->md, H, &s->ha, L->U, n);
+        matrix_rows(L->mg, 2 * I, &s->xa, L->U, L->uniq, L->start, L->order, K, 1, s->gu_out, &L->gu_next,
+                    &L->gu_fin, L->gu_claimed, id, n);
+        STAMP(id, T_GATE_UP);
+        await_count(&L->gu_fin, ng);
+        for (long p; (p = claim(&L->act_next, P)) >= 0; done(&L->act_fin, 1)) act_pair(s, (int)p, I);
+        await_count(&L->act_fin, P);
+        matrix_rows(L->md, H, &s->ha, L->U, L->uniq, L->start, L->order, K, 0, s->y, &L->dn_next, &L->dn_fin,
+                    L->dn_claimed, id, n);
+    }
+    STAMP(id, T_DOWN);
+    await_count(&L->dn_fin, nd);
+    /* weighted sum over the K experts of each token */
+    long ns = ((long)T * H + SUM_CHUNK - 1) / SUM_CHUNK;
+    for (long c; (c = claim(&L->sum_next, ns)) >= 0; done(&L->sum_fin, 1))
+        for (long k = c * SUM_CHUNK; k < (c + 1) * SUM_CHUNK && k < (long)T * H; k++) {
+            int t = (int)(k / H), j = (int)(k % H);
+            float acc = 0.f;
+            for (int kk = 0; kk < K; kk++)
+                acc += (L->io ? bf16f(wb[t * K + kk]) : wf[t * K + kk]) * s->y[(size_t)(t * K + kk) * H + j];
+            if (L->io) ((uint16_t *)L->out)[k] = f2bf16(acc);
+            else ((float *)L->out)[k] = acc;
+        }
+    STAMP(id, T_END);
+    if (id == 0) await_count(&L->sum_fin, ns);   /* the caller returns when the output is complete */
+}
+
+#include "stats.h"
+
 /* scratch: moe_scratch_bytes() bytes. io: 0 = x, wts, out in fp32; 1 = in bf16 (the model's dtype, no
  * conversion on the caller's side). E: the layer's expert count. Returns 0, or -1 for bad arguments (over 4096
  * pairs or experts, an expert id outside [0, E): it would read past the weights, an int4 group that does not
@@ -136,9 +236,10 @@ size_t moe_scratch_bytes(int T, int K, int H, int I) {
 int moe_forward(int T, int K, int H, int I, int E, const void *x, const int64_t *idx, const void *wts,
                 int fmt, int G, const void *gu, const float *gu_s, const void *dn, const float *dn_s,
                 void *out, void *scratch, int threads, int io) {
-    if (prof) prof[0] = omp_get_wtime();
+    uint64_t t0 = now_ns();
+    if (prof) prof[0] = t0 * 1e-9;
     int P = T * K;
-    if (P > 4096 || E < 1 || E > 4096 || (fmt == 2 && (G % 2 || H % G || I % G))) return -1;
+    if (T < 1 || K < 1 || P > 4096 || E < 1 || E > 4096 || (fmt == 2 && (G % 2 || H % G || I % G))) return -1;
     Mat mg = {fmt, G, path_for(fmt, H, G), gu, gu_s}, md = {fmt, G, path_for(fmt, I, G), dn, dn_s};
     /* group pairs by expert, in O(P): order[] lists pair ids, expert by expert (experts in order of first use) */
     int order[4096], uniq[4096], start[4097], slot[4096], U = 0;   /* slot: expert id → u */
@@ -156,85 +257,14 @@ int moe_forward(int T, int K, int H, int I, int E, const void *x, const int64_t 
     for (int p = 0; p < P; p++) order[next[slot[idx[p]]]++] = p;
     Scratch s;
     layout(&s, (char *)scratch, T, K, H, I, mg.path, md.path, fmt);
-    const uint16_t *xb = x, *wb = wts;
-    const float *xf = x, *wf = wts;
-    int pipe = pipelined && chunk_kb > 0;
-    if (pipe) pipe_init(s.pipe, &mg, U, H, I);
-    omp_set_schedule(omp_sched_dynamic, 1);   /* matrix_rows' schedule(runtime) */
-    if (prof) prof[1] = omp_get_wtime();
-#pragma omp parallel num_threads(threads)
-    {
-        STAMP(T_START);
-        /* the input in fp32, prepared for the gate/up rows' dot path, in pieces of QB inputs */
-        int pieces = (H + QB - 1) / QB;
-#pragma omp for schedule(static)
-        for (int k = 0; k < T * pieces; k++) {
-            int t = k / pieces, j0 = k % pieces * QB, j1 = j0 + QB < H ? j0 + QB : H;
-            for (size_t j = (size_t)t * H + j0; j < (size_t)t * H + j1; j++) s.x32[j] = io ? bf16f(xb[j]) : xf[j];
-            prep(&s.xa, t, j0, j1);
-        }
-        STAMP(T_PREP);
-        if (pipe) {
-            pipelined_rows(s.pipe, &mg, &md, &s, U, H, I, uniq, start, order, K);
-        } else {
-            matrix_rows(&mg, 2 * I, &s.xa, U, uniq, start, order, K, 1, s.gu_out);   /* gate and up rows */
-            STAMP(T_GATE_UP);
-#pragma omp barrier
-#pragma omp for schedule(static)
-            for (int p = 0; p < P; p++) act_pair(&s, p, I);
-            matrix_rows(&md, H, &s.ha, U, uniq, start, order, K, 0, s.y);            /* down rows */
-        }
-        STAMP(T_DOWN);
-#pragma omp barrier
-        /* weighted sum over the K experts of each token */
-#pragma omp for schedule(static) nowait
-        for (long k = 0; k < (long)T * H; k++) {
-            int t = (int)(k / H), j = (int)(k % H);
-            float acc = 0.f;
-            for (int kk = 0; kk < K; kk++)
-                acc += (io ? bf16f(wb[t * K + kk]) : wf[t * K + kk]) * s.y[(size_t)(t * K + kk) * H + j];
-            if (io) ((uint16_t *)out)[k] = f2bf16(acc);
-            else ((float *)out)[k] = acc;
-        }
-        STAMP(T_END);
-    }
-    if (prof) prof[2] = omp_get_wtime();
+    Layer L = {T, K, H, I, U, io, pipelined && chunk_kb > 0, &mg, &md, &s, uniq, start, order, x, wts, out};
+    if (L.pipe) pipe_init(s.pipe, &mg, U, H, I);
+    if (prof) prof[1] = secs();
+    team_run(layer_member, &L, threads);
+    uint64_t t1 = now_ns();
+    if (prof) prof[2] = t1 * 1e-9;
+    stats_kernel(t1 - t0, U * expert_bytes(fmt, G, H, I));
     return 0;
 }
 
-/* moe_forward's arguments in one struct: a ctypes call with one argument costs a few µs less than with 17, and
- * decode makes one call per layer per token. */
-typedef struct {
-    int T, K, H, I;
-    const void *x; const int64_t *idx; const void *wts;
-    int fmt, G;
-    const void *gu; const float *gu_s; const void *dn; const float *dn_s;
-    void *out, *scratch;
-    int threads, io, E;
-} Call;
-
-int moe_call(const Call *c) {
-    return moe_forward(c->T, c->K, c->H, c->I, c->E, c->x, c->idx, c->wts, c->fmt, c->G, c->gu, c->gu_s, c->dn, c->dn_s,
-                       c->out, c->scratch, c->threads, c->io);
-}
-
-/* Bandwidth probe with the kernel's thread team and prefetch setting: each thread streams contiguous chunks
- * of chunk_kb KiB (0: one contiguous range per thread). The roofline's CPU denominator. Returns a checksum so
- * the reads cannot be optimised away. */
-uint64_t stream_read(const uint64_t *p, size_t n, int threads) {
-    uint64_t total = 0;
-    long blocks = (long)(n / 8);
-#pragma omp parallel num_threads(threads) reduction(+ : total)
-    {
-        uint64_t acc[8] = {0};   /* one 64-byte line per step: a vector add, one horizontal sum per thread */
-        long chunk = chunk_kb > 0 ? chunk_kb * 16L : (blocks + omp_get_num_threads() - 1) / omp_get_num_threads();
-#pragma omp for schedule(dynamic, chunk > 0 ? chunk : 1)
-        for (long b = 0; b < blocks; b++) {
-            PREFETCH(p + b * 8);
-            for (int k = 0; k < 8; k++) acc[k] += p[b * 8 + k];
-        }
-        for (int k = 0; k < 8; k++) total += acc[k];
-    }
-    for (size_t i = (size_t)blocks * 8; i < n; i++) total += p[i];
-    return total;
-}
+#include "entry.h"
