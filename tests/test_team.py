@@ -165,3 +165,44 @@ def test_the_team_ends_with_the_process(how):
         assert p.returncode == 0 and "done" in out, err
     else:
         assert p.returncode != 0 and "KeyboardInterrupt" in err and "Segmentation" not in err, err
+
+
+def test_flag_server_runs_each_step_the_gpu_asks_for():
+    """csrc/flags.h without a GPU: this test writes go = i as the graph would and waits for done == i; the C
+    thread runs step i's block, in order, for two armed replays; a step number outside the table is counted as
+    an error and still answered (the GPU must never wait forever)."""
+    from ktcli.ops.steps import _Req
+    cases = [layer(f, 1, 200 + i) for i, f in enumerate(("bf16", "int8", "int4"))]
+    run, outs, blocks, want = kernels.Runner(), [], [], []
+    for ew, x, idx, w, _ in cases:
+        o, r = torch.full_like(x, float("nan")), torch.empty_like(x)
+        run(lib, x, idx, w, ew, r, 2)
+        blocks.append(run.prepare(lib, x, idx, w, ew, o, 2))
+        outs.append(o)
+        want.append(r)
+    words = torch.zeros(32, dtype=torch.int32)
+    go, done = words.data_ptr(), words.data_ptr() + 64
+    table = (ctypes.c_void_p * 3)(*(b.addr for b in blocks))
+    req = _Req(go, done, ctypes.addressof(table), 3)
+    g = (ctypes.c_uint32 * 1).from_address(go)
+    d = (ctypes.c_uint32 * 1).from_address(done)
+
+    def step(i):
+        g[0] = i
+        t0 = time.time()
+        while d[0] != i:
+            assert time.time() - t0 < 30, f"step {i} not answered"
+        d[0] = 0
+    kernels.host_errors()
+    for _ in range(2):
+        for o in outs:
+            o.fill_(float("nan"))
+        assert lib.moe_flags_arm(ctypes.addressof(req)) == 0
+        for i in (1, 2, 3):
+            step(i)
+        assert all(torch.equal(o, r) for o, r in zip(outs, want))
+    assert lib.moe_flags_arm(ctypes.addressof(req)) == 0
+    step(7)
+    step(1)
+    step(2)
+    assert kernels.host_errors() == 1

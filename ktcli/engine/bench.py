@@ -63,16 +63,19 @@ def run_test(engine, kind: str, n: int, reps: int, warmup: int, seed: int = 0, t
           "kernel_us_per_layer": sums.get("kernel_s", 0.0) / calls * 1e6 if calls else None,
           "gpu_wait_ms": gpu * per_tok, "other_ms": max(total - cpu - gpu, 0.0) * per_tok}
     if kind == "tg" and calls and getattr(engine.graph, "mode", None) == "full":
-        bd["host_node_us"] = _host_node_us(engine)   # the part of the fixed cost no host clock sees
-        if bd["host_node_us"] is not None and bd["fixed_us_per_layer"] is not None:
-            bd["fixed_us_per_layer"] += bd["host_node_us"]
+        bd["cpu_step_kind"], bd["step_us"] = _step_us(engine)   # the part of the fixed cost no host clock sees
+        if bd["step_us"] is not None and bd["fixed_us_per_layer"] is not None:
+            bd["fixed_us_per_layer"] += bd["step_us"]
     return {"samples": samples, "reps": timed, **extra, "breakdown": bd}
 
 
-def _host_node_us(engine) -> float | None:
-    """bridge.host_node_us with the CPU experts' thread count, measured once per engine."""
-    if not hasattr(engine, "_host_node_us"):
-        from ..ops.bridge import host_node_us
-        st = engine.built.staging
-        engine._host_node_us = host_node_us((st.threads if st else 0) or torch.get_num_threads())
-    return engine._host_node_us
+def _step_us(engine) -> tuple:
+    """(kind, µs) of an empty C step of the graph's kind (ops/steps.step_cost_us) with the CPU experts' thread
+    count, measured once per engine."""
+    if not hasattr(engine, "_step_us"):
+        from ..ops.kernels import get
+        from ..ops.steps import step_cost_us
+        st, kind = engine.built.staging, engine.graph.bridge.kind
+        threads = (st.threads if st else 0) or torch.get_num_threads()
+        engine._step_us = (kind, step_cost_us(kind, threads) if get() is not None else None)
+    return engine._step_us

@@ -58,6 +58,7 @@ class DecodeGraph:
         self.tok.copy_(token.view(1, 1), non_blocking=True)
         self.pos.fill_(pos)
         if self.mode == "full":
+            self.bridge.arm()        # flag steps: the C thread must expect this replay, or the GPU waits forever
             self.graph.replay()
         else:
             self.bridge.replay()

@@ -15,23 +15,9 @@ import torch
 
 from .clocks import SyncClock
 
+from .steps import Driver, FlagSteps, step_kind
+
 _HOSTFN = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
-
-
-class _Driver:
-    _lib = None
-
-    @classmethod
-    def launch_host_func(cls, stream: int, fn, arg: int | None = None) -> None:
-        """fn: a ctypes callback or a C function's address; arg: the pointer it receives."""
-        if cls._lib is None:
-            cls._lib = ctypes.CDLL("libcuda.so.1")
-            cls._lib.cuLaunchHostFunc.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-            cls._lib.cuLaunchHostFunc.restype = ctypes.c_int
-        fn = ctypes.cast(fn, ctypes.c_void_p) if isinstance(fn, _HOSTFN) else ctypes.c_void_p(fn)
-        rc = cls._lib.cuLaunchHostFunc(ctypes.c_void_p(stream), fn, ctypes.c_void_p(arg))
-        if rc != 0:
-            raise RuntimeError(f"cuLaunchHostFunc failed with CUresult {rc}")
 
 
 class HostCallbackBridge:
@@ -41,6 +27,8 @@ class HostCallbackBridge:
     def __init__(self):
         self._keep = []          # ctypes callbacks must outlive the graph
         self.errors = []         # an exception inside a callback cannot propagate: recorded, raised after
+        self.kind = step_kind()  # how C steps join the stream (ops/steps.py)
+        self.flags = FlagSteps() if self.kind == "flags" else None
 
     def cpu_step(self, step) -> None:
         def run(_):
@@ -50,14 +38,23 @@ class HostCallbackBridge:
                 self.errors.append(e)
         fn = _HOSTFN(run)
         self._keep.append(fn)
-        _Driver.launch_host_func(torch.cuda.current_stream().cuda_stream, fn)
+        Driver.launch_host_func(torch.cuda.current_stream().cuda_stream, ctypes.cast(fn, ctypes.c_void_p).value)
 
     def host_call(self, block, step) -> None:
-        """The C kernel's layer step as a host node: moe_host(block), the block kept alive with the graph."""
+        """The C kernel's layer step: through the go/done words, or as a host node calling moe_host(block); the
+        block kept alive with the graph."""
         from . import kernels
         self._keep.append(block)
-        fn = ctypes.cast(kernels.get().moe_host, ctypes.c_void_p).value
-        _Driver.launch_host_func(torch.cuda.current_stream().cuda_stream, fn, block.addr)
+        stream = torch.cuda.current_stream().cuda_stream
+        if self.flags is not None:
+            self.flags.add(block, stream)
+        else:
+            Driver.launch_host_func(stream, ctypes.cast(kernels.get().moe_host, ctypes.c_void_p).value, block.addr)
+
+    def arm(self) -> None:
+        """Before every replay: the C thread serving flag steps expects this graph's steps."""
+        if self.flags is not None:
+            self.flags.arm()
 
     def check(self):
         """Raise what the callbacks of the last replay recorded: every error, counted, the first as the cause."""
@@ -109,40 +106,6 @@ class PiecewiseBridge:
                 stream.synchronize()     # the D2H copies of this segment are done; one sync per CPU layer
                 SyncClock.add(time.perf_counter() - t0)
                 step()             # raises in this thread: nothing to record
-
-
-def host_node_us(threads: int, n: int = 48, reps: int = 10) -> float | None:
-    """µs one CPU-expert host node adds to a full-graph replay besides its kernel: the driver's hand-off to its
-    callback thread and back, and the kernel team woken and joined with no work. Median of three: replays of
-    n × (tiny kernel, moe_nop node) against n × tiny kernel. None without the C kernel or a GPU."""
-    from . import kernels
-    lib = kernels.get()
-    if lib is None or not torch.cuda.is_available():
-        return None
-    arg, x = ctypes.c_int(threads), torch.zeros(1, device="cuda")
-    fn = ctypes.cast(lib.moe_nop, ctypes.c_void_p).value
-
-    def graph(host: bool):
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(n):
-                x.add_(1)
-                if host:
-                    _Driver.launch_host_func(torch.cuda.current_stream().cuda_stream, fn, ctypes.addressof(arg))
-        return g
-
-    def per_replay(g) -> float:
-        g.replay()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            g.replay()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / reps
-
-    with_host, plain = graph(True), graph(False)
-    diffs = sorted(per_replay(with_host) - per_replay(plain) for _ in range(3))
-    return max(diffs[1], 0.0) / n * 1e6
 
 
 _state = threading.local()

@@ -94,8 +94,7 @@ def get():
                     lib.moe_call.argtypes = [ctypes.c_void_p]
                     lib.moe_host.argtypes = [ctypes.c_void_p]
                     lib.moe_host.restype = None
-                    lib.moe_nop.argtypes = [ctypes.c_void_p]
-                    lib.moe_nop.restype = None
+                    lib.moe_flags_arm.argtypes = [ctypes.c_void_p]
                     lib.moe_stats.argtypes = [ctypes.c_void_p]
                     lib.moe_team.argtypes = [ctypes.c_void_p]
                     lib.moe_errors.restype = ctypes.c_int

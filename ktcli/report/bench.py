@@ -75,12 +75,12 @@ def md(records: list, meta: dict) -> str:
     stages = [r for r in records if r.get("breakdown")]
     if stages:
         out += ("\n\n| backend | graphs | test | ms/token | CPU experts ms | of which kernel ms | kernel µs / CPU layer "
-                "| fixed µs / CPU layer | of which host node µs | waiting for GPU ms | transfers + launch + other ms |"
+                "| fixed µs / CPU layer | of which graph step µs | waiting for GPU ms | transfers + launch + other ms |"
                 "\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
         out += "\n".join(f"| {r['backend']} | {r.get('graphs', '')} | {r['test']} | {b['ms_per_token']:.3f} "
                          f"| {b['cpu_experts_ms']:.3f} | {_num(b.get('kernel_ms'), 3)} "
                          f"| {_num(b.get('kernel_us_per_layer'), 1)} | {_num(b.get('fixed_us_per_layer'), 1)} "
-                         f"| {_num(b.get('host_node_us'), 1)} "
+                         f"| {_num(b.get('step_us'), 1)}{' (' + b['cpu_step_kind'] + ')' if b.get('cpu_step_kind') else ''} "
                          f"| {_opt(b, 'gpu_wait_ms', r)} | {_opt(b, 'other_ms', r)} |"
                          for r in stages for b in [r["breakdown"]])
     roofs = {r["model"] + " / " + r.get("placement", ""): r["roofline"] for r in records if r.get("roofline")}

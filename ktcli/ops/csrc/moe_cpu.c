@@ -268,3 +268,4 @@ int moe_forward(int T, int K, int H, int I, int E, const void *x, const int64_t 
 }
 
 #include "entry.h"
+#include "flags.h"
