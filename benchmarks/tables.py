@@ -34,7 +34,7 @@ def provenance(d) -> str:
 
 
 def _table(head, rows):
-    numeric = lambda h: any(k in h for k in ("t/s", "%", "ms", "GB/s", "×", "tokens")) or h == "T"  # noqa: E731
+    numeric = lambda h: any(k in h for k in ("t/s", "%", "ms", "µs", "GB/s", "×", "tokens")) or h == "T"  # noqa: E731
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "|".join("---:" if numeric(h) else "---" for h in head) + "|"]
                      + ["| " + " | ".join(r) + " |" for r in rows])
 
@@ -55,6 +55,10 @@ def _tps(r):
     return f"error: {r['error']}" if r.get("error") else f"{r['tps_mean']:.2f} ± {r['tps_sd']:.2f}"
 
 
+def _us(v) -> str:
+    return f"{v:.0f}" if v is not None else ""
+
+
 def decode(d, kind="tg") -> str:
     rows = []
     pre = any(r.get("prefill_roofline") for r in d["results"])      # streamed prefill rows carry their roofline
@@ -66,7 +70,8 @@ def decode(d, kind="tg") -> str:
         if kind == "tg":
             row += [f"{100 * r['roofline_ratio']:.1f}%" if r.get("roofline_ratio") else "",
                     f"{r['roofline']['best_tps']:.2f}" if r.get("roofline") else "",
-                    f"{b.get('cpu_experts_ms', 0):.2f}", f"{b.get('ms_per_token', 0):.2f}"]
+                    f"{b.get('cpu_experts_ms', 0):.2f}", f"{b.get('ms_per_token', 0):.2f}",
+                    _us(b.get("kernel_us_per_layer")), _us(b.get("fixed_us_per_layer"))]
         elif pre:
             pre, ph = r.get("prefill_roofline"), r.get("prefill_phases") or {}
             row += [f"{100 * r['roofline_ratio']:.1f}%" if r.get("roofline_ratio") else "",
@@ -75,7 +80,8 @@ def decode(d, kind="tg") -> str:
         rows.append(row)
     head = ["model", "profile", "graphs", "test", "t/s"]
     if kind == "tg":
-        head += ["% roofline", "roofline t/s", "CPU experts ms", "token ms"]
+        head += ["% roofline", "roofline t/s", "CPU experts ms", "token ms", "kernel µs / CPU layer",
+                 "fixed µs / CPU layer"]
     elif pre:
         head += ["% roofline", "roofline t/s", "uploads s", "GPU stalled on uploads s"]
     out = _table(head, rows)

@@ -16,7 +16,7 @@ Device = Annotated[Optional[str], typer.Option("--device", help="Main device for
 NumLayers = Annotated[Optional[int], typer.Option("--num-layers", help="Keep only the first N layers (quick runs on full-size shapes).")]
 GraphKT = Annotated[Optional[str], typer.Option("--use_cuda_graph", metavar="true|false", help="KTransformers spelling of --use-cuda-graph.")]
 Graph = Annotated[Optional[bool], typer.Option("--use-cuda-graph/--no-use-cuda-graph", help="Replay decode as a CUDA graph.", show_default=False)]
-GraphMode = Annotated[Optional[str], typer.Option("--graph-mode", help="full (one graph, CPU experts via host callbacks), piecewise (graphs between CPU-expert layers) or off.")]
+GraphMode = Annotated[Optional[str], typer.Option("--graph-mode", help="full (one graph, CPU experts as C steps inside it), piecewise (graphs between CPU-expert layers) or off.")]
 MaxLen = Annotated[Optional[int], typer.Option("--max-seq-len", help="KV cache length (prompt + reply).")]
 Threads = Annotated[Optional[int], typer.Option("--cpu-threads", help="Threads for CPU experts.")]
 Targets = Annotated[Optional[str], typer.Option("--target-devices", help="Check for another machine: 'cuda:0=80GiB,cpu=125GiB[,cores=16]'.")]

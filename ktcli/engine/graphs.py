@@ -1,6 +1,6 @@
 """CUDA-graph decode: one step captured once per model load, replayed per token.
 
-full: one graph; CPU-expert layers run inside it through host callbacks (ops/bridge.py).
+full: one graph; CPU-expert layers run inside it as C steps: flag words or host functions (ops/bridge.py, ops/steps.py).
 piecewise: one graph per GPU segment between CPU-expert layers; the CPU work runs between replays.
 """
 from __future__ import annotations

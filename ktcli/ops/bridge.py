@@ -1,4 +1,4 @@
-"""How CPU work joins the GPU stream: eagerly, inside one CUDA graph (host callbacks), or between graphs.
+"""How CPU work joins the GPU stream: eagerly, inside one CUDA graph (C steps, or host callbacks for Python), or between graphs.
 
 Host callbacks go through the driver's cuLaunchHostFunc (ctypes on libcuda), which stream capture records
 as a host node. Where the C kernel runs the layer, the node calls the kernel library's `moe_host` on an

@@ -45,7 +45,7 @@ OPERATORS = {op.name: op for op in (
         name="cpu", devices=("cpu",), graph_modes=("off", "piecewise", "full"), why_not_graph="",
         weight_formats=("bf16", "int8", "int4"), aliases=("KExpertsCPU",),
         summary="routed experts computed on the CPU from CPU-resident weights; under a CUDA graph it runs "
-                "through host callbacks (full) or between graph segments (piecewise)",
+                "as C steps inside the graph (full) or between graph segments (piecewise)",
         impl="cpu:CpuExperts"),
     Operator(
         name="stream", devices=("cuda",), graph_modes=("off",), why_not_graph="a prefill operator",

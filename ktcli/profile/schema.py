@@ -22,7 +22,7 @@ FIELDS = {
 }
 RUNTIME_FIELDS = {
     "use_cuda_graph": "replay decode as a CUDA graph (default false); `true` means graph_mode full",
-    "graph_mode": "`full` (one graph, CPU experts through host callbacks), `piecewise` (graphs between CPU-expert "
+    "graph_mode": "`full` (one graph, CPU experts as C steps inside it), `piecewise` (graphs between CPU-expert "
                   "layers) or `off`; overrides use_cuda_graph",
     "max_seq_len": "KV cache length, prompt + reply (default 4096)",
     "cpu_threads": "threads for CPU experts (default: all physical cores)",

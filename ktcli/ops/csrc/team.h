@@ -20,7 +20,7 @@
 typedef void (*team_fn)(void *ctx, int id, int n);
 
 static int spin_us = 200;   /* how long a waiting thread spins before it sleeps */
-static int pin = 1;         /* pin worker i to the i-th allowed CPU when there are enough of them */
+static int pin = 0;         /* KTCLI_CPU_PIN=1: worker i pinned to the i-th allowed CPU (slower on the H200 host, benchmarks/HISTORY.md) */
 
 static inline uint64_t now_ns(void) {
     struct timespec ts;
