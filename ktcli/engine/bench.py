@@ -75,7 +75,7 @@ def _step_us(engine) -> tuple:
     if not hasattr(engine, "_step_us"):
         from ..ops.kernels import get
         from ..ops.steps import step_cost_us
-        st, kind = engine.built.staging, engine.graph.bridge.kind
+        st, kind = engine.built.staging, engine.graph.bridge.kind or "hostfn"   # None: Python steps only
         threads = (st.threads if st else 0) or torch.get_num_threads()
         engine._step_us = (kind, step_cost_us(kind, threads) if get() is not None else None)
     return engine._step_us

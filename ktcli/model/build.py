@@ -11,6 +11,7 @@ from ..ops.base import HybridExperts, layout_problem
 from ..ops.cpu import Staging
 from ..ops.quant import hugepages
 from .config import meta_model
+from .overlap import overlap_shared_experts
 from .weights import fill_synthetic, load_checkpoint
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -93,6 +94,7 @@ def build(validation, progress=None) -> Built:
         parent, attr = e.module.rsplit(".", 1)
         setattr(model.get_submodule(parent), attr, HybridExperts(orig, e, dtype, staging))
         experts_devices[e.module] = e.home
+    overlap_shared_experts(model)   # shared experts run while the CPU computes the routed ones
 
     params, buffers = materialize(model, lambda name: _device_of(name, plan, experts_devices))
     total = sum(t.numel() * t.element_size() for t in params.values())

@@ -99,6 +99,17 @@ class HybridExperts(nn.Module):
     def forward(self, hidden_states, top_k_index, top_k_weights):
         return self.ops[self.stage](hidden_states, top_k_index, top_k_weights)
 
+    def submit(self, hidden_states, top_k_index, top_k_weights):
+        """forward in two halves (model/overlap.py): start, and `collect` the result after other GPU work."""
+        op = self.ops[self.stage]
+        if hasattr(op, "submit"):
+            return op, op.submit(hidden_states, top_k_index, top_k_weights)
+        return None, ("done", op(hidden_states, top_k_index, top_k_weights))
+
+    def collect(self, job):
+        op, handle = job
+        return op.collect(handle) if op is not None else handle[1]
+
     def extra_repr(self):
         return (f"layer={self.layer}, E={self.num_experts}, H={self.hidden}, I={self.inter}, "
                 f"prefill={self.placement.prefill.op}@{self.placement.prefill.device}, "

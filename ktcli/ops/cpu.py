@@ -105,6 +105,29 @@ class CpuExperts(DeviceOp):
         worker().run(lambda: self._staged(T))
         StepClock.add(time.perf_counter() - t0)
 
+    def submit(self, x, idx, w):
+        """Start the layer and return a handle for `collect`: under a full graph with flag steps the stream goes
+        on (GPU work that does not need this output overlaps the CPU's); otherwise the result, computed now."""
+        bridge = bridge_mod.active()
+        flags = bridge.flag_steps() if hasattr(bridge, "flag_steps") else None
+        T = x.shape[0]
+        block = None if flags is None or x.device.type == "cpu" or T > self.staging.capacity else self.host_block(T)
+        if block is None:
+            return ("done", self(x, idx, w))
+        st = self.staging
+        st.x[:T].copy_(x, non_blocking=True)
+        st.idx[:T].copy_(idx, non_blocking=True)
+        st.w[:T].copy_(w, non_blocking=True)
+        bridge._keep.append(block)
+        return ("posted", flags.post(block, torch.cuda.current_stream().cuda_stream), T, x.device)
+
+    def collect(self, handle):
+        if handle[0] == "done":
+            return handle[1]
+        _, i, T, dev = handle
+        bridge_mod.active().flags.wait(i, torch.cuda.current_stream().cuda_stream)
+        return self.staging.y[:T].to(dev, non_blocking=True)
+
     def __call__(self, x, idx, w):
         if x.device.type == "cpu":
             t0 = time.perf_counter()

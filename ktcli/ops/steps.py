@@ -77,9 +77,17 @@ class FlagSteps:
         self.blocks, self._req = [], None
 
     def add(self, block, stream: int) -> None:
+        self.wait(self.post(block, stream), stream)
+
+    def post(self, block, stream: int) -> int:
+        """Start step i (go = i) and return i; the stream goes on with work that does not need its output."""
         self.blocks.append(block)
         i = len(self.blocks)
         Driver.write_value(stream, self.dgo, i)
+        return i
+
+    def wait(self, i: int, stream: int) -> None:
+        """The stream waits for step i's output."""
         Driver.wait_value(stream, self.ddone, i)
         Driver.write_value(stream, self.ddone, 0)   # the next replay waits for its own done
 
@@ -147,6 +155,8 @@ def step_kind() -> str:
     want = os.environ.get("KTCLI_CPU_STEP", "")
     if want in ("hostfn", "flags"):
         return want
+    if _kind is None and not torch.cuda.is_available():
+        return "hostfn"
     if _kind is None:
         try:
             _timed_graph("flags", 2, 2, reps=2)

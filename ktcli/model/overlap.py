@@ -1,0 +1,38 @@
+"""GPU work of a MoE block that does not need the routed experts' output runs while the CPU computes them.
+
+Qwen2-MoE's block computes its shared expert before routing; the forward below routes first, starts the CPU
+experts (`HybridExperts.submit`: under a full graph with flag steps the stream goes on), runs the shared expert,
+then collects. Same operations on the same tensors as transformers' forward, in another order, so logits are
+identical. Only for block classes whose forward this reproduces (checked by tests/test_overlap.py).
+"""
+from __future__ import annotations
+
+import types
+
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.base import HybridExperts
+
+
+def _qwen2_moe_forward(self, hidden_states):
+    batch_size, sequence_length, hidden_dim = hidden_states.shape          # [B, S, H]
+    x = hidden_states.view(-1, hidden_dim)                                  # [T, H]
+    _, routing_weights, selected_experts = self.gate(x)                     # [T, K] each
+    job = self.experts.submit(x, selected_experts, routing_weights)
+    shared = F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)  # while the CPU works
+    return (self.experts.collect(job) + shared).reshape(batch_size, sequence_length, hidden_dim)
+
+
+FORWARDS = {"Qwen2MoeSparseMoeBlock": _qwen2_moe_forward}
+
+
+def overlap_shared_experts(model: nn.Module) -> int:
+    """Give every known MoE block whose experts are a HybridExperts the overlapping forward; returns how many."""
+    n = 0
+    for m in model.modules():
+        fwd = FORWARDS.get(type(m).__name__)
+        if fwd is not None and isinstance(getattr(m, "experts", None), HybridExperts):
+            m.forward = types.MethodType(fwd, m)
+            n += 1
+    return n
