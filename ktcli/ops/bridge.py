@@ -27,8 +27,8 @@ class HostCallbackBridge:
     def __init__(self):
         self._keep = []          # ctypes callbacks must outlive the graph
         self.errors = []         # an exception inside a callback cannot propagate: recorded, raised after
-        self.kind = None         # how C steps join the stream (ops/steps.py), decided at the first one
-        self.flags = None
+        self.kind = step_kind()  # how C steps join the stream (ops/steps.py); its probe must run before capture
+        self.flags = FlagSteps() if self.kind == "flags" else None
 
     def cpu_step(self, step) -> None:
         def run(_):
@@ -53,10 +53,7 @@ class HostCallbackBridge:
             Driver.launch_host_func(stream, ctypes.cast(kernels.get().moe_host, ctypes.c_void_p).value, block.addr)
 
     def flag_steps(self):
-        """The graph's FlagSteps when C steps go through flag words here, else None (decided once)."""
-        if self.kind is None:
-            self.kind = step_kind()
-            self.flags = FlagSteps() if self.kind == "flags" else None
+        """The graph's FlagSteps when C steps go through flag words here, else None."""
         return self.flags
 
     def arm(self) -> None:
