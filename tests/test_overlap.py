@@ -18,6 +18,7 @@ def test_patched_blocks_give_the_same_logits_bit_for_bit(tmp_path_factory):
     blocks = [m for m in b.model.modules() if type(m).__name__ == "Qwen2MoeSparseMoeBlock"]
     assert blocks and all("forward" in vars(m) for m in blocks)
     ids = torch.randint(0, b.model.config.vocab_size, (1, 19), generator=torch.Generator().manual_seed(3))
+    ids = ids.to(b.model.get_input_embeddings().weight.device)   # the GPU when there is one
     with torch.no_grad():
         for stage in ("prefill", "decode"):
             set_stage(b.model, stage)
