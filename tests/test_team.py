@@ -172,7 +172,8 @@ def test_the_team_ends_with_the_process(how):
 def test_flag_server_runs_each_step_the_gpu_asks_for():
     """csrc/flags.h without a GPU: this test writes go = i as the graph would and waits for done == i; the C
     thread runs step i's block, in order, for two armed replays; a step number outside the table is counted as
-    an error and still answered (the GPU must never wait forever)."""
+    an error and still answered (the GPU must never wait forever); an arm whose replay never came does not block
+    the next one."""
     from ktcli.ops.steps import _Req
     cases = [layer(f, 1, 200 + i) for i, f in enumerate(("bf16", "int8", "int4"))]
     run, outs, blocks, want = kernels.Runner(), [], [], []
@@ -206,5 +207,12 @@ def test_flag_server_runs_each_step_the_gpu_asks_for():
     assert lib.moe_flags_arm(ctypes.addressof(req)) == 0
     step(7)
     step(1)
-    step(2)
+    step(3)                                      # the last step: the thread disarms itself
     assert kernels.host_errors() == 1
+    assert lib.moe_flags_arm(ctypes.addressof(req)) == 0   # armed, and the replay never comes (Ctrl-C) …
+    assert lib.moe_flags_arm(ctypes.addressof(req)) == 0   # … the next arm does not wait for it
+    for o in outs:
+        o.fill_(float("nan"))
+    for i in (1, 2, 3):
+        step(i)
+    assert all(torch.equal(o, r) for o, r in zip(outs, want))

@@ -4,8 +4,10 @@ Every layer's experts cost the same memory and the GPU reads them ~40× faster t
 with as many layers' experts on the GPU as fit beside the KV cache at the requested context, the activations and
 a margin: the plan fills GPU layers in order (0, 1, …) up to that count and puts the rest on the CPU, in the
 smallest storage format that fits the CPU when `--format auto`. Layers the user's own rules name stay where the
-rules put them. Predictions come from the roofline (decode: bytes ÷ bandwidth per device) and from an effective
-CPU prefill rate (FLOPs ÷ rate), both with the rates they assume printed beside them.
+rules put them. Decode is predicted from bytes as measured decode spends them: the CPU experts' bytes at the
+kernel's measured share of the CPU bandwidth (per format), the rest at the GPU's, plus a measured cost per decoder
+layer that is not bytes (small GPU kernels, the C step, the per-token loop); the plain roofline is shown beside
+it. Prefill from an effective CPU prefill rate (FLOPs ÷ rate). The rates they assume are printed with them.
 """
 from __future__ import annotations
 
@@ -29,6 +31,11 @@ class Rates:
     cpu_prefill_flops: float = 0.4e12   # ktcli's CPU-expert prefill (torch GEMMs), effective: H200 pp512 2026-12-02
     gpu_flops: float = 300e12
     pcie_bw: float = 25e9               # pinned host → GPU (PCIe 4.0 x16 in practice; 5.0 about twice that)
+    # Decode as measured on the H200 host (benchmarks/results/2026-12-04-h200-decode-*-flags.json): the CPU kernel
+    # reads its experts at this share of the bandwidth ceiling, and a decoder layer costs this much on a GPU-run
+    # model besides its bytes (transformers' ~70 small kernels a layer in one graph, the step, the token loop).
+    cpu_kernel_eff: dict = field(default_factory=lambda: {"bf16": 0.82, "int8": 0.79, "int4": 0.63})
+    layer_s: float = 0.28e-3
     source: str = "defaults"
 
 
@@ -42,10 +49,11 @@ class Fit:
     memory: MemoryReport
     budget: dict                        # device → bytes the plan may use
     bytes_per_token: dict
-    decode_tps: float
+    decode_tps: float                   # predicted: bytes at the measured rates + the per-layer cost
     prefill_tps: float
     rates: Rates
     notes: list = field(default_factory=list)
+    roofline_tps: float = 0.0           # bytes at the bandwidths alone (the bound decode_tps stays under)
 
 
 def _layers_regex(template: str, layers: list) -> str:
@@ -122,15 +130,19 @@ def fit(profile, machine, context: int | None = None, fmt: str = "bf16", rates: 
 
 
 def predict(out: Fit, model, plan, prof) -> None:
-    """Decode: bytes per token ÷ bandwidth per device. Prefill: expert FLOPs per token ÷ the rates."""
+    """Decode: bytes per token at each device's rate (CPU experts at the kernel's measured share of it) plus the
+    measured per-layer cost; the roofline without either. Prefill: expert FLOPs per token ÷ the rates."""
     cfg, db = model.config, DTYPE_BYTES[prof.dtype]
-    k = cfg.num_experts_per_tok
-    by_dev, cpu_flops, gpu_flops = {}, 0.0, 0.0
+    k, r = cfg.num_experts_per_tok, out.rates
+    bw = {"cpu": r.cpu_bw, "cuda": r.gpu_bw}
+    by_dev, cpu_flops, gpu_flops, seconds = {}, 0.0, 0.0, 0.0
     for e in plan.experts:
         m = model.get_submodule(e.module)
         per = sum(p.numel() for p in m.parameters(recurse=False)) // m.gate_up_proj.shape[0]   # params per expert
         dev = "cpu" if e.decode.device == "cpu" else "cuda"
-        by_dev[dev] = by_dev.get(dev, 0) + k * per * expert_bytes_per_param(e.weight_format, db, e.group_size)
+        b = k * per * expert_bytes_per_param(e.weight_format, db, e.group_size)
+        by_dev[dev] = by_dev.get(dev, 0) + b
+        seconds += b / (bw[dev] * (r.cpu_kernel_eff.get(e.weight_format, 1.0) if dev == "cpu" else 1.0))
         if e.prefill.device == "cpu":
             cpu_flops += 2 * k * per
         else:
@@ -138,11 +150,12 @@ def predict(out: Fit, model, plan, prof) -> None:
     experts = {e.module for e in plan.experts}
     other = sum(p.numel() for n, p in model.named_parameters() if n.rsplit(".", 1)[0] not in experts)
     main = "cuda" if plan.main_device.startswith("cuda") else "cpu"
-    by_dev[main] = by_dev.get(main, 0) + other * db + kv_cache_bytes(cfg, prof.runtime.max_seq_len // 2, db)
+    rest = other * db + kv_cache_bytes(cfg, prof.runtime.max_seq_len // 2, db)
+    by_dev[main] = by_dev.get(main, 0) + rest
+    seconds += rest / bw[main] + (cfg.num_hidden_layers * r.layer_s if main == "cuda" else 0.0)
     gpu_flops += 2 * other
-    r = out.rates
-    bw = {"cpu": r.cpu_bw, "cuda": r.gpu_bw}
     out.bytes_per_token = by_dev
-    out.decode_tps = 1 / sum(b / bw[d] for d, b in by_dev.items())
+    out.roofline_tps = 1 / sum(b / bw[d] for d, b in by_dev.items())
+    out.decode_tps = 1 / seconds
     main_flops = r.gpu_flops if main == "cuda" else r.cpu_prefill_flops
     out.prefill_tps = 1 / (cpu_flops / r.cpu_prefill_flops + gpu_flops / main_flops)

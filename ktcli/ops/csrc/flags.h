@@ -4,9 +4,11 @@
  * hand-off to its callback thread and back (tens of µs a layer, benchmarks/decode_timeline.py); a flag the GPU
  * polls and a thread that spins answer in about a microsecond each way.
  *
- * Python arms one request per replay (moe_flags_arm) before launching it; the thread serves exactly the n steps
- * of each armed replay, then sleeps on a futex until the next. A replay whose request was not armed would wait
- * forever on its first done: engine/graphs.py arms in the same call that replays. */
+ * Python arms the thread before every replay (moe_flags_arm): it spins on go while armed and disarms itself at
+ * the replay's last step (step n), then sleeps on a futex until the next arm. Arming never waits: a replay that
+ * was armed but never launched (Ctrl-C between the two) only keeps the thread spinning until the next one's last
+ * step, and a re-arm while a replay runs changes nothing but the table, read again before each step. A replay
+ * that was not armed would wait forever on its first done: engine/graphs.py arms in the same call that replays. */
 typedef struct {
     uint32_t *go, *done;   /* pinned host words, the GPU's view of them mapped (UVA) */
     Call **blocks;         /* the graph's CPU steps in capture order */
@@ -23,30 +25,29 @@ static struct {
 static void *flags_server(void *arg) {
     (void)arg;
     for (;;) {
-        int a;
-        while ((a = __atomic_load_n(&fl.armed, __ATOMIC_ACQUIRE)) == 0) wait_change(&fl.armed, 0, &fl.armed_sleepers);
+        while (__atomic_load_n(&fl.armed, __ATOMIC_ACQUIRE) == 0) wait_change(&fl.armed, 0, &fl.armed_sleepers);
         const Req *r = __atomic_load_n(&fl.req, __ATOMIC_ACQUIRE);
-        for (int k = 0; k < r->n; k++) {
-            uint32_t g;
-            for (int i = 1; (g = __atomic_load_n(r->go, __ATOMIC_ACQUIRE)) == 0; i++) {
-                cpu_relax();
-                if ((i & 65535) == 0) sched_yield();   /* a long GPU stretch: let others have the core now and then */
-            }
-            __atomic_store_n(r->go, 0, __ATOMIC_RELAXED);
-            if (g >= 1 && g <= (uint32_t)r->n) {
-                moe_host(r->blocks[g - 1]);
-            } else if (__atomic_fetch_add(&st.errors, 1, __ATOMIC_RELAXED) == 0) {
-                st.first_rc = -2;   /* a step number outside the table: counted, answered so the GPU goes on */
-            }
-            __atomic_store_n(r->done, g, __ATOMIC_RELEASE);   /* y written before done (x86 stores stay in order) */
+        uint32_t g;
+        for (int i = 1; (g = __atomic_load_n(r->go, __ATOMIC_ACQUIRE)) == 0; i++) {
+            cpu_relax();
+            if ((i & 65535) == 0) sched_yield();   /* a long GPU stretch: let others have the core now and then */
         }
-        __atomic_sub_fetch(&fl.armed, 1, __ATOMIC_ACQ_REL);
+        r = __atomic_load_n(&fl.req, __ATOMIC_ACQUIRE);   /* a re-arm may have named another graph's table */
+        __atomic_store_n(r->go, 0, __ATOMIC_RELAXED);
+        if (g >= 1 && g <= (uint32_t)r->n) {
+            moe_host(r->blocks[g - 1]);
+        } else if (__atomic_fetch_add(&st.errors, 1, __ATOMIC_RELAXED) == 0) {
+            st.first_rc = -2;   /* a step number outside the table: counted, answered so the GPU goes on */
+        }
+        if (g == (uint32_t)r->n) __atomic_store_n(&fl.armed, 0, __ATOMIC_RELEASE);   /* before done: see below */
+        __atomic_store_n(r->done, g, __ATOMIC_RELEASE);   /* y written before done (x86 stores stay in order) */
     }
     return NULL;
 }
 
-/* One replay of the graph whose steps `r` lists is about to start: serve its n steps. Returns 0, or -1 when the
- * serving thread cannot start (the caller then must not replay). */
+/* The next replay of the graph whose steps `r` lists is about to start. armed is cleared before the last done,
+ * so an arm made after the replay completed is never lost. Returns 0, or -1 when the serving thread cannot start
+ * (the caller then must not replay). */
 int moe_flags_arm(const Req *r) {
     pthread_mutex_lock(&fl.lock);
     if (!fl.started) {
@@ -59,7 +60,6 @@ int moe_flags_arm(const Req *r) {
         fl.started = 1;
     }
     pthread_mutex_unlock(&fl.lock);
-    while (__atomic_load_n(&fl.armed, __ATOMIC_ACQUIRE) != 0) cpu_relax();   /* the previous replay's steps first */
     __atomic_store_n(&fl.req, r, __ATOMIC_RELEASE);
     set_and_wake(&fl.armed, 1, &fl.armed_sleepers);
     return 0;
