@@ -272,10 +272,12 @@ def test_cpu_cflags_make_a_separate_build(tmp_path, monkeypatch):
 
 
 @needs_kernel
-@pytest.mark.parametrize("fmt,calls", [("int8", 3), ("int4", 3), ("bf16", 0)])
-def test_long_prefill_runs_quantized_experts_through_the_kernel_in_slices(fp32_act, monkeypatch, fmt, calls):
-    """T=40 > MAX_TOKENS: int8/int4 go through the kernel in slices of 16 (3 calls) and equal torch's dequantize
-    path; bf16 stays on torch's GEMMs (no kernel call)."""
+@pytest.mark.parametrize("fmt,calls,scratch", [("int8", 1, 64 << 20), ("int4", 1, 64 << 20), ("bf16", 0, 64 << 20),
+                                               ("int8", 3, 1)])
+def test_long_prefill_runs_quantized_experts_through_the_kernel_in_slices(fp32_act, monkeypatch, fmt, calls, scratch):
+    """T=40 > MAX_TOKENS: int8/int4 go through the kernel in one call (a slice as long as the scratch budget
+    allows), or in slices of 16 (3 calls) when the budget is tiny, and equal torch's dequantize path; bf16 stays
+    on torch's GEMMs (no kernel call)."""
     import types
 
     from ktcli.ops.cpu import CpuExperts
@@ -283,6 +285,7 @@ def test_long_prefill_runs_quantized_experts_through_the_kernel_in_slices(fp32_a
     ew = pack(fmt, gu.bfloat16() if fmt == "bf16" else gu, dn.bfloat16() if fmt == "bf16" else dn, group=32)
     ex = types.SimpleNamespace(act_fn=torch.nn.SiLU(), silu_act=True, packed=ew, quantized=ew if fmt != "bf16" else None,
                                expert_weights=lambda e, dt: ew.expert(e, dt))
+    monkeypatch.setattr(kernels, "SLICE_SCRATCH", scratch)
     op, n = CpuExperts(ex, torch.device("cpu")), [0]
     real = kernels.Runner.__call__
     monkeypatch.setattr(kernels.Runner, "__call__", lambda self, *a: (n.__setitem__(0, n[0] + 1), real(self, *a))[1])

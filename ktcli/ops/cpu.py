@@ -64,14 +64,16 @@ class CpuExperts(DeviceOp):
 
     def _moe(self, x, idx, w, out):
         """All on the CPU: our kernel for few tokens (bf16/int8/int4), and for int8/int4 at any length in slices of
-        MAX_TOKENS (torch would dequantize every expert it touches, every call); torch's GEMMs for longer bf16."""
+        kernels.slice_tokens (torch would dequantize every expert it touches, every call; a slice reads each expert
+        it touches once); torch's GEMMs for longer bf16."""
         ex = self.experts
         packed = getattr(ex, "packed", None)
-        T, S = x.shape[0], kernels.MAX_TOKENS
+        T, K = idx.shape
         lib = kernels.get() if kernel_path(ex, T) else None
         if lib is None:
             cpu_moe(x, idx, w, None, None, ex.act_fn, out, weights=lambda e: ex.expert_weights(e, x.dtype))
             return out
+        S = T if T <= kernels.MAX_TOKENS else kernels.slice_tokens(T, K, x.shape[1], packed.inter)
         for a in range(0, T, S):                    # [T,H] in row slices: each stays contiguous
             self.runner(lib, x[a:a + S], idx[a:a + S], w[a:a + S], packed, out[a:a + S], self._threads())
         return out                                  # the kernel times its own calls (clocks.pull_kernel)

@@ -22,7 +22,16 @@ import torch
 SRC = os.path.join(os.path.dirname(__file__), "csrc", "moe_cpu.c")
 HEADERS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "csrc", "*.h")))   # part of the build's name
 FORMATS = {"bf16": 0, "int8": 1, "int4": 2}
-MAX_TOKENS = 16          # decode and small batches; larger prefill chunks go to torch's GEMMs
+MAX_TOKENS = 16          # decode and small batches; larger bf16 prefill chunks go to torch's GEMMs
+MAX_PAIRS = 4096         # (token, expert) pairs one call takes (moe_cpu.c)
+SLICE_SCRATCH = 64 << 20 # int8/int4 prefill: tokens per call as many as this much scratch holds
+
+
+def slice_tokens(T: int, K: int, H: int, I: int) -> int:
+    """Tokens per kernel call for a T-token int8/int4 prefill chunk: each call reads every expert it touches
+    once, so the longest slice whose scratch (fp32 [T·K, 3I + H] and friends) fits SLICE_SCRATCH; ≥ MAX_TOKENS."""
+    per_pair = 4 * (3 * I + H) + 2 * (H + I)
+    return max(MAX_TOKENS, min(T, MAX_PAIRS // K, SLICE_SCRATCH // (per_pair * K)))
 _lock = threading.Lock()
 _state = {"lib": None, "error": None, "tried": False}
 

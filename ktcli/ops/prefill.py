@@ -45,12 +45,13 @@ def cpu_seconds(E: int, K: int, H: int, I: int, per_expert: float, T: int, kerne
     """Predicted CPU time of one layer's experts for T tokens."""
     if not rates.cpu_bps:
         return math.inf
-    S = kernels.MAX_TOKENS
-    if kernel_path:   # slices of S tokens, each streaming the experts it touches
+    flops = 2 * 3 * T * K * H * I
+    if kernel_path:   # slices of S tokens, each streaming the experts it touches; then the dot products
+        S = T if T <= kernels.MAX_TOKENS else kernels.slice_tokens(T, K, H, I)
         full, rest = divmod(T, S)
         used = full * used_experts(E, K, S) + (used_experts(E, K, rest) if rest else 0)
-        return used * per_expert / rates.cpu_bps
-    flops = 2 * 3 * T * K * H * I
+        compute = flops / rates.cpu_flops if rates.cpu_flops and T > kernels.MAX_TOKENS else 0.0
+        return used * per_expert / rates.cpu_bps + compute
     return used_experts(E, K, T) * per_expert / rates.cpu_bps + (flops / rates.cpu_flops if rates.cpu_flops else math.inf)
 
 
