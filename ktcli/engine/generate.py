@@ -69,7 +69,12 @@ class Engine:
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """ids/pos [1, T] → logits of the last position [1, V]."""
-        out = self.model(input_ids=ids, position_ids=pos, cache=self.cache, use_cache=True, logits_to_keep=1)
+        T = ids.shape[1]
+        # For T > 1 the last position by index, not by slice: the slice [:, -1:] keeps a stride that sends the
+        # lm_head matmul down torch's batched path, which copies the whole lm_head weight on the CPU (2.5 s for
+        # Qwen3's 151,936 × 2,048 per prefill chunk).
+        keep = 1 if T == 1 else torch.tensor([T - 1], device=ids.device)
+        out = self.model(input_ids=ids, position_ids=pos, cache=self.cache, use_cache=True, logits_to_keep=keep)
         return out.logits[:, -1]
 
     @torch.inference_mode()
