@@ -5,6 +5,10 @@ times and reads the server's own `timings.predicted_per_second`; runs `ktcli ben
 profile before and after the server (each a fresh process: drift between processes shows on both sides). Writes both and their ratio as JSON.
 
     python benchmarks/serve_vs_bench.py PROFILE --tokens 128 --reps 3 --out r.json
+
+--interleaved R: one process instead, one engine: the server runs in a thread on that engine, and R rounds each
+time one served completion and one bench tg repetition on the same engine, their order alternating (ABBA), so the
+drift between processes and over time falls on both sides alike. The ratio is of the medians.
 """
 from __future__ import annotations
 
@@ -79,6 +83,48 @@ def run_bench(a, extra) -> dict:
     return bench
 
 
+def interleaved(a) -> dict:
+    """--interleaved: (serve t/s per round, bench t/s per round) from one engine in this process."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from ktcli.commands.options import machine_for, profile_from_flags
+    from ktcli.commands.run import load
+    from ktcli.engine import Engine
+    from ktcli.engine.bench import run_test
+    from ktcli.server.app import Server
+    prof = profile_from_flags(a.profile, num_layers=a.num_layers)
+    v, built = load(prof, machine_for(None), need_tokenizer=True)
+    engine = Engine(built)
+    engine.prepare()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(Server(engine, built.tokenizer, v.source.name).app, log_level="warning"))
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    while not server.started:
+        time.sleep(0.05)
+    body = {"model": v.source.name, "prompt": "Once upon a time", "max_tokens": a.tokens + 1, "ignore_eos": True,
+            "temperature": 0}
+
+    def serve_once() -> float:
+        return httpx.post(url + "/v1/completions", json=body, timeout=3600).json()["timings"]["predicted_per_second"]
+
+    def bench_once() -> float:
+        return run_test(engine, "tg", a.tokens, reps=1, warmup=0)["samples"][0]
+
+    serve_once(), bench_once()                                  # warm-up: both paths once
+    serve_tps, bench_tps = [], []
+    for i in range(a.interleaved):
+        for what in (("serve", "bench") if i % 2 == 0 else ("bench", "serve")):
+            (serve_tps if what == "serve" else bench_tps).append(serve_once() if what == "serve" else bench_once())
+    server.should_exit = True
+    return {"serve_tps": serve_tps, "bench_tps": bench_tps, "engine": {"graphs": engine.mode},
+            "serve_median": statistics.median(serve_tps), "bench_median": statistics.median(bench_tps)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("profile", nargs="?")
@@ -86,6 +132,9 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--extra", default="", help="more flags for both commands, e.g. '--num-layers 16'")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--interleaved", type=int, default=0, metavar="ROUNDS",
+                    help="one process, one engine: ROUNDS of (served completion, bench tg) alternating")
+    ap.add_argument("--num-layers", type=int, default=None, help="with --interleaved: only the first N layers")
     ap.add_argument("--demo-tokenizer", action="store_true",
                     help="the profile names a shipped architecture (synthetic weights, no tokenizer): serve it from a "
                          "checkpoint folder of that config and the demo's tokenizer, so chat requests can be encoded")
@@ -95,6 +144,14 @@ def main():
     from ktcli.engine.provenance import machine_info
     from ktcli.files import write_atomic
     extra = a.extra.split()
+    if a.interleaved:
+        res = {"command": " ".join(["python", *sys.argv]), "machine": machine_info(), "profile": a.profile,
+               "tokens": a.tokens, **interleaved(a)}
+        res["serve_over_bench"] = res["serve_median"] / res["bench_median"]
+        write_atomic(a.out, json.dumps(res, indent=2))
+        print(f"serve {res['serve_median']:.2f} t/s, bench {res['bench_median']:.2f} t/s (medians of "
+              f"{a.interleaved} interleaved rounds): {100 * res['serve_over_bench']:.1f}%")
+        return
     before = run_bench(a, extra)            # bench before and after the server: fresh-process drift shows in both
     proc, url = start_server(a.profile, extra)
     try:

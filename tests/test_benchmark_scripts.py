@@ -68,6 +68,17 @@ def test_serve_vs_bench_runs_end_to_end(tmp_path):
     assert len(r["serve_tps"]) == 2 and len(r["bench_tps"]) == 4 and r["serve_over_bench"] > 0   # bench before + after
 
 
+def test_serve_vs_bench_interleaved_in_one_process(tmp_path):
+    """--interleaved: one engine behind an in-process server, rounds of a served completion and a bench tg
+    repetition alternating; both sides measured every round, the ratio of their medians written."""
+    out = tmp_path / "s.json"
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "serve_vs_bench.py"), "--tokens", "8",
+                    "--interleaved", "3", "--out", str(out)], check=True, capture_output=True, text=True, cwd=ROOT)
+    r = json.loads(out.read_text())
+    assert len(r["serve_tps"]) == len(r["bench_tps"]) == 3 and all(t > 0 for t in r["serve_tps"] + r["bench_tps"])
+    assert r["serve_over_bench"] == r["serve_median"] / r["bench_median"] > 0
+
+
 def test_plan_check_runs_end_to_end(tmp_path):
     """The #17 proof harness on the demo (CPU only): a plan per budget, measured, beside the shipped demo profile."""
     out = tmp_path / "p.json"
