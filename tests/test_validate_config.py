@@ -274,3 +274,38 @@ def test_bad_device_and_bad_size(cli):
     assert r.exit_code == 2 and "Error: --device 'tpu' is not a device ktcli runs on" in r.output
     r = cli("validate-config", "--target-devices", "cuda:0=lots,cpu=1GiB")
     assert r.exit_code == 2 and "Error: bad size 'lots'" in r.output
+
+
+TWO_GPU = """
+model: qwen3-30b-a3b
+weights: synthetic
+runtime: {{use_cuda_graph: {graphs}, max_seq_len: 4096}}
+rules:
+  - match: {{name: "^model\\\\.layers\\\\.([0-9]|1[0-1])\\\\.mlp\\\\.experts$"}}
+    replace: {{class: Experts, kwargs: {{generate_device: "cuda:{gpu}", generate_op: gpu_static, prefill_device: "cuda:{gpu}", prefill_op: torch}}}}
+  - match: {{name: "^model\\\\.layers\\\\..*\\\\.mlp\\\\.experts$"}}
+    replace: {{class: Experts, kwargs: {{generate_device: cpu, generate_op: cpu}}}}
+"""
+
+
+@pytest.mark.parametrize("gpus,gpu", [(2, 1), (4, 3)])
+def test_experts_on_another_gpu_against_multi_gpu_targets(cli, tmp_path, gpus, gpu):
+    """Two- and four-GPU targets: experts of layers 0-11 on cuda:N, the model on cuda:0. With graphs on, one
+    error naming the rule, the layers and the fix (a graph records one GPU's stream); with graphs off, a warning;
+    the memory table counts each GPU apart, and a GPU the target lacks is an error."""
+    target = ",".join(f"cuda:{i}=24GiB" for i in range(gpus)) + ",cpu=125GiB"
+    on = cli("validate-config", write(tmp_path, TWO_GPU.format(graphs="true", gpu=gpu), "on.yaml"),
+             "--target-devices", target)
+    assert on.exit_code == 1, on.output
+    flat = " ".join(on.output.split())                               # rich may wrap long lines
+    assert (f"on.yaml:6: CUDA graphs are on (graph_mode full), but rule 1: layers 0-11 run their experts on cuda:{gpu} "
+            "while the model runs on cuda:0: a graph records one GPU's stream") in flat
+    assert "place these experts on cuda:0 or the CPU" in on.output
+    off = cli("validate-config", write(tmp_path, TWO_GPU.format(graphs="false", gpu=gpu), "off.yaml"),
+              "--target-devices", target)
+    assert off.exit_code == 0 and "warning" in off.output and "crosses GPUs" in off.output, off.output
+    assert f"cuda:{gpu}" in off.output and "experts 13.50 GiB" in off.output
+    short = ",".join(f"cuda:{i}=24GiB" for i in range(gpu)) + ",cpu=125GiB"
+    lacking = cli("validate-config", write(tmp_path, TWO_GPU.format(graphs="false", gpu=gpu), "off.yaml"),
+                  "--target-devices", short)
+    assert lacking.exit_code == 1 and f"device cuda:{gpu} is not on this machine" in lacking.output

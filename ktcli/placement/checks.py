@@ -177,11 +177,32 @@ def check_devices(profile, plan, machine) -> list:
     return out
 
 
+def _other_gpu(plan, device: str) -> bool:
+    """A CUDA device that is not the one the model runs on ('cuda' is 'cuda:0')."""
+    norm = lambda d: "cuda:0" if d == "cuda" else d   # noqa: E731
+    return device.startswith("cuda") and norm(device) != norm(plan.main_device)
+
+
 def check_graphs(profile, plan) -> list:
     mode = profile.runtime.mode
-    if mode == "off":
-        return []
     out = []
+    for es in _group(plan, lambda e: (e.decode.device, e.prefill.device)):   # experts on another GPU
+        e = es[0]
+        dev = next((d for d in (e.decode.device, e.prefill.device) if _other_gpu(plan, d)), None)
+        if dev is None:
+            continue
+        what = (f"{e.rule.label if e.rule else 'default placement'}: layers {ranges(x.layer for x in es)} run their "
+                f"experts on {dev} while the model runs on {plan.main_device}")
+        if mode == "off":   # eager: the operator moves the hidden state to their GPU and back, layer by layer
+            out.append(Finding(WARNING, "multi-gpu", what + ": the hidden state crosses GPUs at each such layer "
+                               "(not measured on several GPUs)", _where(e, profile), ""))
+        else:
+            out.append(Finding(ERROR, "cuda-graph", f"CUDA graphs are on (graph_mode {mode}), but {what}: a graph "
+                               "records one GPU's stream (ktcli runs one GPU with CUDA graphs)", _where(e, profile),
+                               f"place these experts on {plan.main_device} or the CPU, or turn CUDA graphs off "
+                               "(--use_cuda_graph false)"))
+    if mode == "off":
+        return out
     if not plan.main_device.startswith("cuda"):
         out.append(Finding(ERROR, "cuda-graph", f"graph_mode {mode} needs the model on a GPU, but its main device is "
                            f"{plan.main_device}", profile.where("runtime"), "set use_cuda_graph: false"))
