@@ -44,17 +44,20 @@ class HostCallbackBridge:
         """The C kernel's layer step: through the go/done words, or as a host node calling moe_host(block); the
         block kept alive with the graph."""
         from . import kernels
-        self._keep.append(block)
-        stream = torch.cuda.current_stream().cuda_stream
-        self.flag_steps()
         if self.flags is not None:
-            self.flags.add(block, stream)
-        else:
-            Driver.launch_host_func(stream, ctypes.cast(kernels.get().moe_host, ctypes.c_void_p).value, block.addr)
+            self.wait(self.post(block))
+            return
+        self._keep.append(block)
+        Driver.launch_host_func(torch.cuda.current_stream().cuda_stream,
+                                ctypes.cast(kernels.get().moe_host, ctypes.c_void_p).value, block.addr)
 
-    def flag_steps(self):
-        """The graph's FlagSteps when C steps go through flag words here, else None."""
-        return self.flags
+    def post(self, block) -> int:
+        """Flag steps: start block's step and return its number; `wait(i)` before its output is read."""
+        self._keep.append(block)
+        return self.flags.post(block, torch.cuda.current_stream().cuda_stream)
+
+    def wait(self, i: int) -> None:
+        self.flags.wait(i, torch.cuda.current_stream().cuda_stream)
 
     def arm(self) -> None:
         """Before every replay: the C thread serving flag steps expects this graph's steps."""

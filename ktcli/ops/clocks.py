@@ -58,7 +58,8 @@ def take_all() -> dict:
 
 
 def fixed_cost_us(c: dict) -> float | None:
-    """µs per CPU-expert layer call spent outside the kernel (hand-off, Python, ctypes), when the kernel ran."""
+    """µs per CPU-expert layer call spent outside the kernel (hand-off, Python, ctypes), when the kernel ran; bench
+    adds the graph step's own cost, which no host clock sees (engine/bench.py)."""
     if not c.get("cpu_layer_calls") or not c.get("kernel_s"):
         return None
     around = c["cpu_step_s"] or c["cpu_experts_s"]      # no hand-off when the model lives on the CPU

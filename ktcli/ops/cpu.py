@@ -110,25 +110,28 @@ class CpuExperts(DeviceOp):
     def submit(self, x, idx, w):
         """Start the layer and return a handle for `collect`: under a full graph with flag steps the stream goes
         on (GPU work that does not need this output overlaps the CPU's); otherwise the result, computed now."""
-        bridge = bridge_mod.active()
-        flags = bridge.flag_steps() if hasattr(bridge, "flag_steps") else None
-        T = x.shape[0]
-        block = None if flags is None or x.device.type == "cpu" or T > self.staging.capacity else self.host_block(T)
+        bridge, T = bridge_mod.active(), x.shape[0]
+        block = None
+        if getattr(bridge, "flags", None) is not None and x.device.type != "cpu" and T <= self.staging.capacity:
+            block = self.host_block(T)
         if block is None:
             return ("done", self(x, idx, w))
-        st = self.staging
-        st.x[:T].copy_(x, non_blocking=True)
-        st.idx[:T].copy_(idx, non_blocking=True)
-        st.w[:T].copy_(w, non_blocking=True)
-        bridge._keep.append(block)
-        return ("posted", flags.post(block, torch.cuda.current_stream().cuda_stream), T, x.device)
+        self._stage_in(x, idx, w)
+        return ("posted", bridge.post(block), T, x.device)
 
     def collect(self, handle):
         if handle[0] == "done":
             return handle[1]
         _, i, T, dev = handle
-        bridge_mod.active().flags.wait(i, torch.cuda.current_stream().cuda_stream)
+        bridge_mod.active().wait(i)
         return self.staging.y[:T].to(dev, non_blocking=True)
+
+    def _stage_in(self, x, idx, w) -> None:
+        """GPU → the pinned staging buffers (stream order: before the step that reads them)."""
+        st, T = self.staging, x.shape[0]
+        st.x[:T].copy_(x, non_blocking=True)
+        st.idx[:T].copy_(idx, non_blocking=True)
+        st.w[:T].copy_(w, non_blocking=True)
 
     def __call__(self, x, idx, w):
         if x.device.type == "cpu":
@@ -140,9 +143,7 @@ class CpuExperts(DeviceOp):
         if T > st.capacity:   # eager only (graphs capture decode, T=1): split into staging-sized chunks
             return torch.cat([self(x[i:i + st.capacity], idx[i:i + st.capacity], w[i:i + st.capacity])
                               for i in range(0, T, st.capacity)])
-        st.x[:T].copy_(x, non_blocking=True)
-        st.idx[:T].copy_(idx, non_blocking=True)
-        st.w[:T].copy_(w, non_blocking=True)
+        self._stage_in(x, idx, w)
         bridge = bridge_mod.active()
         block = self.host_block(T)
         # the C step (no Python inside a CUDA graph), else the Python step on the CPU worker

@@ -1,6 +1,7 @@
-"""One persistent thread computes every CPU-expert layer, whoever asks (main thread, graph segment loop, or a
-CUDA host callback). Why: CPU experts then always run on one OpenMP thread team; teams of several threads
-(main, host-callback) spinning on the same cores slowed full-graph decode (benchmarks/HISTORY.md).
+"""One persistent thread computes every CPU-expert layer that takes the Python path (torch's fallback, dtypes the
+C step does not take directly), whoever asks (main thread, graph segment loop, or a CUDA host callback). Why:
+torch's CPU ops then always run on one OpenMP thread team; teams of several threads (main, host-callback)
+spinning on the same cores slowed full-graph decode (benchmarks/HISTORY.md). The C kernel has its own team.
 
 Each request is a Job with its own completion event and error, so a caller whose wait was interrupted (Ctrl-C)
 never lets the next caller read its result; no lock is held while waiting.
