@@ -217,3 +217,11 @@ def test_flag_server_runs_each_step_the_gpu_asks_for():
         for i in (1, 2, 3):
             step(i)
         assert all(torch.equal(o, r) for o, r in zip(outs, want))
+
+
+def test_environment_sets_spin_and_pinning():
+    """KTCLI_CPU_SPIN_US and KTCLI_CPU_PIN are read when the library loads (README's environment list)."""
+    code = "from ktcli.ops import kernels; kernels.get(); w = kernels.tune(); print(w[4], w[5])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "KTCLI_CPU_SPIN_US": "7", "KTCLI_CPU_PIN": "1"}).stdout.split()
+    assert out == ["7", "1"]
