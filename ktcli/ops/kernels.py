@@ -1,9 +1,10 @@
 """The CPU expert kernel (csrc/moe_cpu.c): compiled from source on first use for this machine's CPU.
 
 Built with gcc -O3 -march=native (the instruction set is the running CPU's: AVX-512, AVX2, or plain). Its threads
-are its own persistent team (csrc/team.h), not OpenMP: whichever thread calls (a CUDA host function, the main
-thread) gets the same pinned workers, woken in microseconds. If gcc is missing or the build fails, `get()` returns None and the pure-torch path runs instead. KTCLI_CPU_CFLAGS adds compiler flags (A/B
-builds of a compile-time variant in benchmarks, e.g. -DNDEBUG); they are part of the cached build's name.
+are its own persistent team (csrc/team.h), not OpenMP: whichever thread calls (the flag-step thread, a CUDA host
+function, the main thread) gets the same workers, woken in microseconds. If gcc is missing or the build fails,
+`get()` returns None and the pure-torch path runs instead. KTCLI_CPU_CFLAGS adds compiler flags (A/B builds of a
+compile-time variant in benchmarks, e.g. -DNDEBUG); they are part of the cached build's name.
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 /* A persistent team of worker threads for the CPU expert kernel (replaces OpenMP's fork/join per call).
  *
  * Why: decode calls the kernel once per layer per token, from whichever thread asks (a CUDA host callback, the
- * main thread). Workers stay alive, pinned to cores, spin for `spin_us` after their work, then sleep on a futex,
- * so a call made within spin_us of the last one starts without a system call, and idle workers leave the cores
- * to other processes. The calling thread is member 0 and works too. One call at a time (a mutex). No barrier
+ * main thread). Workers stay alive (pinned to cores with KTCLI_CPU_PIN=1), spin for `spin_us` after their work,
+ * then sleep on a futex, so a call made within spin_us of the last one starts without a system call, and idle
+ * workers leave the cores to other processes. The calling thread is member 0 and works too. One call at a time (a mutex). No barrier
  * waits for a given member: phases hand out tasks and wait for task counts (graceful when cores are shared).
  */
 #include <limits.h>
