@@ -194,3 +194,16 @@ def test_breakdown_separates_the_kernel_from_the_fixed_cost_per_layer(cli, tmp_p
     sums = {k: sum(rep[k] for rep in tg["reps"]) for k in ("cpu_experts_s", "kernel_s", "cpu_layer_calls")}
     want = (sums["cpu_experts_s"] - sums["kernel_s"]) / sums["cpu_layer_calls"] * 1e6
     assert abs(b["fixed_us_per_layer"] - want) < 1e-6 * max(want, 1)
+
+
+def test_breakdown_table_shows_the_kernel_and_the_graph_steps_cost_per_layer():
+    """A full-graph row (as the GPU machine writes it): kernel µs and fixed µs per CPU layer, and the measured cost
+    of an empty graph step with its kind, in the breakdown table."""
+    from ktcli.report.bench import finish, md
+    b = {"ms_per_token": 46.07, "cpu_experts_ms": 32.78, "kernel_ms": 32.74, "kernel_us_per_layer": 682.1,
+         "fixed_us_per_layer": 16.5, "step_us": 15.6, "cpu_step_kind": "flags", "gpu_wait_ms": 0.0, "other_ms": 13.3}
+    row = finish({"model": "m", "backend": "ktcli", "graphs": "full", "test": "tg128", "samples": [21.7],
+                  "breakdown": b})
+    text = md([row], {})
+    assert "| kernel µs / CPU layer | fixed µs / CPU layer | of which graph step µs |" in text
+    assert "| 32.740 | 682.1 | 16.5 | 15.6 (flags) |" in text

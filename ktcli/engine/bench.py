@@ -73,9 +73,10 @@ def _step_us(engine) -> tuple:
     """(kind, µs) of an empty C step of the graph's kind (ops/steps.step_cost_us) with the CPU experts' thread
     count, measured once per engine."""
     if not hasattr(engine, "_step_us"):
+        from ..ops.cpu import expert_threads
         from ..ops.kernels import get
         from ..ops.steps import step_cost_us
-        st, kind = engine.built.staging, engine.graph.bridge.kind or "hostfn"   # None: Python steps only
-        threads = (st.threads if st else 0) or torch.get_num_threads()
-        engine._step_us = (kind, step_cost_us(kind, threads) if get() is not None else None)
+        kind = engine.graph.bridge.kind
+        engine._step_us = (kind, step_cost_us(kind, expert_threads(engine.built.staging)) if get() is not None
+                           else None)
     return engine._step_us

@@ -27,6 +27,11 @@ class Staging:
         self.idx, self.w = mk(capacity, top_k, dt=torch.int64), mk(capacity, top_k)   # [T,K]
 
 
+def expert_threads(staging) -> int:
+    """Threads of the CPU-expert kernel's team: the profile's cpu_threads, else torch's count."""
+    return (staging.threads if staging else 0) or torch.get_num_threads()
+
+
 def cpu_moe(x, idx, w, gate_up, down, act, out, weights=None):
     """out[T,H] = Σ_k w[t,k] · expert_{idx[t,k]}(x[t]); tokens grouped per expert (host-side, no GPU).
 
@@ -79,7 +84,7 @@ class CpuExperts(DeviceOp):
         return out                                  # the kernel times its own calls (clocks.pull_kernel)
 
     def _threads(self) -> int:
-        return (self.staging.threads if self.staging else 0) or torch.get_num_threads()
+        return expert_threads(self.staging)
 
     def host_block(self, T: int):
         """The C kernel's argument block for T staged tokens (decode-sized), or None where the layer takes the

@@ -33,6 +33,8 @@ def slice_tokens(T: int, K: int, H: int, I: int) -> int:
     once, so the longest slice whose scratch (fp32 [T·K, 3I + H] and friends) fits SLICE_SCRATCH; ≥ MAX_TOKENS."""
     per_pair = 4 * (3 * I + H) + 2 * (H + I)
     return max(MAX_TOKENS, min(T, MAX_PAIRS // K, SLICE_SCRATCH // (per_pair * K)))
+
+
 _lock = threading.Lock()
 _state = {"lib": None, "error": None, "tried": False}
 
@@ -160,13 +162,13 @@ def team() -> dict:
     return {"threads": out[0], "pinned": bool(out[1])}
 
 
-STATS = ("calls", "kernel_s", "host_calls", "host_s", "best_bps", "errors")
+STATS = ("calls", "kernel_s", "host_calls", "host_s", "best_bps")
 
 
 def take_stats() -> dict | None:
     """The kernel's own counters since the last take (then zeroed), or None before the library is loaded: calls
     and seconds of every kernel call, of every layer step (moe_host: CUDA host functions, piecewise and eager
-    decode), the fastest call's selected-expert bytes/s, refused host calls."""
+    decode), the fastest call's selected-expert bytes/s. Refused host calls: host_errors()."""
     lib = _state["lib"]
     if lib is None:
         return None

@@ -26,7 +26,7 @@ void moe_host(void *arg) {
     if (c->T == 0) team_run(nop_member, NULL, c->threads);   /* an empty step (bench's fixed-cost probe) */
     else rc = moe_call(c);
     c->rc = rc;
-    if (rc != 0 && __atomic_fetch_add(&st.errors, 1, __ATOMIC_RELAXED) == 0) st.first_rc = rc;
+    if (rc != 0) __atomic_add_fetch(&st.errors, 1, __ATOMIC_RELAXED);
     __atomic_add_fetch(&st.host_calls, 1, __ATOMIC_RELAXED);
     __atomic_add_fetch(&st.host_ns, now_ns() - t0, __ATOMIC_RELAXED);
 }

@@ -40,8 +40,8 @@ static void *flags_server(void *arg) {
         __atomic_store_n(r->go, 0, __ATOMIC_RELAXED);
         if (g >= 1 && g <= (uint32_t)r->n) {
             moe_host(r->blocks[g - 1]);
-        } else if (__atomic_fetch_add(&st.errors, 1, __ATOMIC_RELAXED) == 0) {
-            st.first_rc = -2;   /* a step number outside the table: counted, answered so the GPU goes on */
+        } else {   /* a step number outside the table: counted, answered so the GPU goes on */
+            __atomic_add_fetch(&st.errors, 1, __ATOMIC_RELAXED);
         }
         if (g == (uint32_t)r->n) __atomic_sub_fetch(&fl.armed, 1, __ATOMIC_ACQ_REL);   /* before done: see below */
         __atomic_store_n(r->done, g, __ATOMIC_RELEASE);   /* y written before done (x86 stores stay in order) */

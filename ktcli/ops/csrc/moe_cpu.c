@@ -26,6 +26,13 @@ static double *prof;             /* moe_profile(): per-thread timestamps of the 
 
 int moe_caps(void) { return HAS_DPBF16 | HAS_VNNI << 1; }
 
+/* Stops the thread team (the next call starts a new one): at exit, so no worker outlives the interpreter. */
+void moe_shutdown(void) {
+    pthread_mutex_lock(&team_lock);
+    team_stop();
+    pthread_mutex_unlock(&team_lock);
+}
+
 /* Tuning knobs for benchmarks and tests, in this order: chunk, prefetch, idot, pipelined, spin_us, pin. Writes
  * the settings in force to was[6], then applies set[6] (a negative value keeps a setting). A new pin setting
  * restarts the thread team. */
@@ -35,18 +42,7 @@ void moe_tune(const int *set, int *was) {
         was[k] = *knob[k];
         if (set[k] >= 0) *knob[k] = set[k];
     }
-    if (set[5] >= 0 && set[5] != was[5]) {
-        pthread_mutex_lock(&team_lock);
-        team_stop();
-        pthread_mutex_unlock(&team_lock);
-    }
-}
-
-/* Stops the thread team (the next call starts a new one): at exit, so no worker outlives the interpreter. */
-void moe_shutdown(void) {
-    pthread_mutex_lock(&team_lock);
-    team_stop();
-    pthread_mutex_unlock(&team_lock);
+    if (set[5] >= 0 && set[5] != was[5]) moe_shutdown();
 }
 
 /* Members in the team and whether they are pinned: out[2]. */

@@ -5,8 +5,7 @@ static struct {
     uint64_t calls, kernel_ns;      /* every moe_forward */
     uint64_t host_calls, host_ns;   /* moe_host: the whole step a CUDA host function (or a direct call) takes */
     uint64_t best_bps;              /* the fastest call's selected-expert bytes ÷ its time, B/s */
-    uint64_t errors;                /* moe_host calls whose arguments were refused */
-    int first_rc;
+    uint64_t errors;                /* moe_host calls whose arguments were refused (taken by moe_errors) */
 } st;
 
 /* Stored bytes of one expert: gate/up [2I, H] and down [H, I] in the format, with their scales. */
@@ -25,15 +24,14 @@ static void stats_kernel(uint64_t ns, double bytes) {
     }
 }
 
-/* out[6]: kernel calls, kernel seconds, host-step calls, host-step seconds, best B/s, refused host calls not yet
- * taken by moe_errors(); then every other counter starts again from zero. */
+/* out[5]: kernel calls, kernel seconds, host-step calls, host-step seconds, best B/s; then they start again from
+ * zero. */
 void moe_stats(double *out) {
-    uint64_t v[6] = {__atomic_exchange_n(&st.calls, 0, __ATOMIC_RELAXED),
+    uint64_t v[5] = {__atomic_exchange_n(&st.calls, 0, __ATOMIC_RELAXED),
                      __atomic_exchange_n(&st.kernel_ns, 0, __ATOMIC_RELAXED),
                      __atomic_exchange_n(&st.host_calls, 0, __ATOMIC_RELAXED),
                      __atomic_exchange_n(&st.host_ns, 0, __ATOMIC_RELAXED),
-                     __atomic_exchange_n(&st.best_bps, 0, __ATOMIC_RELAXED),
-                     __atomic_load_n(&st.errors, __ATOMIC_RELAXED)};   /* moe_errors() takes these */
+                     __atomic_exchange_n(&st.best_bps, 0, __ATOMIC_RELAXED)};
     out[0] = (double)v[0], out[1] = v[1] * 1e-9, out[2] = (double)v[2], out[3] = v[3] * 1e-9;
-    out[4] = (double)v[4], out[5] = (double)v[5];
+    out[4] = (double)v[4];
 }
