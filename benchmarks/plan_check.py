@@ -1,8 +1,9 @@
 """`ktcli plan`'s predictions against measurement, and against the shipped hand-written profiles.
 
 For each model and GPU budget: `ktcli plan` writes a profile for that budget; `ktcli bench` measures its tg; every
-shipped profile of the same model that validate-config accepts for the same budget is measured too. Writes each
-plan's predicted and measured t/s, their ratio, and the best shipped profile's t/s.
+shipped profile of the same model that validate-config accepts for the same budget is measured too (once per
+profile). The plan competes with the shipped profiles whose CPU experts have its format: a faster int4 profile is
+not a better bf16 placement. Writes each plan's predicted and measured t/s, their ratio, and the best shipped t/s.
 
     python benchmarks/plan_check.py --models qwen3-30b-a3b,qwen2-57b-a14b --budgets 24,48,80 \\
         --targets 'cuda:0={gib}GiB,cpu=125GiB,cores=16' -n 128 --out r.json
@@ -37,30 +38,46 @@ def bench(profile, n, reps, extra, tmp):
             "breakdown": rec.get("breakdown")}
 
 
+def cpu_format(profile_path) -> str:
+    """The storage format of a profile's CPU experts (bf16 unless a rule quantizes them)."""
+    with open(profile_path, encoding="utf-8") as f:
+        rules = (yaml.safe_load(f) or {}).get("rules") or []
+    fmts = {(r.get("replace") or {}).get("kwargs", {}).get("weight_format") for r in rules if isinstance(r, dict)}
+    return next((f for f in fmts if f), "bf16")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="qwen3-30b-a3b,qwen2-57b-a14b")
     ap.add_argument("--budgets", default="24,48,80", help="GiB, substituted for {gib} in --targets")
     ap.add_argument("--targets", default="cuda:0={gib}GiB,cpu=125GiB,cores=16")
+    ap.add_argument("--format", default="bf16", help="the plan's CPU-expert format; shipped profiles of the same "
+                                                     "format are its competition (others are named, not measured)")
     ap.add_argument("-n", type=int, default=128)
     ap.add_argument("-r", "--reps", type=int, default=3)
     ap.add_argument("--extra", default="", help="flags for plan and bench, e.g. '--num-layers 16'")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
+    from ktcli.engine.bandwidth import bandwidths
     from ktcli.engine.provenance import machine_info
     from ktcli.files import write_atomic
     extra = a.extra.split()
-    res = {"command": " ".join(["python", *sys.argv]), "machine": machine_info(), "rows": []}
+    # --target-devices describes another machine, so plan would use default rates: give it this machine's readings
+    bw = bandwidths().rates()
+    rates = ["--cpu-bw", f"{bw['cpu'] / 1e9:.1f}"] + (["--gpu-bw", f"{bw['cuda'] / 1e9:.1f}"] if bw["cuda"] else [])
+    res = {"command": " ".join(["python", *sys.argv]), "machine": machine_info(), "rates": rates, "rows": []}
     shipped = sorted(glob.glob(os.path.join(ROOT, "profiles", "*.yaml")))
+    measured = {}                                      # a shipped profile is measured once, whatever the budget
     with tempfile.TemporaryDirectory() as tmp:
         for model in a.models.split(","):
             for gib in a.budgets.split(","):
                 targets = "--target-devices=" + a.targets.format(gib=gib)
                 plan = os.path.join(tmp, f"plan-{model}-{gib}.yaml")
-                ktcli("plan", "-m", model, targets, "--context", str(a.n * 2), "-o", plan, *extra)
+                ktcli("plan", "-m", model, targets, "--context", str(a.n * 2), "--format", a.format, *rates,
+                      "-o", plan, *extra)
                 text = open(plan, encoding="utf-8").read()
                 predicted = float(text.split("# predicted decode: ")[1].split(" t/s")[0])
-                row = {"model": model, "budget_gib": float(gib), "predicted_tps": predicted,
+                row = {"model": model, "budget_gib": float(gib), "format": a.format, "predicted_tps": predicted,
                        "plan": yaml.safe_load(text)["rules"], "measured": bench(plan, a.n, a.reps, extra, tmp)}
                 row["measured_over_predicted"] = row["measured"]["tps_mean"] / predicted
                 row["shipped"] = {}
@@ -69,13 +86,20 @@ def main():
                         if (yaml.safe_load(f) or {}).get("model") != model:
                             continue
                     if ktcli("validate-config", p, targets, *extra, check=False).returncode == 0:
-                        row["shipped"][os.path.basename(p)] = bench(p, a.n, a.reps, extra, tmp)
-                best = max((s["tps_mean"] for s in row["shipped"].values()), default=None)
+                        if cpu_format(p) != a.format:             # named, not measured: another model numerically
+                            row["shipped"][os.path.basename(p)] = {"format": cpu_format(p), "tps_mean": None}
+                            continue
+                        if p not in measured:
+                            measured[p] = bench(p, a.n, a.reps, extra, tmp) | {"format": a.format}
+                        row["shipped"][os.path.basename(p)] = measured[p]
+                best = max((s["tps_mean"] for s in row["shipped"].values() if s["tps_mean"]), default=None)
+                row["best_shipped_same_format_tps"] = best
                 row["plan_over_best_shipped"] = row["measured"]["tps_mean"] / best if best else None
                 res["rows"].append(row)
                 write_atomic(a.out, json.dumps(res, indent=2))
-                print(f"{model} {gib} GiB: predicted {predicted:.2f}, measured {row['measured']['tps_mean']:.2f} t/s "
-                      f"({100 * row['measured_over_predicted']:.0f}%), best shipped {best}", flush=True)
+                print(f"{model} {gib} GiB {a.format}: predicted {predicted:.2f}, measured "
+                      f"{row['measured']['tps_mean']:.2f} t/s ({100 * row['measured_over_predicted']:.0f}%), "
+                      f"best shipped {a.format} {best}", flush=True)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,9 @@ def test_plan_check_runs_end_to_end(tmp_path):
     subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "plan_check.py"), "--models", "demo",
                     "--budgets", "1,2", "--targets", "cpu={gib}GiB", "-n", "4", "-r", "1", "--out", str(out)],
                    check=True, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "KTCLI_BW_PROBE_MIB": "64"})
-    rows = json.loads(out.read_text())["rows"]
+    res = json.loads(out.read_text())
+    rows = res["rows"]
+    assert res["rates"][0] == "--cpu-bw" and float(res["rates"][1]) > 0     # this machine's reading, not defaults
     assert [r["budget_gib"] for r in rows] == [1.0, 2.0]
     for r in rows:
         assert r["predicted_tps"] > 0 and r["measured"]["tps_mean"] > 0 and "demo.yaml" in r["shipped"]

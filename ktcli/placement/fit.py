@@ -31,6 +31,7 @@ class Rates:
     cpu_prefill_flops: float = 0.4e12   # ktcli's CPU-expert prefill (torch GEMMs), effective: H200 pp512 2026-12-02
     gpu_flops: float = 300e12
     pcie_bw: float = 25e9               # pinned host → GPU (PCIe 4.0 x16 in practice; 5.0 about twice that)
+    prefill_tokens: int = 512           # the prompt length prefill_tps is predicted for (bench's pp512)
     # Decode as measured on the H200 host (benchmarks/results/2026-12-04-h200-decode-*-flags.json): the CPU kernel
     # reads its experts at this share of the bandwidth ceiling, and a decoder layer costs this much on a GPU-run
     # model besides its bytes (transformers' ~70 small kernels a layer in one graph, the step, the token loop).
@@ -67,7 +68,8 @@ def _rules(template, gpu_dev, gpu_layers, cpu_layers, fmt, group) -> list:
                         kwargs={"prefill_device": gpu_dev, "prefill_op": "torch", "generate_device": gpu_dev,
                                 "generate_op": "gpu_static"}))
     if cpu_layers:
-        kw = {"prefill_device": "cpu", "prefill_op": "cpu", "generate_device": "cpu", "generate_op": "cpu"}
+        # prefill auto: each chunk streams the layer to the GPU or runs on the CPU, whichever the measured rates favour
+        kw = {"prefill_device": "auto", "generate_device": "cpu", "generate_op": "cpu"}
         if fmt != "bf16":
             kw.update(weight_format=fmt, **({"group_size": group} if fmt == "int4" else {}))
         out.append(Rule(0, "<plan>", 0, name=_layers_regex(template, cpu_layers), replace_class="Experts", kwargs=kw))
@@ -131,31 +133,38 @@ def fit(profile, machine, context: int | None = None, fmt: str = "bf16", rates: 
 
 def predict(out: Fit, model, plan, prof) -> None:
     """Decode: bytes per token at each device's rate (CPU experts at the kernel's measured share of it) plus the
-    measured per-layer cost; the roofline without either. Prefill: expert FLOPs per token ÷ the rates."""
+    measured per-layer cost; the roofline without either. Prefill (a prompt of rates.prefill_tokens): a layer whose
+    experts live on the CPU costs its upload or its CPU time, whichever `auto` would pick (ops/prefill's model)."""
+    from ..ops.prefill import PrefillRates, cpu_seconds, stream_seconds
     cfg, db = model.config, DTYPE_BYTES[prof.dtype]
     k, r = cfg.num_experts_per_tok, out.rates
+    T = r.prefill_tokens
+    pr = PrefillRates(pcie_bps=r.pcie_bw, cpu_bps=r.cpu_bw, cpu_flops=r.cpu_prefill_flops, gpu_flops=r.gpu_flops)
     bw = {"cpu": r.cpu_bw, "cuda": r.gpu_bw}
-    by_dev, cpu_flops, gpu_flops, seconds = {}, 0.0, 0.0, 0.0
+    by_dev, seconds, prefill_s, gpu_flops = {}, 0.0, 0.0, 0.0
     for e in plan.experts:
         m = model.get_submodule(e.module)
-        per = sum(p.numel() for p in m.parameters(recurse=False)) // m.gate_up_proj.shape[0]   # params per expert
+        E, I2, H = m.gate_up_proj.shape
+        per = sum(p.numel() for p in m.parameters(recurse=False)) // E          # params per expert
+        per_b = per * expert_bytes_per_param(e.weight_format, db, e.group_size)
         dev = "cpu" if e.decode.device == "cpu" else "cuda"
-        b = k * per * expert_bytes_per_param(e.weight_format, db, e.group_size)
-        by_dev[dev] = by_dev.get(dev, 0) + b
-        seconds += b / (bw[dev] * (r.cpu_kernel_eff.get(e.weight_format, 1.0) if dev == "cpu" else 1.0))
-        if e.prefill.device == "cpu":
-            cpu_flops += 2 * k * per
+        by_dev[dev] = by_dev.get(dev, 0) + k * per_b
+        seconds += k * per_b / (bw[dev] * (r.cpu_kernel_eff.get(e.weight_format, 1.0) if dev == "cpu" else 1.0))
+        gpu_s = 2 * T * k * per / r.gpu_flops
+        if e.prefill.device == "cpu" or e.prefill.device == "auto":
+            cpu_s = cpu_seconds(E, k, H, I2 // 2, per_b, T, e.weight_format != "bf16", pr)
+            stream_s = max(stream_seconds(E * per_b, pr), gpu_s) if e.prefill.device == "auto" else cpu_s
+            prefill_s += min(cpu_s, stream_s)
         else:
-            gpu_flops += 2 * k * per
+            prefill_s += gpu_s
     experts = {e.module for e in plan.experts}
     other = sum(p.numel() for n, p in model.named_parameters() if n.rsplit(".", 1)[0] not in experts)
     main = "cuda" if plan.main_device.startswith("cuda") else "cpu"
     rest = other * db + kv_cache_bytes(cfg, prof.runtime.max_seq_len // 2, db)
     by_dev[main] = by_dev.get(main, 0) + rest
     seconds += rest / bw[main] + (cfg.num_hidden_layers * r.layer_s if main == "cuda" else 0.0)
-    gpu_flops += 2 * other
+    gpu_flops += 2 * other * T
     out.bytes_per_token = by_dev
     out.roofline_tps = 1 / sum(b / bw[d] for d, b in by_dev.items())
     out.decode_tps = 1 / seconds
-    main_flops = r.gpu_flops if main == "cuda" else r.cpu_prefill_flops
-    out.prefill_tps = 1 / (cpu_flops / r.cpu_prefill_flops + gpu_flops / main_flops)
+    out.prefill_tps = T / (prefill_s + gpu_flops / (r.gpu_flops if main == "cuda" else r.cpu_prefill_flops))

@@ -30,8 +30,9 @@ def summary_rows(fit, machine) -> list:
               + ", ".join(f"{d} {b / 1e9:.2f} GB/token" for d, b in fit.bytes_per_token.items())
               + f" at CPU {r.cpu_bw / 1e9:.0f} GB/s, GPU {r.gpu_bw / 1e9:.0f} GB/s; CPU experts at {eff} of "
               f"that, {r.layer_s * 1e3:.2f} ms a layer besides)"),
-             ("predicted prefill", f"{fit.prefill_tps:.1f} t/s (CPU experts at {r.cpu_prefill_flops / 1e12:.2f} "
-              f"TFLOP/s, GPU at {r.gpu_flops / 1e12:.0f} TFLOP/s)"),
+             ("predicted prefill", f"pp{r.prefill_tokens} {fit.prefill_tps:.1f} t/s (CPU-resident experts uploaded at "
+              f"{r.pcie_bw / 1e9:.0f} GB/s or run on the CPU at {r.cpu_prefill_flops / 1e12:.2f} TFLOP/s, whichever "
+              f"is faster; GPU at {r.gpu_flops / 1e12:.0f} TFLOP/s)"),
              ("rates from", r.source)]
     return rows + [("note", n) for n in fit.notes]
 
