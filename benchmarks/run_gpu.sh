@@ -45,7 +45,7 @@ case $what in
   plan)     # #17's proof: predicted vs measured tg128 per GPU budget, and the shipped profiles that fit the budget.
             # Full models take minutes each: split the work with MODELS=… BUDGETS=… (one call per model and budget)
     python3 benchmarks/plan_check.py --models ${MODELS:-qwen3-30b-a3b} --budgets ${BUDGETS:-24} -n 128 -r 3 \
-        --out $out/plan-check-${MODELS:-qwen3-30b-a3b}-${BUDGETS:-24}.json ;;
+        --out $out/plan-check-${MODELS:-qwen3-30b-a3b}-$(echo ${BUDGETS:-24} | tr , -).json ;;
   prefill)  # #14: pp512 / pp2048 (/ pp8192) with `auto` prefill (stream or CPU per chunk), full models; FORMATS=bf16
             # by default (int8/int4 quantize 48 layers at load: minutes each)
     for f in ${FORMATS:-bf16}; do

@@ -32,11 +32,13 @@ class Rates:
     gpu_flops: float = 300e12
     pcie_bw: float = 25e9               # pinned host → GPU (PCIe 4.0 x16 in practice; 5.0 about twice that)
     prefill_tokens: int = 512           # the prompt length prefill_tps is predicted for (bench's pp512)
-    # Decode as measured on the H200 host (benchmarks/results/2026-12-04-h200-decode-*-flags.json): the CPU kernel
-    # reads its experts at this share of the bandwidth ceiling, and a decoder layer costs this much on a GPU-run
-    # model besides its bytes (transformers' ~70 small kernels a layer in one graph, the step, the token loop).
+    # Decode as measured on the H200 host: the CPU kernel reads its experts at this share of the bandwidth probe
+    # (benchmarks/results/2026-12-04-h200-decode-*-flags.json), and a decoder layer costs this much besides its
+    # bytes: transformers' ~70 small kernels a layer in one graph, the step, the token loop. 0.21 ms is the all-GPU
+    # Qwen3-30B plan's 11.8 ms a token less its bytes, over 48 layers (2026-12-04 plan check); the machine of the
+    # earlier decode runs spent up to 0.28 ms, fresh machines differ by that much.
     cpu_kernel_eff: dict = field(default_factory=lambda: {"bf16": 0.82, "int8": 0.79, "int4": 0.63})
-    layer_s: float = 0.28e-3
+    layer_s: float = 0.21e-3
     source: str = "defaults"
 
 
