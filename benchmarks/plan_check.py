@@ -25,8 +25,10 @@ sys.path.insert(0, ROOT)
 
 
 def ktcli(*args, check=True):
-    return subprocess.run([sys.executable, "-m", "ktcli", *args], cwd=ROOT, capture_output=True, text=True,
-                          check=check)
+    r = subprocess.run([sys.executable, "-m", "ktcli", *args], cwd=ROOT, capture_output=True, text=True)
+    if check and r.returncode:
+        sys.exit(f"ktcli {' '.join(args)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return r
 
 
 def bench(profile, n, reps, extra, tmp):

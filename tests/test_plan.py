@@ -160,3 +160,14 @@ def test_cpu_layers_prefill_auto_and_the_prediction_takes_the_faster_of_upload_a
     assert fast_link.prefill_tps == pytest.approx(512 / (cpu_layers * per_layer / 50e9), rel=0.1)
     assert slow_link.prefill_tps < fast_link.prefill_tps / 3      # a slow link: the CPU's GEMMs, not the upload
     assert slow_link.decode_tps == fast_link.decode_tps           # decode does not cross the link
+
+
+def test_a_gpu_too_small_for_the_upload_slots_prefills_on_the_cpu():
+    """Qwen2-57B's two upload slots (2 × 3.5 GB) do not fit beside the rest in 24 GiB: the plan prefills those layers
+    on the CPU rather than failing; with room for them it streams."""
+    small = fit(profile_from_flags(None, model="qwen2-57b-a14b"), machine_for("cuda:0=24GiB,cpu=125GiB"), context=256)
+    big = fit(profile_from_flags(None, model="qwen2-57b-a14b"), machine_for("cuda:0=48GiB,cpu=125GiB"), context=256)
+    assert not small.notes and not big.notes
+    assert small.profile.rules[-1].kwargs["prefill_device"] == "cpu"
+    assert big.profile.rules[-1].kwargs["prefill_device"] == "auto"
+    assert big.prefill_tps > 3 * small.prefill_tps

@@ -63,15 +63,16 @@ def _layers_regex(template: str, layers: list) -> str:
     return template.replace("IDX", "|".join(str(i) for i in layers))
 
 
-def _rules(template, gpu_dev, gpu_layers, cpu_layers, fmt, group) -> list:
+def _rules(template, gpu_dev, gpu_layers, cpu_layers, fmt, group, stream=True) -> list:
     out = []
     if gpu_layers:
         out.append(Rule(0, "<plan>", 0, name=_layers_regex(template, gpu_layers), replace_class="Experts",
                         kwargs={"prefill_device": gpu_dev, "prefill_op": "torch", "generate_device": gpu_dev,
                                 "generate_op": "gpu_static"}))
     if cpu_layers:
-        # prefill auto: each chunk streams the layer to the GPU or runs on the CPU, whichever the measured rates favour
-        kw = {"prefill_device": "auto", "generate_device": "cpu", "generate_op": "cpu"}
+        # prefill auto: each chunk streams the layer to the GPU or runs on the CPU, whichever the measured rates
+        # favour; cpu where the GPU cannot hold auto's two upload slots
+        kw = {"prefill_device": "auto" if stream else "cpu", "generate_device": "cpu", "generate_op": "cpu"}
         if fmt != "bf16":
             kw.update(weight_format=fmt, **({"group_size": group} if fmt == "int4" else {}))
         out.append(Rule(0, "<plan>", 0, name=_layers_regex(template, cpu_layers), replace_class="Experts", kwargs=kw))
@@ -103,8 +104,8 @@ def fit(profile, machine, context: int | None = None, fmt: str = "bf16", rates: 
     _, I2, H = dict(find_experts(model))[names[0]].gate_up_proj.shape
     group = next((g for g in (128, 64, 32, 16) if H % g == 0 and (I2 // 2) % g == 0), 128)   # int4: divides both
 
-    def evaluate(g, f):
-        prof = _with_rules(profile, _rules(template, gpu, free[:g], free[g:], f, group) if gpu else
+    def evaluate(g, f, stream=True):
+        prof = _with_rules(profile, _rules(template, gpu, free[:g], free[g:], f, group, stream) if gpu else
                            _rules(template, None, [], free, f, group))
         plan = make_plan(model, prof.rules, main)
         return prof, plan, estimate(model, plan, prof)
@@ -114,14 +115,15 @@ def fit(profile, machine, context: int | None = None, fmt: str = "bf16", rates: 
 
     formats = FORMATS if fmt == "auto" else (fmt,)
     for f in formats:
+        stream = not gpu or fits(evaluate(0, f)[2], gpu)   # prefill uploads need two slots on the GPU
         lo, hi = 0, len(free) if gpu else 0          # the most GPU layers that fit the GPU (monotone in g)
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if fits(evaluate(mid, f)[2], gpu):
+            if fits(evaluate(mid, f, stream)[2], gpu):
                 lo = mid
             else:
                 hi = mid - 1
-        prof, plan, rep = evaluate(lo, f)
+        prof, plan, rep = evaluate(lo, f, stream)
         if fits(rep, "cpu") or f == formats[-1]:
             break
     out = Fit(prof, free[:lo] if gpu else [], free[lo:] if gpu else free, pinned, f, rep, budget, {}, 0.0, 0.0, rates)
