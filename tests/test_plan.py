@@ -75,8 +75,9 @@ def test_predicted_decode_is_the_plans_bytes_at_the_measured_rates():
     r = Rates()
     roof = 1 / (f.bytes_per_token["cuda"] / r.gpu_bw + f.bytes_per_token["cpu"] / r.cpu_bw)
     assert abs(f.roofline_tps - roof) < 1e-9
-    want = 1 / (f.bytes_per_token["cuda"] / r.gpu_bw + f.bytes_per_token["cpu"] / (r.cpu_bw * r.cpu_kernel_eff["bf16"])
-                + 48 * r.layer_s)
+    cpu_experts = 8 * len(f.cpu_layers)                       # top-8 of each CPU layer, each with its fixed cost
+    want = 1 / (f.bytes_per_token["cuda"] / r.gpu_bw + f.bytes_per_token["cpu"] / (r.cpu_bw * r.cpu_kernel_eff)
+                + cpu_experts * r.cpu_expert_s + 48 * r.layer_s)
     assert abs(f.decode_tps - want) < 1e-9 and f.decode_tps < f.roofline_tps
     more, _ = plan_for("qwen3-30b-a3b", 48)
     assert more.decode_tps > f.decode_tps and more.bytes_per_token["cpu"] < f.bytes_per_token["cpu"]
@@ -136,7 +137,11 @@ def test_given_bandwidths_drive_the_prediction(cli):
     fast = cli(*args, "--cpu-bw", "80", "--gpu-bw", "2000")
     pred = lambda r: float(r.stdout.split("# predicted decode: ")[1].split(" t/s")[0])  # noqa: E731
     assert slow.exit_code == fast.exit_code == 0
-    per_layer = 48 * Rates().layer_s                                   # the part of a token that is not bytes
+    first, last = fast.stdout.split("# experts on the CPU: layers ")[1].split(" ")[0].split("-")
+    cpu_layers = int(last) - int(first) + 1
+    assert slow.stdout.split("# experts on the CPU: ")[1][:20] == fast.stdout.split("# experts on the CPU: ")[1][:20]
+    r = Rates()
+    per_layer = 48 * r.layer_s + 8 * cpu_layers * r.cpu_expert_s      # the part of a token that is not bytes
     byte_time = lambda r: 1 / pred(r) - per_layer                    # noqa: E731
     assert abs(byte_time(slow) / byte_time(fast) - 2) < 2e-2          # every byte read twice as fast (2-digit t/s)
     assert "# rates from: defaults, --cpu-bw, --gpu-bw" in fast.stdout

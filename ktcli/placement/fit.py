@@ -32,12 +32,15 @@ class Rates:
     gpu_flops: float = 300e12
     pcie_bw: float = 25e9               # pinned host → GPU (PCIe 4.0 x16 in practice; 5.0 about twice that)
     prefill_tokens: int = 512           # the prompt length prefill_tps is predicted for (bench's pp512)
-    # Decode as measured on the H200 host: the CPU kernel reads its experts at this share of the bandwidth probe
-    # (benchmarks/results/2026-12-04-h200-decode-*-flags.json), and a decoder layer costs this much besides its
-    # bytes: transformers' ~70 small kernels a layer in one graph, the step, the token loop. 0.21 ms is the all-GPU
-    # Qwen3-30B plan's 11.8 ms a token less its bytes, over 48 layers (2026-12-04 plan check); the machine of the
-    # earlier decode runs spent up to 0.28 ms, fresh machines differ by that much.
-    cpu_kernel_eff: dict = field(default_factory=lambda: {"bf16": 0.82, "int8": 0.79, "int4": 0.63})
+    # Decode as measured on the H200 host (benchmarks/results/2026-12-04-h200-decode-*-flags.json): the CPU kernel
+    # reads its experts at this share of the bandwidth probe, plus a fixed cost per expert it runs. Fitted on the
+    # Qwen3-30B (9 MB experts) and Qwen2-57B (55 MB) rows together: bf16 0.971 / 12 µs, int8 0.973 / 9 µs, int4
+    # (Qwen3 only) 10 µs at 0.97 — one share for every format and shape, where a share per format missed by 13%.
+    cpu_kernel_eff: float = 0.97
+    cpu_expert_s: float = 10e-6
+    # A decoder layer costs this much besides its bytes: transformers' ~70 small kernels a layer in one graph, the
+    # step, the token loop. 0.21 ms is the all-GPU Qwen3-30B plan's 11.8 ms a token less its bytes, over 48 layers
+    # (2026-12-04 plan check); the machine of the earlier decode runs spent up to 0.28 ms.
     layer_s: float = 0.21e-3
     source: str = "defaults"
 
@@ -136,8 +139,8 @@ def fit(profile, machine, context: int | None = None, fmt: str = "bf16", rates: 
 
 
 def predict(out: Fit, model, plan, prof) -> None:
-    """Decode: bytes per token at each device's rate (CPU experts at the kernel's measured share of it) plus the
-    measured per-layer cost; the roofline without either. Prefill (a prompt of rates.prefill_tokens): a layer whose
+    """Decode: bytes per token at each device's rate (CPU experts at the kernel's measured share of it and its cost
+    per expert) plus the measured per-layer cost; the roofline without either. Prefill (a prompt of rates.prefill_tokens): a layer whose
     experts live on the CPU costs its upload or its CPU time, whichever `auto` would pick (ops/prefill's model)."""
     from ..ops.prefill import PrefillRates, cpu_seconds, stream_seconds
     cfg, db = model.config, DTYPE_BYTES[prof.dtype]
@@ -153,7 +156,7 @@ def predict(out: Fit, model, plan, prof) -> None:
         per_b = per * expert_bytes_per_param(e.weight_format, db, e.group_size)
         dev = "cpu" if e.decode.device == "cpu" else "cuda"
         by_dev[dev] = by_dev.get(dev, 0) + k * per_b
-        seconds += k * per_b / (bw[dev] * (r.cpu_kernel_eff.get(e.weight_format, 1.0) if dev == "cpu" else 1.0))
+        seconds += k * per_b / bw[dev] if dev == "cuda" else k * (per_b / (bw[dev] * r.cpu_kernel_eff) + r.cpu_expert_s)
         gpu_s = 2 * T * k * per / r.gpu_flops
         if e.prefill.device == "cpu" or e.prefill.device == "auto":
             cpu_s = cpu_seconds(E, k, H, I2 // 2, per_b, T, e.weight_format != "bf16", pr)

@@ -25,11 +25,11 @@ def summary_rows(fit, machine) -> list:
         rows.append((f"memory {dev}", f"{fmt_bytes(use)} of {fmt_bytes(fit.budget[dev])} usable"
                                       + (f" ({fmt_bytes(have)} free)" if have else "")))
     r = fit.rates
-    eff = ", ".join(f"{f} {100 * v:.0f}%" for f, v in r.cpu_kernel_eff.items())
     rows += [("predicted decode", f"{fit.decode_tps:.2f} t/s (roofline {fit.roofline_tps:.2f}: "
               + ", ".join(f"{d} {b / 1e9:.2f} GB/token" for d, b in fit.bytes_per_token.items())
-              + f" at CPU {r.cpu_bw / 1e9:.0f} GB/s, GPU {r.gpu_bw / 1e9:.0f} GB/s; CPU experts at {eff} of "
-              f"that, {r.layer_s * 1e3:.2f} ms a layer besides)"),
+              + f" at CPU {r.cpu_bw / 1e9:.0f} GB/s, GPU {r.gpu_bw / 1e9:.0f} GB/s; CPU experts at "
+              f"{100 * r.cpu_kernel_eff:.0f}% of that and {r.cpu_expert_s * 1e6:.0f} µs an expert, "
+              f"{r.layer_s * 1e3:.2f} ms a layer besides)"),
              ("predicted prefill", f"pp{r.prefill_tokens} {fit.prefill_tps:.1f} t/s (CPU-resident experts uploaded at "
               f"{r.pcie_bw / 1e9:.0f} GB/s or run on the CPU at {r.cpu_prefill_flops / 1e12:.2f} TFLOP/s, whichever "
               f"is faster; GPU at {r.gpu_flops / 1e12:.0f} TFLOP/s)"),
