@@ -59,7 +59,11 @@ def main():
     ap.add_argument("-r", "--reps", type=int, default=3)
     ap.add_argument("--extra", default="", help="flags for plan and bench, e.g. '--num-layers 16'")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--repredict", metavar="JSON", help="no measuring: predict a recorded run's rows again with "
+                    "this code and its recorded rates (refused where the plan would now place experts otherwise)")
     a = ap.parse_args()
+    if a.repredict:
+        return repredict(a.repredict, a.targets, a.out)
     from ktcli.engine.bandwidth import bandwidths
     from ktcli.engine.provenance import machine_info
     from ktcli.files import write_atomic
@@ -79,7 +83,8 @@ def main():
                       "-o", plan, *extra)
                 text = open(plan, encoding="utf-8").read()
                 predicted = float(text.split("# predicted decode: ")[1].split(" t/s")[0])
-                row = {"model": model, "budget_gib": float(gib), "format": a.format, "predicted_tps": predicted,
+                row = {"model": model, "budget_gib": float(gib), "format": a.format, "context": a.n * 2,
+                       "predicted_tps": predicted,
                        "plan": yaml.safe_load(text)["rules"], "measured": bench(plan, a.n, a.reps, extra, tmp)}
                 row["measured_over_predicted"] = row["measured"]["tps_mean"] / predicted
                 row["shipped"] = {}
@@ -102,6 +107,29 @@ def main():
                 print(f"{model} {gib} GiB {a.format}: predicted {predicted:.2f}, measured "
                       f"{row['measured']['tps_mean']:.2f} t/s ({100 * row['measured_over_predicted']:.0f}%), "
                       f"best shipped {a.format} {best}", flush=True)
+
+
+def repredict(path, targets, out):
+    """A prediction is a pure function of the placement and the rates: a recorded run's rows are predicted again by
+    today's model, kept beside the prediction made at the time, where today's plan places the same experts."""
+    from ktcli.files import write_atomic
+    with open(path, encoding="utf-8") as f:
+        res = json.load(f)
+    with tempfile.TemporaryDirectory() as tmp:
+        for row in res["rows"]:
+            plan = os.path.join(tmp, "plan.yaml")
+            ktcli("plan", "-m", row["model"], "--target-devices=" + targets.format(gib=f"{row['budget_gib']:g}"),
+                  "--context", str(row.get("context", 256)), "--format", row.get("format", "bf16"), *res["rates"], "-o", plan)
+            text = open(plan, encoding="utf-8").read()
+            if yaml.safe_load(text)["rules"] != row["plan"]:
+                sys.exit(f"{row['model']} {row['budget_gib']:g} GiB: today's plan places experts otherwise")
+            row["predicted_tps_now"] = float(text.split("# predicted decode: ")[1].split(" t/s")[0])
+            row["measured_over_predicted_now"] = row["measured"]["tps_mean"] / row["predicted_tps_now"]
+            print(f"{row['model']} {row['budget_gib']:g} GiB: predicted then {row['predicted_tps']:.2f}, now "
+                  f"{row['predicted_tps_now']:.2f}, measured {row['measured']['tps_mean']:.2f} t/s "
+                  f"({100 * row['measured_over_predicted_now']:.0f}%)")
+    res["repredicted"] = "python " + " ".join(sys.argv)
+    write_atomic(out, json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

@@ -135,7 +135,32 @@ def baselines(d) -> str:
     return _table(["backend", "placement", "graphs", "test", "t/s"] + [f"× {b}" for b in labels], rows)
 
 
-KINDS = {"decode": decode, "prefill": prefill, "kernel": kernel, "parity": parity, "baselines": baselines}
+def plan(d) -> str:
+    """plan_check.py: each budget's plan, predicted vs measured tg, against the shipped profiles of its format."""
+    rows = []
+    for r in d["rows"]:
+        pred = r.get("predicted_tps_now", r["predicted_tps"])
+        best = r.get("best_shipped_same_format_tps")
+        m = r["measured"]
+        rows.append([r["model"], f"{r['budget_gib']:g} GiB", r.get("format", "bf16"), f"{pred:.2f}"
+                     + (f" ({r['predicted_tps']:.2f} then)" if "predicted_tps_now" in r else ""),
+                     f"{m['tps_mean']:.2f} ± {m['tps_sd']:.2f}", f"{100 * m['tps_mean'] / pred:.0f}%",
+                     f"{best:.2f}" if best else "none fits",
+                     f"{r['plan_over_best_shipped']:.2f}" if r.get("plan_over_best_shipped") else ""])
+    return _table(["model", "GPU budget", "CPU format", "predicted t/s", "measured tg128 t/s", "measured % of predicted",
+                   "best shipped t/s (same format)", "× best shipped"], rows)
+
+
+def serve(d) -> str:
+    """serve_vs_bench.py --interleaved: one long completion through the server vs bench's tg, same engine."""
+    return _table(["profile", "graphs", "tokens", "rounds", "serve t/s (median)", "bench t/s (median)", "serve % of bench"],
+                  [[os.path.basename(d["profile"]), d.get("engine", {}).get("graphs", ""), str(d["tokens"]),
+                    str(len(d["serve_tps"])), f"{d['serve_median']:.2f}", f"{d['bench_median']:.2f}",
+                    f"{100 * d['serve_over_bench']:.1f}%"]])
+
+
+KINDS = {"decode": decode, "prefill": prefill, "kernel": kernel, "parity": parity, "baselines": baselines,
+         "plan": plan, "serve": serve}
 
 
 def render(text: str) -> str:

@@ -91,3 +91,7 @@ def test_plan_check_runs_end_to_end(tmp_path):
     assert [r["budget_gib"] for r in rows] == [1.0, 2.0]
     for r in rows:
         assert r["predicted_tps"] > 0 and r["measured"]["tps_mean"] > 0 and "demo.yaml" in r["shipped"]
+    again = tmp_path / "again.json"                  # today's model on the recorded rates: the same code, the same
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "plan_check.py"), "--repredict", str(out),
+                    "--targets", "cpu={gib}GiB", "--out", str(again)], check=True, capture_output=True, cwd=ROOT)
+    assert [r["predicted_tps_now"] for r in json.loads(again.read_text())["rows"]] == [r["predicted_tps"] for r in rows]
