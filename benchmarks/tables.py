@@ -151,10 +151,18 @@ def plan(d) -> str:
                    "best shipped t/s (same format)", "× best shipped"], rows)
 
 
+def _served_profile(d) -> str:
+    """The profile named on the command line (the file's `profile` may be a copy written for the demo tokenizer)."""
+    args = d["command"].split()
+    after = [a for a in args[args.index(next(a for a in args if a.endswith("serve_vs_bench.py"))) + 1:]
+             if a.endswith(".yaml")]
+    return os.path.basename(after[0] if after else d["profile"])
+
+
 def serve(d) -> str:
     """serve_vs_bench.py --interleaved: one long completion through the server vs bench's tg, same engine."""
     return _table(["profile", "graphs", "tokens", "rounds", "serve t/s (median)", "bench t/s (median)", "serve % of bench"],
-                  [[os.path.basename(d["profile"]), d.get("engine", {}).get("graphs", ""), str(d["tokens"]),
+                  [[_served_profile(d), d.get("engine", {}).get("graphs", ""), str(d["tokens"]),
                     str(len(d["serve_tps"])), f"{d['serve_median']:.2f}", f"{d['bench_median']:.2f}",
                     f"{100 * d['serve_over_bench']:.1f}%"]])
 
