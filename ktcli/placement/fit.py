@@ -140,8 +140,9 @@ def fit(profile, machine, context: int | None = None, fmt: str = "bf16", rates: 
 
 def predict(out: Fit, model, plan, prof) -> None:
     """Decode: bytes per token at each device's rate (CPU experts at the kernel's measured share of it and its cost
-    per expert) plus the measured per-layer cost; the roofline without either. Prefill (a prompt of rates.prefill_tokens): a layer whose
-    experts live on the CPU costs its upload or its CPU time, whichever `auto` would pick (ops/prefill's model)."""
+    per expert) plus the measured per-layer cost; the roofline without either. Prefill (a prompt of
+    rates.prefill_tokens): a CPU-resident layer costs its CPU time, its upload, or with `auto` the less of the two
+    (ops/prefill's model); a GPU-resident one its FLOPs."""
     from ..ops.prefill import PrefillRates, cpu_seconds, stream_seconds
     cfg, db = model.config, DTYPE_BYTES[prof.dtype]
     k, r = cfg.num_experts_per_tok, out.rates
@@ -156,14 +157,15 @@ def predict(out: Fit, model, plan, prof) -> None:
         per_b = per * expert_bytes_per_param(e.weight_format, db, e.group_size)
         dev = "cpu" if e.decode.device == "cpu" else "cuda"
         by_dev[dev] = by_dev.get(dev, 0) + k * per_b
-        seconds += k * per_b / bw[dev] if dev == "cuda" else k * (per_b / (bw[dev] * r.cpu_kernel_eff) + r.cpu_expert_s)
-        gpu_s = 2 * T * k * per / r.gpu_flops
-        if e.prefill.device == "cpu" or e.prefill.device == "auto":
-            cpu_s = cpu_seconds(E, k, H, I2 // 2, per_b, T, e.weight_format != "bf16", pr)
-            stream_s = max(stream_seconds(E * per_b, pr), gpu_s) if e.prefill.device == "auto" else cpu_s
-            prefill_s += min(cpu_s, stream_s)
+        if dev == "cuda":
+            seconds += k * per_b / bw[dev]
         else:
-            prefill_s += gpu_s
+            seconds += k * (per_b / (bw[dev] * r.cpu_kernel_eff) + r.cpu_expert_s)
+        gpu_s = 2 * T * k * per / r.gpu_flops
+        cpu_s = cpu_seconds(E, k, H, I2 // 2, per_b, T, e.weight_format != "bf16", pr)
+        stream_s = max(stream_seconds(E * per_b, pr), gpu_s)         # the upload overlaps the previous layer
+        ways = {"cpu": (cpu_s,), "auto": (cpu_s, stream_s)}.get(e.prefill.device, (stream_s,))
+        prefill_s += min(ways) if dev == "cpu" else gpu_s
     experts = {e.module for e in plan.experts}
     other = sum(p.numel() for n, p in model.named_parameters() if n.rsplit(".", 1)[0] not in experts)
     main = "cuda" if plan.main_device.startswith("cuda") else "cpu"
