@@ -176,3 +176,5 @@ def test_a_gpu_too_small_for_the_upload_slots_prefills_on_the_cpu():
     assert small.profile.rules[-1].kwargs["prefill_device"] == "cpu"
     assert big.profile.rules[-1].kwargs["prefill_device"] == "auto"
     assert big.prefill_tps > 3 * small.prefill_tps
+    cpu_only = fit(profile_from_flags(None, model="qwen3-30b-a3b"), machine_for("cpu=125GiB"), context=256)
+    assert cpu_only.profile.rules[-1].kwargs["prefill_device"] == "cpu"        # nothing to upload to

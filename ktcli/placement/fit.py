@@ -109,7 +109,7 @@ def fit(profile, machine, context: int | None = None, fmt: str = "bf16", rates: 
 
     def evaluate(g, f, stream=True):
         prof = _with_rules(profile, _rules(template, gpu, free[:g], free[g:], f, group, stream) if gpu else
-                           _rules(template, None, [], free, f, group))
+                           _rules(template, None, [], free, f, group, stream=False))
         plan = make_plan(model, prof.rules, main)
         return prof, plan, estimate(model, plan, prof)
 
@@ -118,7 +118,7 @@ def fit(profile, machine, context: int | None = None, fmt: str = "bf16", rates: 
 
     formats = FORMATS if fmt == "auto" else (fmt,)
     for f in formats:
-        stream = not gpu or fits(evaluate(0, f)[2], gpu)   # prefill uploads need two slots on the GPU
+        stream = gpu is not None and fits(evaluate(0, f)[2], gpu)   # uploads need a GPU with room for two slots
         lo, hi = 0, len(free) if gpu else 0          # the most GPU layers that fit the GPU (monotone in g)
         while lo < hi:
             mid = (lo + hi + 1) // 2
