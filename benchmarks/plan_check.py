@@ -40,6 +40,14 @@ def bench(profile, n, reps, extra, tmp):
             "breakdown": rec.get("breakdown")}
 
 
+def run_plan(model, targets, context, fmt, rates, path, extra=()):
+    """`ktcli plan` into path → (its predicted decode t/s, its rules)."""
+    ktcli("plan", "-m", model, targets, "--context", str(context), "--format", fmt, *rates, "-o", path, *extra)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    return float(text.split("# predicted decode: ")[1].split(" t/s")[0]), yaml.safe_load(text)["rules"]
+
+
 def cpu_format(profile_path) -> str:
     """The storage format of a profile's CPU experts (bf16 unless a rule quantizes them)."""
     with open(profile_path, encoding="utf-8") as f:
@@ -79,13 +87,9 @@ def main():
             for gib in a.budgets.split(","):
                 targets = "--target-devices=" + a.targets.format(gib=gib)
                 plan = os.path.join(tmp, f"plan-{model}-{gib}.yaml")
-                ktcli("plan", "-m", model, targets, "--context", str(a.n * 2), "--format", a.format, *rates,
-                      "-o", plan, *extra)
-                text = open(plan, encoding="utf-8").read()
-                predicted = float(text.split("# predicted decode: ")[1].split(" t/s")[0])
+                predicted, rules = run_plan(model, targets, a.n * 2, a.format, rates, plan, extra)
                 row = {"model": model, "budget_gib": float(gib), "format": a.format, "context": a.n * 2,
-                       "predicted_tps": predicted,
-                       "plan": yaml.safe_load(text)["rules"], "measured": bench(plan, a.n, a.reps, extra, tmp)}
+                       "predicted_tps": predicted, "plan": rules, "measured": bench(plan, a.n, a.reps, extra, tmp)}
                 row["measured_over_predicted"] = row["measured"]["tps_mean"] / predicted
                 row["shipped"] = {}
                 for p in shipped:
@@ -93,8 +97,9 @@ def main():
                         if (yaml.safe_load(f) or {}).get("model") != model:
                             continue
                     if ktcli("validate-config", p, targets, *extra, check=False).returncode == 0:
-                        if cpu_format(p) != a.format:             # named, not measured: another model numerically
-                            row["shipped"][os.path.basename(p)] = {"format": cpu_format(p), "tps_mean": None}
+                        fmt = cpu_format(p)
+                        if fmt != a.format:                       # named, not measured: another model numerically
+                            row["shipped"][os.path.basename(p)] = {"format": fmt, "tps_mean": None}
                             continue
                         if p not in measured:
                             measured[p] = bench(p, a.n, a.reps, extra, tmp) | {"format": a.format}
@@ -117,13 +122,12 @@ def repredict(path, targets, out):
         res = json.load(f)
     with tempfile.TemporaryDirectory() as tmp:
         for row in res["rows"]:
-            plan = os.path.join(tmp, "plan.yaml")
-            ktcli("plan", "-m", row["model"], "--target-devices=" + targets.format(gib=f"{row['budget_gib']:g}"),
-                  "--context", str(row.get("context", 256)), "--format", row.get("format", "bf16"), *res["rates"], "-o", plan)
-            text = open(plan, encoding="utf-8").read()
-            if yaml.safe_load(text)["rules"] != row["plan"]:
+            target = "--target-devices=" + targets.format(gib=f"{row['budget_gib']:g}")
+            predicted, rules = run_plan(row["model"], target, row.get("context", 256), row.get("format", "bf16"),
+                                        res["rates"], os.path.join(tmp, "plan.yaml"))
+            if rules != row["plan"]:
                 sys.exit(f"{row['model']} {row['budget_gib']:g} GiB: today's plan places experts otherwise")
-            row["predicted_tps_now"] = float(text.split("# predicted decode: ")[1].split(" t/s")[0])
+            row["predicted_tps_now"] = predicted
             row["measured_over_predicted_now"] = row["measured"]["tps_mean"] / row["predicted_tps_now"]
             print(f"{row['model']} {row['budget_gib']:g} GiB: predicted then {row['predicted_tps']:.2f}, now "
                   f"{row['predicted_tps_now']:.2f}, measured {row['measured']['tps_mean']:.2f} t/s "

@@ -147,22 +147,17 @@ def plan(d) -> str:
                      f"{m['tps_mean']:.2f} ± {m['tps_sd']:.2f}", f"{100 * m['tps_mean'] / pred:.0f}%",
                      f"{best:.2f}" if best else "none fits",
                      f"{r['plan_over_best_shipped']:.2f}" if r.get("plan_over_best_shipped") else ""])
-    return _table(["model", "GPU budget", "CPU format", "predicted t/s", "measured tg128 t/s", "measured % of predicted",
-                   "best shipped t/s (same format)", "× best shipped"], rows)
-
-
-def _served_profile(d) -> str:
-    """The profile named on the command line (the file's `profile` may be a copy written for the demo tokenizer)."""
-    args = d["command"].split()
-    after = [a for a in args[args.index(next(a for a in args if a.endswith("serve_vs_bench.py"))) + 1:]
-             if a.endswith(".yaml")]
-    return os.path.basename(after[0] if after else d["profile"])
+    return _table(["model", "GPU budget", "CPU format", "predicted t/s", "measured tg128 t/s",
+                   "measured % of predicted", "best shipped t/s (same format)", "× best shipped"], rows)
 
 
 def serve(d) -> str:
-    """serve_vs_bench.py --interleaved: one long completion through the server vs bench's tg, same engine."""
-    return _table(["profile", "graphs", "tokens", "rounds", "serve t/s (median)", "bench t/s (median)", "serve % of bench"],
-                  [[_served_profile(d), d.get("engine", {}).get("graphs", ""), str(d["tokens"]),
+    """serve_vs_bench.py --interleaved: one long completion through the server vs bench's tg, same engine. The
+    profile is the one on the command line (the file's `profile` may be a copy written for the demo tokenizer)."""
+    profile = next((a for a in d["command"].split() if a.endswith(".yaml")), d["profile"])
+    return _table(["profile", "graphs", "tokens", "rounds", "serve t/s (median)", "bench t/s (median)",
+                   "serve % of bench"],
+                  [[os.path.basename(profile), d.get("engine", {}).get("graphs", ""), str(d["tokens"]),
                     str(len(d["serve_tps"])), f"{d['serve_median']:.2f}", f"{d['bench_median']:.2f}",
                     f"{100 * d['serve_over_bench']:.1f}%"]])
 
