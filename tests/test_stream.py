@@ -67,9 +67,9 @@ def test_each_layer_is_uploaded_once_per_pass_and_slots_alternate(tmp_path, ckpt
     for m in layers:
         m.ops["prefill"](x, idx, w)
         pos = m.stream_pos
-        assert st.holds[pos % 2] == pos
+        assert st.holds[pos % 2] == (pos, 0)                # (layer, first expert held)
         if pos + 1 < len(layers):                           # the next layer was prefetched into the other slot
-            assert st.holds[(pos + 1) % 2] == pos + 1
+            assert st.holds[(pos + 1) % 2] == (pos + 1, 0)
     s = st.take_stats()
     assert s["layers_streamed"] == 3
     assert s["upload_bytes"] == sum(m.stream_src.nbytes() for m in layers)
@@ -111,7 +111,9 @@ def test_plan_puts_cpu_experts_prefill_on_auto_and_streams_named_gpu_prefill(cli
     assert plan == {"0": ("auto", "auto"), "1": ("cuda:0", "stream"), "2": ("cpu", "cpu")}   # cpu: KTransformers' meaning
     r = cli("validate-config", p, H100)
     assert "prefill stream buffers (2 layers)" in r.output
-    assert "layers 0: prefill auto streams chunks of ≥ " in r.output            # the choice, before anything loads
+    # the choice per range of chunk lengths, before anything loads
+    assert "layers 0: prefill auto computes on the CPU for chunks of 1-" in r.output
+    assert "streams to the GPU for chunks of " in r.output
     assert "layers 1: prefill stream streams every chunk to the GPU" in r.output
 
 
@@ -158,3 +160,111 @@ def test_block_dequantization_equals_per_expert(fmt):
         assert all(torch.equal(a, b) for a, b in zip(bd(e), want[e]))
     gu, dn = bd.full()
     assert torch.equal(gu, torch.stack([w[0] for w in want])) and torch.equal(dn, torch.stack([w[1] for w in want]))
+
+
+def split_model(tmp_path, ckpt, fmt, n):
+    """Every layer `auto`, planned as a split giving the CPU experts [0, n)."""
+    from ktcli.ops.prefill import AutoPrefill
+    layers, st = streamed_model(tmp_path, ckpt, fmt)
+    for m in layers:
+        op = AutoPrefill(m, None, None)
+        op.plan = lambda T, n=n: {"way": "split", "n_cpu": n, "seconds": 0.0}
+        m.ops["prefill"] = op
+    return layers, st
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+def test_split_layers_match_the_eager_reference_and_copy_only_the_gpu_share(tmp_path, ckpt, fmt):
+    """The CPU computes experts [0, n) from the host copy while experts [n, E) stream: every split point, every
+    format, uneven loads (the last quarter of experts gets no token)."""
+    gen = torch.Generator().manual_seed(5)
+    E = None
+    for n in (1, 3, 7):
+        layers, st = split_model(tmp_path, ckpt, fmt, n)
+        E = layers[0].num_experts
+        assert n < E
+        for T in (17, 64, 512):
+            st.take_stats()
+            for m in layers:
+                x = torch.randn(T, m.hidden, generator=gen)
+                idx, w = routed(T, m.num_experts, st.top_k, gen)
+                got = m.ops["prefill"]._split(x, idx, w, n)
+                deq = [m.stream_src.expert(e, torch.float32) for e in range(E)]
+                want = eager_reference(x, idx, w, torch.stack([d[0] for d in deq]),
+                                       torch.stack([d[1] for d in deq]), m.act_fn)
+                assert ((got - want).norm() / want.norm()).item() <= 1e-5, (fmt, n, T, m.layer)
+            s = st.take_stats()
+            assert s["layers_split"] == len(layers)
+            tail = sum(sum(t[n:].numel() * t.element_size() for t in (m.stream_src.gu, m.stream_src.gu_s,
+                       m.stream_src.dn, m.stream_src.dn_s) if t is not None) for m in layers)
+            assert s["upload_bytes"] <= tail and (T > 17 or s["upload_bytes"] == tail)
+
+
+def test_split_choice_balances_the_cpu_and_the_copy():
+    from ktcli.ops.prefill import choose
+    # equal costs: half the experts each, half the time
+    assert choose(1.0, 1.0, 0.0, 64) == {"way": "split", "n_cpu": 32, "seconds": 0.5}
+    # the CPU 3x slower: it takes a quarter
+    c = choose(1.0, 3.0, 0.0, 64)
+    assert c["way"] == "split" and c["n_cpu"] == 16 and c["seconds"] == pytest.approx(0.75)
+    # DRAM bounds the split: never under the floor
+    assert choose(1.0, 1.0, 0.7, 64)["seconds"] == 0.7
+    # a split saving < 10% is not taken; one side missing: the other
+    assert choose(1.0, 19.0, 0.0, 64) == {"way": "stream", "n_cpu": 0, "seconds": 1.0}
+    assert choose(9.0, 1.0, 0.0, 64)["way"] == "cpu" and choose(math.inf, 1.0, 0.0, 64)["n_cpu"] == 64
+
+
+def test_cpu_gemm_rate_follows_the_rows_per_expert():
+    from ktcli.ops.prefill import gemm_rate
+    r = PrefillRates(cpu_flops=4e12, cpu_flops_small=0.5e12)
+    assert gemm_rate(r, 8) == 0.5e12 and gemm_rate(r, 512) == 4e12
+    assert 0.5e12 < gemm_rate(r, 64) < gemm_rate(r, 128) < 4e12
+    assert gemm_rate(PrefillRates(cpu_flops=4e12), 8) == 4e12      # no small probe: the one rate
+
+
+@pytest.mark.parametrize("first", [0, 3, 5])
+def test_grouped_gemm_skips_the_cpu_share(first):
+    """Experts [first, E) only, the weights given from `first` on (a split layer's slot)."""
+    from ktcli.ops.prefill import grouped
+    from ktcli.ops.stream import Resident
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    gen = torch.Generator().manual_seed(first)
+    E, H, I, K, T = 8, 64, 32, 2, 100
+    gu, dn = torch.randn(E, 2 * I, H, generator=gen).bfloat16(), torch.randn(E, H, I, generator=gen).bfloat16()
+    x = torch.randn(T, H, generator=gen).bfloat16()
+    idx, w = routed(T, E, K, gen)
+    got = grouped(x, idx, w, Resident(gu[first:], dn[first:]), E - first, torch.nn.SiLU(), first)
+    wg = torch.where(idx >= first, w, 0.0)                  # the CPU's pairs contribute nothing here
+    want = eager_reference(x.float(), idx, wg, gu.float(), dn.float(), torch.nn.SiLU())
+    assert ((got.float() - want).norm() / want.norm()).item() <= 1e-2
+    assert torch.isfinite(got).all()
+
+
+DEQUANT_CHECK = """
+import torch
+from ktcli.ops.dequant_gpu import available, dequantize_fast
+from ktcli.ops.quant import dequantize, quantize
+gen = torch.Generator().manual_seed(4)
+for fmt in ("int8", "int4"):
+    for shape in ((3, 40, 64), (2, 17, 256)):
+        q, s = quantize(fmt, torch.randn(*shape, generator=gen), 32)
+        assert available(q)
+        want = dequantize(fmt, q, s, 32, torch.float32)
+        got = dequantize_fast(fmt, q, s, 32, torch.bfloat16).float()
+        assert ((got - want).abs() <= want.abs() * 2 ** -7 + 1e-30).all(), (fmt, shape)   # one bf16 ulp
+print("ok")
+"""
+
+
+def test_one_pass_gpu_dequantization_equals_the_reference():
+    """The Triton kernel under Triton's CPU interpreter (where Triton is installed; on the GPU in
+    test_stream_gpu) against quant.dequantize, within one bf16 rounding. A child process: the interpreter is
+    chosen when the kernels are defined."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", DEQUANT_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -20,6 +20,15 @@ FAVOUR = {"stream": PrefillRates(pcie_bps=1e12, cpu_bps=1e6, cpu_flops=1e6, gpu_
           "cpu": PrefillRates(pcie_bps=1e3, cpu_bps=1e12, cpu_flops=1e15, gpu_flops=1e14)}
 
 
+def favour(b, way):
+    """Rates that make `auto` take `way`; a split is forced at half the experts (rates alone rarely pick it on a
+    tiny model)."""
+    b.streamer.rates = FAVOUR["stream" if way == "split" else way]
+    if way == "split":
+        for m in experts_of(b):
+            m.ops["prefill"].plan = lambda T, n=m.num_experts // 2: {"way": "split", "n_cpu": n, "seconds": 0.0}
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.getbasetemp(), "qwen2_moe", layers=4)
@@ -39,12 +48,13 @@ def test_host_memory_is_pinned_in_place(tmp_path, ckpt):
 
 
 @pytest.mark.parametrize("fmt,group", [("bf16", 128), ("int8", 128), ("int4", 16)])
-@pytest.mark.parametrize("rules,way", [([STREAM], "stream"), ([AUTO], "stream"), ([AUTO], "cpu")])
+@pytest.mark.parametrize("rules,way", [([STREAM], "stream"), ([AUTO], "stream"), ([AUTO], "cpu"),
+                                       ([AUTO], "split")])
 @pytest.mark.parametrize("chunk", [64, 16])                 # 16: a 50-token prompt crosses 4 chunks
 def test_prefill_logits_match_transformers(tmp_path, ckpt, fmt, group, rules, way, chunk):
     dtype = "float32" if fmt != "bf16" else "bfloat16"
     b = built(tmp_path, ckpt, [with_format(r, fmt, group) for r in rules], dtype=dtype, prefill_chunk=chunk)
-    b.streamer.rates = FAVOUR[way]
+    favour(b, way)
     ref = reference_with_stored_weights(ckpt, b.model, getattr(torch, dtype)).cuda()
     e = Engine(b, graph_mode="off")
     e.chunk = chunk                                          # the memory-sized default would take all 50 at once
@@ -52,18 +62,19 @@ def test_prefill_logits_match_transformers(tmp_path, ckpt, fmt, group, rules, wa
     b.streamer.take_stats()
     got = e.prefill(ids)
     stats = b.streamer.take_stats()
-    assert (stats["layers_streamed"] > 0) == (way == "stream") and (stats["layers_cpu"] > 0) == (way == "cpu")
+    assert (stats["layers_streamed"] > 0) == (way != "cpu") and (stats["layers_cpu"] > 0) == (way == "cpu")
+    assert (stats["layers_split"] > 0) == (way == "split")
     with torch.no_grad():
         want = ref(torch.tensor([ids]).cuda()).logits[:, -1]
-    tol = 1e-5 if dtype == "float32" and (way == "stream" or fmt == "bf16") else 2e-2
+    tol = 1e-5 if dtype == "float32" and (way == "stream" or fmt == "bf16") else 2e-2   # CPU int: int8 activations
     assert rel(got, want) <= (tol if dtype == "float32" else 2e-2), (fmt, way, chunk)
 
 
-@pytest.mark.parametrize("way", ["stream", "cpu"])
+@pytest.mark.parametrize("way", ["stream", "cpu", "split"])
 @pytest.mark.parametrize("fmt", ["bf16", "int4"])
 def test_graph_decode_after_each_prefill_path_equals_eager(tmp_path, ckpt, way, fmt):
     b = built(tmp_path, ckpt, [with_format(AUTO, fmt, 16)], dtype="bfloat16", max_seq_len=512)
-    b.streamer.rates = FAVOUR[way]
+    favour(b, way)
     cfg = GenerationConfig(max_new_tokens=64, ignore_eos=True)
     prompt = list(range(5, 90))
     want = Engine(b, graph_mode="off").generate(prompt, cfg)[0]
@@ -82,3 +93,18 @@ def test_bench_prints_a_prefill_roofline(tmp_path, ckpt, cli):
     rec = json.load(open(tmp_path / "b.json"))["results"][0]
     assert rec["test"] == "pp512" and 0 < rec["roofline_ratio"]
     assert rec["prefill_roofline"]["rates"]["pcie_GBps"] > 1
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_one_kernel_dequantization_on_the_gpu_equals_the_reference(fmt):
+    """The Triton kernel against quant.dequantize on the GPU, layer-sized and odd shapes."""
+    from ktcli.ops.dequant_gpu import available, dequantize_fast
+    from ktcli.ops.quant import dequantize, quantize
+    gen = torch.Generator().manual_seed(6)
+    for shape, g in (((3, 40, 64), 32), ((16, 1536, 2048), 128), ((5, 7, 96), 32)):
+        q, s = quantize(fmt, torch.randn(*shape, generator=gen), g)
+        q, s = q.cuda(), s.cuda()
+        assert available(q)
+        want = dequantize(fmt, q, s, g, torch.bfloat16)
+        got = dequantize_fast(fmt, q, s, g, torch.bfloat16)
+        assert ((got.float() - want.float()).abs() <= want.float().abs() * 2 ** -7 + 1e-30).all(), (fmt, shape)

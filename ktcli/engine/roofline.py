@@ -58,8 +58,8 @@ def roofline(bytes_per_token: dict, bw: dict) -> dict:
 
 def prefill_roofline(built, n: int, chunk: int) -> dict | None:
     """The best per-layer plan for prefilling n tokens in chunks of `chunk`, from the rates measured at load
-    (and raised by what the run's uploads reached): each streamed layer costs max(copy, its GPU work) — the
-    copy overlaps the previous layer — each CPU layer its CPU time plus its GPU work. None without a streamer."""
+    (and raised by what the run's uploads reached): each streamed or split layer costs max(copy or split time, its
+    GPU work) — the copy overlaps the previous layer — each CPU layer its CPU time plus its GPU work. None without a streamer."""
     from ..ops.base import HybridExperts
     from ..ops.prefill import layer_costs
     st = built.streamer
@@ -73,17 +73,19 @@ def prefill_roofline(built, n: int, chunk: int) -> dict | None:
     heads = cfg.num_attention_heads
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     sizes = [chunk] * (n // chunk) + ([n % chunk] if n % chunk else [])
-    total, parts = 0.0, {"stream": 0, "cpu": 0, "gpu": 0}
+    total, parts = 0.0, {"stream": 0, "cpu": 0, "split": 0, "gpu": 0}
     done = 0
     for T in sizes:
         attn = 4 * T * (done + T / 2) * heads * hd          # QK^T and PV over the context so far
         done += T
         for m in experts:
             gpu = (2 * T * other + attn) / r.gpu_flops
-            if m.streamer is not None:       # the operator's own choice (auto: the cheaper; stream: always)
-                c = layer_costs(m, T, K, r)
-                way = "stream" if m.ops["prefill"].streams(T) else "cpu"
-                total += max(c["stream"], gpu) if way == "stream" else c["cpu"] + gpu
+            if m.streamer is not None:       # the operator's own choice (auto: the fastest; stream: always)
+                op = m.ops["prefill"]
+                p = op.plan(T) if hasattr(op, "plan") else {"way": "stream",
+                                                             "seconds": layer_costs(m, T, K, r)["stream"]}
+                way = p["way"]
+                total += p["seconds"] + gpu if way == "cpu" else max(p["seconds"], gpu)
             elif m.home.type == "cpu":
                 way = "cpu"
                 total += layer_costs(m, T, K, r)["cpu"] + gpu

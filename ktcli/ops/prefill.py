@@ -23,11 +23,13 @@ from .cpu import CpuExperts, cpu_moe, kernel_path
 class PrefillRates:
     pcie_bps: float = 0.0        # pinned host → GPU copies
     cpu_bps: float = 0.0         # CPU read rate of expert memory (the kernel's streaming probe)
-    cpu_flops: float = 0.0       # torch bf16 GEMM on the CPU threads, at a prefill-like shape
+    cpu_flops: float = 0.0       # torch bf16 GEMM on the CPU threads, M = 256 rows (a long chunk's expert)
+    cpu_flops_small: float = 0.0  # the same at M = 32 rows (pp512's share of an expert among 128): far slower
     gpu_flops: float = 0.0       # torch bf16 GEMM on the GPU
 
     def as_dict(self) -> dict:
         return {"pcie_GBps": self.pcie_bps / 1e9, "cpu_GBps": self.cpu_bps / 1e9, "cpu_TFLOPs": self.cpu_flops / 1e12,
+                "cpu_TFLOPs_m32": self.cpu_flops_small / 1e12,
                 "gpu_TFLOPs": self.gpu_flops / 1e12}
 
 
@@ -52,7 +54,19 @@ def cpu_seconds(E: int, K: int, H: int, I: int, per_expert: float, T: int, kerne
         used = full * used_experts(E, K, S) + (used_experts(E, K, rest) if rest else 0)
         compute = flops / rates.cpu_flops if rates.cpu_flops and T > kernels.MAX_TOKENS else 0.0
         return used * per_expert / rates.cpu_bps + compute
-    return used_experts(E, K, T) * per_expert / rates.cpu_bps + (flops / rates.cpu_flops if rates.cpu_flops else math.inf)
+    rate = gemm_rate(rates, T * K / E)
+    return used_experts(E, K, T) * per_expert / rates.cpu_bps + (flops / rate if rate else math.inf)
+
+
+def gemm_rate(rates: PrefillRates, m: float) -> float:
+    """torch's CPU GEMM rate for experts of m rows each: log-interpolated between the M=32 and M=256 probes."""
+    lo, hi = rates.cpu_flops_small or rates.cpu_flops, rates.cpu_flops
+    if not hi or m >= 256:
+        return hi
+    if m <= 32:
+        return lo
+    f = math.log(m / 32) / math.log(8)
+    return lo * (hi / lo) ** f
 
 
 def layer_costs(experts, T: int, K: int, rates: PrefillRates) -> dict:
@@ -65,7 +79,8 @@ def layer_costs(experts, T: int, K: int, rates: PrefillRates) -> dict:
 
 
 def probe_cpu(experts, threads: int) -> tuple:
-    """(read bytes/s of the first layer's expert memory, torch bf16 GEMM FLOP/s at M=256): best of three."""
+    """(read bytes/s of the first layer's expert memory, torch bf16 GEMM FLOP/s at M=256 and at M=32): best of
+    three each."""
     src = experts.stream_src
     lib = kernels.get() if kernels.enabled() else None
     buf = src.gu.reshape(-1).view(torch.uint8)[: 512 * 2**20]
@@ -81,16 +96,18 @@ def probe_cpu(experts, threads: int) -> tuple:
             else:
                 buf[: n8 * 8].view(torch.int64).sum()
             bps = max(bps, n8 * 8 / (time.perf_counter() - t0))
-        a = torch.randn(256, experts.hidden, dtype=torch.bfloat16)
         b = torch.randn(experts.hidden, 2 * experts.inter, dtype=torch.bfloat16)
-        flops = 0.0
-        for _ in range(3):
-            t0 = time.perf_counter()
-            a @ b
-            flops = max(flops, 2 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - t0))
+        flops = {}
+        for M in (256, 32):
+            a = torch.randn(M, experts.hidden, dtype=torch.bfloat16)
+            flops[M] = 0.0
+            for _ in range(3):
+                t0 = time.perf_counter()
+                a @ b
+                flops[M] = max(flops[M], 2 * M * a.shape[1] * b.shape[1] / (time.perf_counter() - t0))
     finally:
         torch.set_num_threads(old)
-    return bps, flops
+    return bps, flops[256], flops[32]
 
 
 def probe_gpu(device) -> float:
@@ -114,11 +131,26 @@ class StreamedExperts(DeviceOp):
     def streams(self, T: int) -> bool:
         return True
 
-    def __call__(self, x, idx, w):
+    def cpu_share(self, T: int) -> int:
+        """Experts [0, n) of this layer that the CPU computes while the rest stream (0: all stream)."""
+        return 0
+
+    def __call__(self, x, idx, w, first: int = 0):
+        """Experts [first, E) on the GPU; pairs routed below `first` contribute nothing here."""
         fn = self.experts.streamer.weights(self.experts, x.shape[0])
         if grouped_ok(x, fn):
-            return grouped(x, idx, w, fn, self.experts.num_experts, self.experts.act_fn)
-        return cpu_moe(x, idx, w, None, None, self.experts.act_fn, torch.empty_like(x), weights=fn)
+            return grouped(x, idx, w, fn, self.experts.num_experts - first, self.experts.act_fn, first)
+        tok, e, pw = pairs(idx, w, first, self.experts.num_experts)
+        y = cpu_moe(x[tok], e[:, None] - first, pw[:, None], None, None, self.experts.act_fn,
+                    torch.empty(tok.numel(), x.shape[1], dtype=x.dtype, device=x.device), weights=fn)
+        return torch.zeros_like(x).index_add_(0, tok, y)
+
+
+def pairs(idx, w, lo: int, hi: int):
+    """The (token, expert, weight) pairs routed to experts [lo, hi), flattened: [P] each (syncs on a GPU)."""
+    K = idx.shape[1]
+    sel = ((idx >= lo) & (idx < hi)).reshape(-1).nonzero().squeeze(1)
+    return sel // K, idx.reshape(-1)[sel], w.reshape(-1)[sel]
 
 
 def grouped_ok(x, fn) -> bool:
@@ -127,23 +159,27 @@ def grouped_ok(x, fn) -> bool:
             and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 
-def grouped(x, idx, w, fn, E, act):
-    """x [T,H], idx/w [T,K] → [T,H]: pairs sorted by expert, two grouped GEMMs over the whole layer's weights
-    (gate_up [E,2I,H], down [E,H,I], dequantized once per layer), weighted, summed back per token."""
+def grouped(x, idx, w, fn, E, act, first: int = 0):
+    """x [T,H], idx/w [T,K] → [T,H]: pairs sorted by expert, two grouped GEMMs over the layer's weights for
+    experts [first, first+E) (gate_up [E,2I,H], down [E,H,I]), weighted, summed back per token. Pairs routed
+    below `first` (the CPU's share of a split layer) sort last, past every group, and are masked out."""
     gu, dn = fn.full()
     T, K = idx.shape
-    flat = idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)                                  # [P] pairs grouped by expert
-    offs = torch.cumsum(torch.bincount(flat, minlength=E), 0).to(torch.int32)  # [E] group ends
-    xs = x[order // K]                                                         # [P,H]
+    key = (idx.reshape(-1) - first).masked_fill(idx.reshape(-1) < first, E)     # [P] CPU pairs → E
+    order = torch.argsort(key, stable=True)                                     # [P] pairs grouped by expert
+    counts = torch.zeros(E + 1, dtype=torch.int64, device=x.device).index_add_(0, key, torch.ones_like(key))
+    offs = torch.cumsum(counts[:E], 0).to(torch.int32)                          # [E] group ends (bincount syncs)
+    xs = x[order // K]                                                          # [P,H]
     gate, up = torch._grouped_mm(xs, gu.transpose(1, 2), offs=offs).chunk(2, dim=-1)
     y = torch._grouped_mm((act(gate) * up).contiguous(), dn.transpose(1, 2), offs=offs)   # [P,H]
-    y = y * w.reshape(-1)[order, None].to(y.dtype)
+    keep = (key[order] < E)[:, None]                                            # rows past the groups: garbage
+    y = torch.where(keep, y * w.reshape(-1)[order, None].to(y.dtype), 0)
     return torch.zeros_like(x).index_add_(0, order // K, y)
 
 
 class AutoPrefill(DeviceOp):
-    """Per chunk, the cheaper of streaming to the GPU and computing on the CPU, from the measured rates."""
+    """Per chunk, streaming to the GPU, computing on the CPU, or both at once on a split of the layer's experts
+    (the CPU takes experts [0, n) while the rest stream), whichever the measured rates predict fastest."""
 
     def __init__(self, experts, device, staging=None):
         super().__init__(experts, device, staging)
@@ -153,13 +189,61 @@ class AutoPrefill(DeviceOp):
     def __call__(self, x, idx, w):
         if x.device.type == "cpu" or getattr(self.experts, "streamer", None) is None:
             return self.cpu(x, idx, w)
-        if self.streams(x.shape[0]):
-            return self.gpu(x, idx, w)
-        self.experts.streamer.stats["layers_cpu"] += 1
-        return self.cpu(x, idx, w)
+        T = x.shape[0]
+        if not self.streams(T):
+            self.experts.streamer.stats["layers_cpu"] += 1
+            return self.cpu(x, idx, w)
+        n = self.cpu_share(T)
+        return self.gpu(x, idx, w) if n == 0 else self._split(x, idx, w, n)
+
+    def plan(self, T: int) -> dict:
+        st = self.experts.streamer
+        return split_plan(self.experts, T, st.top_k, st.rates)
 
     def streams(self, T: int) -> bool:
-        """True: stream this layer for a chunk of T tokens (predicted faster than the CPU)."""
+        """True: some of this layer's experts stream for a chunk of T tokens (all, or the GPU's share)."""
+        return self.plan(T)["way"] != "cpu"
+
+    def cpu_share(self, T: int) -> int:
+        return self.plan(T)["n_cpu"]
+
+    def _split(self, x, idx, w, n):
+        """Experts [0, n) on the CPU from the host copy of x while the GPU computes the rest (queued first)."""
         st = self.experts.streamer
-        c = layer_costs(self.experts, T, st.top_k, st.rates)
-        return c["stream"] < c["cpu"]
+        t0 = time.perf_counter()
+        xh, ih, wh = (torch.empty(t.shape, dtype=t.dtype, pin_memory=st.cuda) for t in (x, idx, w))
+        for h, t in ((xh, x), (ih, idx), (wh, w)):
+            h.copy_(t, non_blocking=True)
+        ready = torch.cuda.current_stream(x.device).record_event() if x.is_cuda else None
+        y = self.gpu(x, idx, w, first=n)                  # queued: runs while the CPU computes below
+        if ready is not None:
+            ready.synchronize()
+        tok, e, pw = pairs(ih, wh, 0, n)
+        yc = self.cpu.compute(xh[tok].contiguous(), e[:, None].to(torch.int64), pw[:, None].to(xh.dtype))
+        part = torch.zeros(xh.shape, dtype=xh.dtype, pin_memory=st.cuda).index_add_(0, tok, yc)
+        st.stats["layers_split"] += 1
+        st.stats["split_cpu_s"] += time.perf_counter() - t0
+        return y + part.to(x.device, non_blocking=True)
+
+
+def split_plan(experts, T: int, K: int, rates: PrefillRates) -> dict:
+    """{'way': 'stream' | 'cpu' | 'split', 'n_cpu', 'seconds'} for one HybridExperts layer and T tokens."""
+    c = layer_costs(experts, T, K, rates)
+    E = experts.num_experts
+    floor = used_experts(E, K, T) * experts.stream_src.nbytes() / E / rates.cpu_bps if rates.cpu_bps else 0.0
+    return choose(c["stream"], c["cpu"], floor, E)
+
+
+def choose(s: float, cpu: float, floor: float, E: int) -> dict:
+    """The fastest of streaming (s), the CPU (cpu) and a split: the CPU takes n of E experts, about cpu·n/E of
+    CPU time against s·(E−n)/E of copying, balanced; both read DRAM, so never under `floor` (the touched bytes ÷
+    the CPU read rate). A split is taken only where it saves ≥ 10%: below that the activation copies and the
+    host sync (about 1 ms a layer against tens of ms of copying) eat the gain."""
+    best = {"way": "stream", "n_cpu": 0, "seconds": s} if s <= cpu else {"way": "cpu", "n_cpu": E, "seconds": cpu}
+    if not (math.isfinite(s) and math.isfinite(cpu)) or E < 2:
+        return best
+    n = min(E - 1, max(1, round(E * s / (s + cpu))))
+    t = max(cpu * n / E, s * (E - n) / E, floor)
+    if t <= 0.9 * best["seconds"]:
+        best = {"way": "split", "n_cpu": n, "seconds": t}
+    return best

@@ -13,6 +13,8 @@ import weakref
 
 import torch
 
+from . import dequant_gpu
+from .dequant_gpu import dequantize_fast
 from .prefill import PrefillRates, probe_cpu, probe_gpu
 
 PARTS = ("gu", "gu_s", "dn", "dn_s")       # an ExpertWeights' tensors, in copy order
@@ -76,7 +78,8 @@ class Streamer:
         t2 = time.perf_counter()
         if self.cuda:
             self.rates.pcie_bps, self.rates.gpu_flops = self._probe(), probe_gpu(self.device)
-        self.rates.cpu_bps, self.rates.cpu_flops = probe_cpu(self.layers[0], threads)
+        r = self.rates
+        r.cpu_bps, r.cpu_flops, r.cpu_flops_small = probe_cpu(self.layers[0], threads)
         return {"pin": t1 - t0, "stream buffers": t2 - t1, "prefill rates": time.perf_counter() - t2}
 
     def _probe(self) -> float:
@@ -99,49 +102,52 @@ class Streamer:
         for its upload (started earlier when possible) and starts the next streamed layer's."""
         pos = experts.stream_pos
         s = pos % 2
+        first = experts.ops["prefill"].cpu_share(T)     # a split layer streams experts [first, E) only
         cur = torch.cuda.current_stream(self.device) if self.cuda else None
         prev = (pos - 1) % 2
         if self.cuda:   # everything queued so far includes the previous layer's compute on the other slot
             self.free[prev] = cur.record_event()
-        if self.holds[s] != pos:
-            self._upload(pos)
+        if self.holds[s] != (pos, first):
+            self._upload(pos, first)
         nxt = next((m for m in self.layers[pos + 1:] if m.ops["prefill"].streams(T)), None)
-        if nxt is not None and nxt.stream_pos % 2 != s and self.holds[1 - s] != nxt.stream_pos:
-            self._upload(nxt.stream_pos)
+        if nxt is not None and nxt.stream_pos % 2 != s:
+            nfirst = nxt.ops["prefill"].cpu_share(T)
+            if self.holds[1 - s] != (nxt.stream_pos, nfirst):
+                self._upload(nxt.stream_pos, nfirst)
         if self.cuda:
             t0 = cur.record_event(torch.cuda.Event(enable_timing=True))
             cur.wait_event(self.ready[s])
             self._stalls.append((t0, cur.record_event(torch.cuda.Event(enable_timing=True))))
         self.stats["layers_streamed"] += 1
-        return self._views(experts, s)
+        return self._views(experts, s, first)
 
-    def _upload(self, pos: int) -> None:
+    def _upload(self, pos: int, first: int = 0) -> None:
+        """Layer `pos`'s experts [first, E) into its slot (every part is [E, …]: a contiguous tail)."""
         m, s = self.layers[pos], pos % 2
         src = m.stream_src
-        self.holds[s] = pos
+        self.holds[s] = (pos, first)
+        parts = {p: _bytes_view(t[first:]) for p in PARTS if (t := getattr(src, p)) is not None}
+        nbytes = sum(t.numel() for t in parts.values())
         if not self.cuda:
-            for p in PARTS:
-                t = getattr(src, p)
-                if t is not None:
-                    self.slots[s][p][: _nbytes(t)].copy_(_bytes_view(t))
-            self.stats["upload_bytes"] += src.nbytes()
+            for p, t in parts.items():
+                self.slots[s][p][: t.numel()].copy_(t)
+            self.stats["upload_bytes"] += nbytes
             return
         cs = self.copy_stream
         if self.free[s] is not None:
             cs.wait_event(self.free[s])      # the layer that used this slot is done with it
         a = cs.record_event(torch.cuda.Event(enable_timing=True))
         with torch.cuda.stream(cs):
-            for p in PARTS:
-                t = getattr(src, p)
-                if t is not None:
-                    self.slots[s][p][: _nbytes(t)].copy_(_bytes_view(t), non_blocking=True)
+            for p, t in parts.items():
+                self.slots[s][p][: t.numel()].copy_(t, non_blocking=True)
         b = cs.record_event(torch.cuda.Event(enable_timing=True))
         self.ready[s] = b
-        self._uploads.append((a, b, src.nbytes()))
+        self._uploads.append((a, b, nbytes))
 
-    def _views(self, experts, s):
+    def _views(self, experts, s, first: int = 0):
+        """The slot as experts [first, E) of each part (index 0 = expert `first`)."""
         pk, slot = experts.stream_src, self.slots[s]
-        v = {p: slot[p][: _nbytes(t)].view(t.dtype).view(t.shape) for p in PARTS
+        v = {p: slot[p][: _nbytes(t[first:])].view(t.dtype).view(t[first:].shape) for p in PARTS
              if (t := getattr(pk, p)) is not None}
         dtype = experts.gate_up_proj.dtype
         if pk.fmt == "bf16":
@@ -150,7 +156,8 @@ class Streamer:
 
     # -- statistics ------------------------------------------------------------------------------------------
     def reset_stats(self) -> None:
-        self.stats = {"layers_streamed": 0, "layers_cpu": 0, "upload_bytes": 0, "upload_s": 0.0, "stall_s": 0.0}
+        self.stats = {"layers_streamed": 0, "layers_cpu": 0, "layers_split": 0, "split_cpu_s": 0.0,
+                      "upload_bytes": 0, "upload_s": 0.0, "stall_s": 0.0}
         self._uploads, self._stalls = [], []
 
     def collect(self) -> None:
@@ -196,27 +203,31 @@ class BlockDequant:
 
     def __init__(self, pk, views, dtype):
         self.pk, self.v, self.dtype = pk, views, dtype
-        E, H = pk.gu.shape[0], pk.dn.shape[1]   # experts, hidden
+        E, H = views["gu"].shape[0], pk.dn.shape[1]   # experts in the slot, hidden
         per = 3 * pk.inter * H * 4                     # one expert's gate/up and down, fp32 while dequantizing
         self.block = max(1, min(E, self.BLOCK_BYTES // max(per, 1)))
         self.start, self.cache = -1, None
 
     def __call__(self, e: int):
-        from .quant import dequantize
         if self.cache is None or not self.start <= e < self.start + self.block:
             a = e - e % self.block
             b = a + self.block
             pk, v = self.pk, self.v
             self.start = a
-            self.cache = (dequantize(pk.fmt, v["gu"][a:b], v["gu_s"][a:b], pk.group, self.dtype),
-                          dequantize(pk.fmt, v["dn"][a:b], v["dn_s"][a:b], pk.group, self.dtype))
+            self.cache = (dequantize_fast(pk.fmt, v["gu"][a:b], v["gu_s"][a:b], pk.group, self.dtype),
+                          dequantize_fast(pk.fmt, v["dn"][a:b], v["dn_s"][a:b], pk.group, self.dtype))
         return self.cache[0][e - self.start], self.cache[1][e - self.start]
 
     def full(self):
         """The whole layer dequantized at once (the grouped GEMM path: one layer of bf16 in GPU memory)."""
-        E = self.pk.gu.shape[0]
-        gu = torch.empty(E, 2 * self.pk.inter, self.pk.dn.shape[1], dtype=self.dtype, device=self.v["gu"].device)
-        dn = torch.empty(E, self.pk.dn.shape[1], self.pk.inter, dtype=self.dtype, device=self.v["gu"].device)
+        pk, v = self.pk, self.v
+        E = v["gu"].shape[0]
+        gu = torch.empty(E, 2 * pk.inter, pk.dn.shape[1], dtype=self.dtype, device=v["gu"].device)
+        dn = torch.empty(E, pk.dn.shape[1], pk.inter, dtype=self.dtype, device=v["gu"].device)
+        if dequant_gpu.available(v["gu"]):      # one kernel per matrix, no fp32 temporaries
+            dequantize_fast(pk.fmt, v["gu"], v["gu_s"], pk.group, self.dtype, out=gu)
+            dequantize_fast(pk.fmt, v["dn"], v["dn_s"], pk.group, self.dtype, out=dn)
+            return gu, dn
         for a in range(0, E, self.block):        # block by block: fp32 temporaries of one block only
             self.cache = None
             g, d = self(a)

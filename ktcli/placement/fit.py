@@ -141,9 +141,9 @@ def fit(profile, machine, context: int | None = None, fmt: str = "bf16", rates: 
 def predict(out: Fit, model, plan, prof) -> None:
     """Decode: bytes per token at each device's rate (CPU experts at the kernel's measured share of it and its cost
     per expert) plus the measured per-layer cost; the roofline without either. Prefill (a prompt of
-    rates.prefill_tokens): a CPU-resident layer costs its CPU time, its upload, or with `auto` the less of the two
-    (ops/prefill's model); a GPU-resident one its FLOPs."""
-    from ..ops.prefill import PrefillRates, cpu_seconds, stream_seconds
+    rates.prefill_tokens): a CPU-resident layer costs its CPU time, its upload, or with `auto` the least of the
+    two and a split of its experts between them (ops/prefill's model); a GPU-resident one its FLOPs."""
+    from ..ops.prefill import PrefillRates, choose, cpu_seconds, stream_seconds, used_experts
     cfg, db = model.config, DTYPE_BYTES[prof.dtype]
     k, r = cfg.num_experts_per_tok, out.rates
     T = r.prefill_tokens
@@ -164,7 +164,9 @@ def predict(out: Fit, model, plan, prof) -> None:
         gpu_s = 2 * T * k * per / r.gpu_flops
         cpu_s = cpu_seconds(E, k, H, I2 // 2, per_b, T, e.weight_format != "bf16", pr)
         stream_s = max(stream_seconds(E * per_b, pr), gpu_s)         # the upload overlaps the previous layer
-        ways = {"cpu": (cpu_s,), "auto": (cpu_s, stream_s)}.get(e.prefill.device, (stream_s,))
+        floor = used_experts(E, k, T) * per_b / r.cpu_bw        # a split's CPU and copies share DRAM
+        ways = {"cpu": (cpu_s,), "auto": (choose(stream_s, cpu_s, floor, E)["seconds"],)}.get(e.prefill.device,
+                                                                                          (stream_s,))
         prefill_s += min(ways) if dev == "cpu" else gpu_s
     experts = {e.module for e in plan.experts}
     other = sum(p.numel() for n, p in model.named_parameters() if n.rsplit(".", 1)[0] not in experts)

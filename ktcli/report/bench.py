@@ -97,7 +97,9 @@ def md(records: list, meta: dict) -> str:
                     + f" at PCIe {rt['pcie_GBps']:.1f} GB/s, CPU {rt['cpu_GBps']:.1f} GB/s / {rt['cpu_TFLOPs']:.2f} "
                     f"TFLOP/s, GPU {rt['gpu_TFLOPs']:.0f} TFLOP/s → best {pre['best_tps']:.0f} t/s; per run: uploads "
                     f"{ph['upload_bytes'] / 1e9:.1f} GB in {ph['upload_s']:.3f} s, GPU stalled on uploads "
-                    f"{ph['stall_s']:.3f} s, layer-chunks streamed {ph['layers_streamed']:.0f} / CPU {ph['layers_cpu']:.0f}")
+                    f"{ph['stall_s']:.3f} s, layer-chunks streamed {ph['layers_streamed']:.0f} / CPU {ph['layers_cpu']:.0f}"
+                    + (f" / split {ph['layers_split']:.0f} (CPU share {ph['split_cpu_s']:.3f} s)"
+                       if ph.get("layers_split") else ""))
     if meta.get("bandwidth"):
         out += "\n\n" + ceiling_line(meta["bandwidth"])
     if meta.get("notes"):
