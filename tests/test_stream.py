@@ -29,8 +29,8 @@ def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.getbasetemp(), "qwen3_moe", seed=3, layers=3)
 
 
-def streamed_model(tmp_path, ckpt, fmt):
-    b = built_on_cpu(tmp_path, ckpt, [with_format(ALL_CPU, fmt, 16)], "float32")
+def streamed_model(tmp_path, ckpt, fmt, dtype="float32"):
+    b = built_on_cpu(tmp_path, ckpt, [with_format(ALL_CPU, fmt, 16)], dtype)
     layers = [m for m in b.model.modules() if isinstance(m, HybridExperts)]
     st = Streamer(torch.device("cpu"))
     for m in layers:
@@ -268,3 +268,41 @@ def test_one_pass_gpu_dequantization_equals_the_reference():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", DEQUANT_CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_long_bf16_chunks_through_the_kernel_match_the_eager_reference(tmp_path, ckpt):
+    """bf16 chunks past the decode size through our kernel's slices (what `auto` picks where the measured rates
+    say it beats torch's GEMMs), uneven loads, against the eager loop."""
+    from ktcli.ops import kernels
+    from ktcli.ops.cpu import CpuExperts, kernel_path
+    layers, st = streamed_model(tmp_path, ckpt, "bf16", "bfloat16")
+    m = layers[0]
+    if not kernel_path(m, 1):
+        pytest.skip("the CPU kernel is not built here")
+    op = CpuExperts(m, torch.device("cpu"), None)
+    op.long_bf16 = True
+    gen = torch.Generator().manual_seed(8)
+    for T in (17, 64, 512, 2048):
+        x = torch.randn(T, m.hidden, generator=gen).bfloat16()
+        idx, w = routed(T, m.num_experts, st.top_k, gen)
+        w = w.bfloat16()
+        kernels.take_stats()
+        got = op.compute(x, idx, w)
+        want = eager_reference(x.float(), idx, w.float(), m.gate_up_proj.float(), m.down_proj.float(), m.act_fn)
+        assert ((got.float() - want).norm() / want.norm()).item() <= 1e-2, T        # bf16 activations in the kernel
+        S = kernels.slice_tokens(T, st.top_k, m.hidden, m.inter)
+        assert kernels.take_stats()["calls"] == -(-T // S), T                # the kernel ran, once a slice
+
+
+def test_the_kernel_rate_is_measured_and_chosen_for_long_bf16_chunks_when_faster(tmp_path, ckpt):
+    from ktcli.ops.cpu import kernel_path
+    layers, st = streamed_model(tmp_path, ckpt, "bf16", "bfloat16")
+    m = layers[0]
+    if not kernel_path(m, 1):
+        pytest.skip("the CPU kernel is not built here")
+    assert st.rates.kernel_flops > 0                           # probed at setup
+    fast = PrefillRates(pcie_bps=50e9, cpu_bps=100e9, cpu_flops=1e12, cpu_flops_small=1e11, kernel_flops=1e13)
+    slow = PrefillRates(pcie_bps=50e9, cpu_bps=100e9, cpu_flops=1e12, cpu_flops_small=1e11, kernel_flops=1e9)
+    assert layer_costs(m, 512, st.top_k, fast)["kernel"] and not layer_costs(m, 512, st.top_k, slow)["kernel"]
+    assert layer_costs(m, 512, st.top_k, fast)["cpu"] < layer_costs(m, 512, st.top_k, slow)["cpu"]
+    assert not layer_costs(m, 8, st.top_k, fast)["kernel"]     # decode sizes take the kernel anyway

@@ -55,10 +55,11 @@ def cpu_moe(x, idx, w, gate_up, down, act, out, weights=None):
     return out
 
 
-def kernel_path(ex, T: int) -> bool:
-    """Whether T tokens of this layer go through the C kernel (else torch's path); the prefill cost model reads it."""
+def kernel_path(ex, T: int, long_bf16: bool = False) -> bool:
+    """Whether T tokens of this layer go through the C kernel (else torch's path); the prefill cost model reads it.
+    Long bf16 chunks only when asked (`long_bf16`: the cost model found the kernel faster than torch's GEMMs)."""
     return getattr(ex, "packed", None) is not None and ex.silu_act and kernels.enabled() \
-        and (T <= kernels.MAX_TOKENS or ex.quantized is not None) and kernels.get() is not None
+        and (T <= kernels.MAX_TOKENS or ex.quantized is not None or long_bf16) and kernels.get() is not None
 
 
 class CpuExperts(DeviceOp):
@@ -66,6 +67,7 @@ class CpuExperts(DeviceOp):
         super().__init__(experts, device, staging)
         self.staging = staging
         self.runner = kernels.Runner()
+        self.long_bf16 = False      # set per chunk by `auto` prefill: long bf16 chunks through the kernel
 
     def _moe(self, x, idx, w, out):
         """All on the CPU: our kernel for few tokens (bf16/int8/int4), and for int8/int4 at any length in slices of
@@ -74,7 +76,7 @@ class CpuExperts(DeviceOp):
         ex = self.experts
         packed = getattr(ex, "packed", None)
         T, K = idx.shape
-        lib = kernels.get() if kernel_path(ex, T) else None
+        lib = kernels.get() if kernel_path(ex, T, self.long_bf16) else None
         if lib is None:
             cpu_moe(x, idx, w, None, None, ex.act_fn, out, weights=lambda e: ex.expert_weights(e, x.dtype))
             return out

@@ -25,7 +25,8 @@ HEADERS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "csrc", "*.h"
 FORMATS = {"bf16": 0, "int8": 1, "int4": 2}
 MAX_TOKENS = 16          # decode and small batches; larger bf16 prefill chunks go to torch's GEMMs
 MAX_PAIRS = 4096         # (token, expert) pairs one call takes (moe_cpu.c)
-SLICE_SCRATCH = 64 << 20 # int8/int4 prefill: tokens per call as many as this much scratch holds
+SLICE_SCRATCH = 128 << 20  # long prefill chunks: tokens per call as many as this much scratch holds (Qwen3's
+                            # pp512 in one call: every expert read once)
 
 
 def slice_tokens(T: int, K: int, H: int, I: int) -> int:

@@ -25,11 +25,13 @@ class PrefillRates:
     cpu_bps: float = 0.0         # CPU read rate of expert memory (the kernel's streaming probe)
     cpu_flops: float = 0.0       # torch bf16 GEMM on the CPU threads, M = 256 rows (a long chunk's expert)
     cpu_flops_small: float = 0.0  # the same at M = 32 rows (pp512's share of an expert among 128): far slower
+    kernel_flops: float = 0.0    # our C kernel's dot products on a long chunk (reads taken out), first layer's format
     gpu_flops: float = 0.0       # torch bf16 GEMM on the GPU
 
     def as_dict(self) -> dict:
         return {"pcie_GBps": self.pcie_bps / 1e9, "cpu_GBps": self.cpu_bps / 1e9, "cpu_TFLOPs": self.cpu_flops / 1e12,
                 "cpu_TFLOPs_m32": self.cpu_flops_small / 1e12,
+                "kernel_TFLOPs": self.kernel_flops / 1e12,
                 "gpu_TFLOPs": self.gpu_flops / 1e12}
 
 
@@ -52,7 +54,8 @@ def cpu_seconds(E: int, K: int, H: int, I: int, per_expert: float, T: int, kerne
         S = T if T <= kernels.MAX_TOKENS else kernels.slice_tokens(T, K, H, I)
         full, rest = divmod(T, S)
         used = full * used_experts(E, K, S) + (used_experts(E, K, rest) if rest else 0)
-        compute = flops / rates.cpu_flops if rates.cpu_flops and T > kernels.MAX_TOKENS else 0.0
+        rate = rates.kernel_flops or rates.cpu_flops
+        compute = flops / rate if rate and T > kernels.MAX_TOKENS else 0.0
         return used * per_expert / rates.cpu_bps + compute
     rate = gemm_rate(rates, T * K / E)
     return used_experts(E, K, T) * per_expert / rates.cpu_bps + (flops / rate if rate else math.inf)
@@ -70,12 +73,18 @@ def gemm_rate(rates: PrefillRates, m: float) -> float:
 
 
 def layer_costs(experts, T: int, K: int, rates: PrefillRates) -> dict:
-    """{'stream': s, 'cpu': s} for one HybridExperts module and a chunk of T tokens."""
+    """{'stream': s, 'cpu': s, 'kernel': bool} for one HybridExperts module and a chunk of T tokens. A long bf16
+    chunk takes our kernel's slices where the measured rates say they beat torch's GEMMs (few rows per expert:
+    torch's small GEMMs ran at 0.5-0.8 TFLOP/s on 16 cores, 2026-12-02)."""
     src = experts.stream_src
     E, H, I = experts.num_experts, experts.hidden, experts.inter
     per = src.nbytes() / E
-    return {"stream": stream_seconds(src.nbytes(), rates),
-            "cpu": cpu_seconds(E, K, H, I, per, T, kernel_path(experts, T), rates)}
+    cpu = cpu_seconds(E, K, H, I, per, T, kernel_path(experts, T), rates)
+    kern = False
+    if rates.kernel_flops and not kernel_path(experts, T) and kernel_path(experts, T, long_bf16=True):
+        k = cpu_seconds(E, K, H, I, per, T, True, rates)
+        kern, cpu = k < cpu, min(k, cpu)
+    return {"stream": stream_seconds(src.nbytes(), rates), "cpu": cpu, "kernel": kern}
 
 
 def probe_cpu(experts, threads: int) -> tuple:
@@ -108,6 +117,28 @@ def probe_cpu(experts, threads: int) -> tuple:
     finally:
         torch.set_num_threads(old)
     return bps, flops[256], flops[32]
+
+
+def probe_kernel(experts, K: int, threads: int, rates: PrefillRates) -> float:
+    """Our kernel's FLOP/s on one call of the first layer at about 32 tokens per expert (pp512 on 128 experts),
+    the time its reads take at the measured read rate taken out; 0 where the kernel does not run."""
+    E, H, I = experts.num_experts, experts.hidden, experts.inter
+    lib = kernels.get() if kernel_path(experts, 1) else None
+    if lib is None or not rates.cpu_bps:
+        return 0.0
+    T = max(kernels.MAX_TOKENS + 1, min(32 * E // K, kernels.MAX_PAIRS // K))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(T, H, generator=gen).to(torch.bfloat16)
+    idx = torch.rand(T, E, generator=gen).argsort(1)[:, :K].contiguous()
+    w = torch.full((T, K), 1.0 / K, dtype=torch.bfloat16)
+    out, run = torch.empty_like(x), kernels.Runner()
+    best = math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        run(lib, x, idx, w, experts.packed, out, threads or torch.get_num_threads())
+        best = min(best, time.perf_counter() - t0)
+    reads = used_experts(E, K, T) * experts.stream_src.nbytes() / E / rates.cpu_bps
+    return 2 * 3 * T * K * H * I / max(best - reads, 0.25 * best)
 
 
 def probe_gpu(device) -> float:
@@ -190,11 +221,12 @@ class AutoPrefill(DeviceOp):
         if x.device.type == "cpu" or getattr(self.experts, "streamer", None) is None:
             return self.cpu(x, idx, w)
         T = x.shape[0]
-        if not self.streams(T):
+        p = self.plan(T)
+        self.cpu.long_bf16 = p.get("kernel", False)
+        if p["way"] == "cpu":
             self.experts.streamer.stats["layers_cpu"] += 1
             return self.cpu(x, idx, w)
-        n = self.cpu_share(T)
-        return self.gpu(x, idx, w) if n == 0 else self._split(x, idx, w, n)
+        return self.gpu(x, idx, w) if p["n_cpu"] == 0 else self._split(x, idx, w, p["n_cpu"])
 
     def plan(self, T: int) -> dict:
         st = self.experts.streamer
@@ -227,11 +259,12 @@ class AutoPrefill(DeviceOp):
 
 
 def split_plan(experts, T: int, K: int, rates: PrefillRates) -> dict:
-    """{'way': 'stream' | 'cpu' | 'split', 'n_cpu', 'seconds'} for one HybridExperts layer and T tokens."""
+    """{'way': 'stream' | 'cpu' | 'split', 'n_cpu', 'seconds', 'kernel'} for one HybridExperts layer and T tokens
+    ('kernel': the CPU's share of a long bf16 chunk runs in our kernel rather than torch's GEMMs)."""
     c = layer_costs(experts, T, K, rates)
     E = experts.num_experts
     floor = used_experts(E, K, T) * experts.stream_src.nbytes() / E / rates.cpu_bps if rates.cpu_bps else 0.0
-    return choose(c["stream"], c["cpu"], floor, E)
+    return {**choose(c["stream"], c["cpu"], floor, E), "kernel": c["kernel"]}
 
 
 def choose(s: float, cpu: float, floor: float, E: int) -> dict:

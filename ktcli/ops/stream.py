@@ -15,7 +15,7 @@ import torch
 
 from . import dequant_gpu
 from .dequant_gpu import dequantize_fast
-from .prefill import PrefillRates, probe_cpu, probe_gpu
+from .prefill import PrefillRates, probe_cpu, probe_gpu, probe_kernel
 
 PARTS = ("gu", "gu_s", "dn", "dn_s")       # an ExpertWeights' tensors, in copy order
 
@@ -80,6 +80,7 @@ class Streamer:
             self.rates.pcie_bps, self.rates.gpu_flops = self._probe(), probe_gpu(self.device)
         r = self.rates
         r.cpu_bps, r.cpu_flops, r.cpu_flops_small = probe_cpu(self.layers[0], threads)
+        r.kernel_flops = probe_kernel(self.layers[0], top_k, threads, r)
         return {"pin": t1 - t0, "stream buffers": t2 - t1, "prefill rates": time.perf_counter() - t2}
 
     def _probe(self) -> float:
