@@ -58,8 +58,9 @@ OPERATORS = {op.name: op for op in (
         name="auto", devices=("auto",), graph_modes=("off",), why_not_graph="a prefill operator",
         weight_formats=("bf16", "int8", "int4"), aliases=(), stages=("prefill",),
         streams_from=("cpu",),
-        summary="prefill of CPU-resident experts, per chunk the faster of `stream` and `cpu` by rates measured "
-                "at load (prefill_device: auto, the default for experts that decode on the CPU)",
+        summary="prefill of CPU-resident experts, per chunk the fastest of `stream`, `cpu` and a split (the CPU "
+                "computes some experts while the rest stream) by rates measured at load (prefill_device: auto, the "
+                "default for experts that decode on the CPU)",
         impl="prefill:AutoPrefill"),
 )}
 

@@ -32,8 +32,8 @@ RUNTIME_FIELDS = {
 KWARG_FIELDS = {
     "generate_device": "where decode computes this module (experts: where their weights live)",
     "prefill_device": "where prefill computes it: cpu, cuda (CPU-resident experts stream to the GPU: operator "
-                      "`stream`) or auto (per chunk the faster of the two; the default for experts that decode on "
-                      "the CPU when the model runs on a GPU)",
+                      "`stream`) or auto (per chunk the fastest of the two and a split of the layer's experts "
+                      "between them; the default for experts that decode on the CPU when the model runs on a GPU)",
     "generate_op": "decode operator for experts (a name or KTransformers alias from the operator table)",
     "prefill_op": "prefill operator for experts",
     "out_device": "accepted for KTransformers files; outputs always return to the main device",
