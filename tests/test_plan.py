@@ -145,6 +145,11 @@ def test_given_bandwidths_drive_the_prediction(cli):
     byte_time = lambda r: 1 / pred(r) - per_layer                    # noqa: E731
     assert abs(byte_time(slow) / byte_time(fast) - 2) < 2e-2          # every byte read twice as fast (2-digit t/s)
     assert "# rates from: defaults, --cpu-bw, --gpu-bw" in fast.stdout
+    # the link rate drives the prefill prediction only (auto uploads, or splits with the CPU)
+    pp = lambda r: float(r.stdout.split("# predicted prefill: pp512 ")[1].split(" t/s")[0])  # noqa: E731
+    link = cli(*args, "--cpu-bw", "80", "--gpu-bw", "2000", "--pcie-bw", "55")
+    assert link.exit_code == 0 and pred(link) == pred(fast) and pp(link) > 1.5 * pp(fast)
+    assert "--pcie-bw" in link.stdout and "at 55 GB/s" in link.stdout
 
 
 def test_fit_on_chat(cli):

@@ -69,7 +69,7 @@ def machine_for(targets: Optional[str]):
 Fit = Annotated[bool, typer.Option("--fit", help="Choose the placement for this machine's memory first (ktcli plan), keeping your rules.")]
 
 
-def plan_rates(machine, cpu_bw=None, gpu_bw=None):
+def plan_rates(machine, cpu_bw=None, gpu_bw=None, pcie_bw=None):
     """The rates `ktcli plan` predicts with: flags, else this machine's last measured ceilings, else defaults."""
     from ..engine.bandwidth import cached
     from ..placement.fit import Rates
@@ -83,6 +83,8 @@ def plan_rates(machine, cpu_bw=None, gpu_bw=None):
         r.cpu_bw, src = cpu_bw * 1e9, src + ["--cpu-bw"]
     if gpu_bw:
         r.gpu_bw, src = gpu_bw * 1e9, src + ["--gpu-bw"]
+    if pcie_bw:
+        r.pcie_bw, src = pcie_bw * 1e9, src + ["--pcie-bw"]
     r.source = ", ".join(src)
     return r
 

@@ -18,6 +18,7 @@ def plan(profile: o.ProfileArg = None, model: o.Model = None, weights: o.Weights
          fmt: Annotated[str, typer.Option("--format", help="CPU experts' storage: bf16, int8, int4, or auto (the first that fits).")] = "bf16",
          cpu_bw: Annotated[Optional[float], typer.Option("--cpu-bw", min=0.1, help="CPU read bandwidth, GB/s (default: measured here, else 80).")] = None,
          gpu_bw: Annotated[Optional[float], typer.Option("--gpu-bw", min=0.1, help="GPU read bandwidth, GB/s (default: measured here, else 2000).")] = None,
+         pcie_bw: Annotated[Optional[float], typer.Option("--pcie-bw", min=0.1, help="Pinned host→GPU copy rate, GB/s, for the prefill prediction (default 25; a run prints its own as 'pcie').")] = None,
          output_file: Annotated[Optional[str], typer.Option("-o", "--output-file", help="Write the profile here (atomically) instead of stdout.")] = None,
          export: Annotated[Optional[str], typer.Option("--export", help="sglang: print the SGLang + kt-kernel launch command instead.")] = None):
     from rich.console import Console
@@ -36,7 +37,7 @@ def plan(profile: o.ProfileArg = None, model: o.Model = None, weights: o.Weights
     prof = o.profile_from_flags(profile, model=model, weights=weights, dtype=dtype, num_layers=num_layers,
                                 cpu_threads=cpu_threads)
     machine = o.machine_for(target_devices)
-    f = fit(prof, machine, context=context, fmt=fmt, rates=o.plan_rates(machine, cpu_bw, gpu_bw))
+    f = fit(prof, machine, context=context, fmt=fmt, rates=o.plan_rates(machine, cpu_bw, gpu_bw, pcie_bw))
     err = Console(stderr=True, highlight=False, width=140)
     render(f, machine, err)
     if export:

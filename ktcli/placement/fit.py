@@ -73,8 +73,8 @@ def _rules(template, gpu_dev, gpu_layers, cpu_layers, fmt, group, stream=True) -
                         kwargs={"prefill_device": gpu_dev, "prefill_op": "torch", "generate_device": gpu_dev,
                                 "generate_op": "gpu_static"}))
     if cpu_layers:
-        # prefill auto: each chunk streams the layer to the GPU or runs on the CPU, whichever the measured rates
-        # favour; cpu where the GPU cannot hold auto's two upload slots
+        # prefill auto: each chunk streams the layer to the GPU, runs on the CPU or splits its experts between the
+        # two, whichever the measured rates favour; cpu where the GPU cannot hold auto's two upload slots
         kw = {"prefill_device": "auto" if stream else "cpu", "generate_device": "cpu", "generate_op": "cpu"}
         if fmt != "bf16":
             kw.update(weight_format=fmt, **({"group_size": group} if fmt == "int4" else {}))

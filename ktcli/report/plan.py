@@ -31,8 +31,8 @@ def summary_rows(fit, machine) -> list:
               f"{100 * r.cpu_kernel_eff:.0f}% of that and {r.cpu_expert_s * 1e6:.0f} µs an expert, "
               f"{r.layer_s * 1e3:.2f} ms a layer besides)"),
              ("predicted prefill", f"pp{r.prefill_tokens} {fit.prefill_tps:.1f} t/s (CPU-resident experts uploaded at "
-              f"{r.pcie_bw / 1e9:.0f} GB/s or run on the CPU at {r.cpu_prefill_flops / 1e12:.2f} TFLOP/s, whichever "
-              f"is faster; GPU at {r.gpu_flops / 1e12:.0f} TFLOP/s)"),
+              f"{r.pcie_bw / 1e9:.0f} GB/s, run on the CPU at {r.cpu_prefill_flops / 1e12:.2f} TFLOP/s, or split "
+              f"between the two, whichever is fastest; GPU at {r.gpu_flops / 1e12:.0f} TFLOP/s)"),
              ("rates from", r.source)]
     return rows + [("note", n) for n in fit.notes]
 
