@@ -62,6 +62,7 @@ def _us(v) -> str:
 def decode(d, kind="tg") -> str:
     rows = []
     pre = any(r.get("prefill_roofline") for r in d["results"])      # streamed prefill rows carry their roofline
+    split = any((r.get("prefill_phases") or {}).get("layers_split") for r in d["results"])
     for r in _bench_records(d):
         if r["backend"] != "ktcli" or not r["test"].startswith(kind):
             continue
@@ -77,6 +78,8 @@ def decode(d, kind="tg") -> str:
             row += [f"{100 * r['roofline_ratio']:.1f}%" if r.get("roofline_ratio") else "",
                     f"{pre['best_tps']:.0f}" if pre else "", f"{ph.get('upload_s', 0):.3f}" if pre else "",
                     f"{ph.get('stall_s', 0):.3f}" if pre else ""]
+            if split:
+                row += [f"{ph.get('layers_split', 0):.0f} / {ph.get('split_cpu_s', 0):.3f}"]
         rows.append(row)
     head = ["model", "profile", "graphs", "test", "t/s"]
     if kind == "tg":
@@ -84,6 +87,7 @@ def decode(d, kind="tg") -> str:
                  "fixed µs / CPU layer"]
     elif pre:
         head += ["% roofline", "roofline t/s", "uploads s", "GPU stalled on uploads s"]
+        head += ["split layers / their CPU s"] if split else []
     out = _table(head, rows)
     if kind == "tg" and d.get("bandwidth"):
         from ktcli.report.bench import ceiling_line
