@@ -55,5 +55,14 @@ case $what in
       [ -f $q2 ] && python3 -m ktcli bench $q2 -p ${PP:-512,2048} -n 0 -r 2 \
           -o json --output-file $out/prefill-qwen2-57b-a14b-$f.json
     done ;;
-  *) echo "stages: tests kernel decode fresh prefill serve plan parity baselines"; exit 2 ;;
+  multigpu) # #19's proof on a machine with two GPUs: the two-GPU tests, then decode tg128 with layers split over two GPUs
+            # against the same CPU experts on one GPU, in one process (same machine, same run)
+    python3 -m pytest -v -p no:cacheprovider tests/test_multigpu_gpu.py 2>&1 | tee $out/gpu-tests-multigpu.log | tail -3
+    python3 -m ktcli bench profiles/qwen3-30b-a3b-cpu-experts.yaml profiles/qwen3-30b-a3b-2gpu-cpu-experts.yaml \
+        -p 512 -n 128 -r 3 --graph-mode full -o json --output-file $out/multigpu-qwen3-30b-a3b.json
+    python3 -m ktcli bench profiles/qwen2-57b-a14b-gpu01-graphs.yaml profiles/qwen2-57b-a14b-2gpu-graphs.yaml \
+        -p 512 -n 128 -r 3 --graph-mode full -o json --output-file $out/multigpu-qwen2-57b-a14b.json
+    python3 benchmarks/graph_parity.py profiles/qwen3-30b-a3b-2gpu-cpu-experts.yaml --tokens 64 \
+        --out $out/parity-multigpu-qwen3-30b.json ;;
+  *) echo "stages: tests kernel decode fresh prefill serve plan parity baselines multigpu"; exit 2 ;;
 esac

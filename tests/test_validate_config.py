@@ -290,7 +290,7 @@ rules:
 
 @pytest.mark.parametrize("gpus,gpu", [(2, 1), (4, 3)])
 def test_experts_on_another_gpu_against_multi_gpu_targets(cli, tmp_path, gpus, gpu):
-    """Two- and four-GPU targets: experts of layers 0-11 on cuda:N, the model on cuda:0. With graphs on, one
+    """Two- and four-GPU targets: experts of layers 0-11 on cuda:N, their attention on cuda:0. With graphs on, one
     error naming the rule, the layers and the fix (a graph records one GPU's stream); with graphs off, a warning;
     the memory table counts each GPU apart, and a GPU the target lacks is an error."""
     target = ",".join(f"cuda:{i}=24GiB" for i in range(gpus)) + ",cpu=125GiB"
@@ -299,7 +299,7 @@ def test_experts_on_another_gpu_against_multi_gpu_targets(cli, tmp_path, gpus, g
     assert on.exit_code == 1, on.output
     flat = " ".join(on.output.split())                               # rich may wrap long lines
     assert (f"on.yaml:6: CUDA graphs are on (graph_mode full), but rule 1: layers 0-11 run their experts on cuda:{gpu} "
-            "while the model runs on cuda:0: a graph records one GPU's stream") in flat
+            "while their attention runs on cuda:0: a graph records one GPU's stream") in flat
     assert "place these experts on cuda:0 or the CPU" in on.output
     off = cli("validate-config", write(tmp_path, TWO_GPU.format(graphs="false", gpu=gpu), "off.yaml"),
               "--target-devices", target)

@@ -35,8 +35,11 @@ def stream_chunk(built, max_len: int, floor: int) -> int:
     """Prefill chunk when layers stream: as many tokens as half the free GPU memory holds in activations (after
     the KV cache), at least the profile's prefill_chunk, at most the context."""
     from ..placement.memory import DTYPE_BYTES, kv_cache_bytes
-    cfg, dev = built.model.config, built.main_device
-    free = torch.cuda.mem_get_info(dev)[0] - kv_cache_bytes(cfg, max_len, DTYPE_BYTES[built.profile.dtype])
+    from ..model.devices import gpus
+    cfg = built.model.config
+    share = len(gpus(built.plan)) or 1            # each GPU holds its own layers' share of the KV cache
+    free = min(torch.cuda.mem_get_info(d)[0] for d in gpus(built.plan)) \
+        - kv_cache_bytes(cfg, max_len, DTYPE_BYTES[built.profile.dtype]) // share
     inter = max(getattr(cfg, k, 0) or 0 for k in ("intermediate_size", "moe_intermediate_size",
                                                    "shared_expert_intermediate_size"))
     per_token = (cfg.hidden_size * 8 + inter * 3 + cfg.num_experts_per_tok * cfg.hidden_size * 4) * 4
@@ -64,17 +67,24 @@ class Engine:
         self._done = torch.cuda.Event(blocking=True) if self.device.type == "cuda" else None
         self._tok = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        from ..model.devices import gpus
+        self.gpus = gpus(built.plan)       # several: layers' hooks switch the current GPU; each forward restores it
 
     # -- low level -------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """ids/pos [1, T] → logits of the last position [1, V]."""
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """ids/pos [1, T] → logits of the last position [1, V]; `embeds` [1, T, H] instead of ids when given."""
         T = ids.shape[1]
         # For T > 1 the last position by index, not by slice: the slice [:, -1:] keeps a stride that sends the
         # lm_head matmul down torch's batched path, which copies the whole lm_head weight on the CPU (2.5 s for
         # Qwen3's 151,936 × 2,048 per prefill chunk).
         keep = 1 if T == 1 else torch.tensor([T - 1], device=ids.device)
-        out = self.model(input_ids=ids, position_ids=pos, cache=self.cache, use_cache=True, logits_to_keep=keep)
+        inputs = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds}
+        if len(self.gpus) > 1:
+            with torch.cuda.device(self.device):
+                out = self.model(**inputs, position_ids=pos, cache=self.cache, use_cache=True, logits_to_keep=keep)
+        else:
+            out = self.model(**inputs, position_ids=pos, cache=self.cache, use_cache=True, logits_to_keep=keep)
         return out.logits[:, -1]
 
     @torch.inference_mode()
@@ -142,7 +152,8 @@ class Engine:
         """Yields nothing; calls on_token(id) as each token is read. Returns (new_ids, GenerationStats)."""
         cuda = self.device.type == "cuda"
         if cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
+            for d in self.gpus:
+                torch.cuda.reset_peak_memory_stats(d)
         self.prepare()
         st = GenerationStats(load_s=self.built.timings.get("load", 0.0), capture_s=self.capture_s, graph_mode=self.mode)
         gen = None
@@ -190,7 +201,7 @@ class Engine:
         st.decode_tokens, st.decode_s = len(st.latencies), sum(st.latencies)
         for k, v in take_all().items():
             setattr(st, k, v)
-        st.peak_gpu_bytes = torch.cuda.max_memory_allocated(self.device) if cuda else 0
+        st.peak_gpu_bytes = max(torch.cuda.max_memory_allocated(d) for d in self.gpus) if cuda else 0
         st.peak_host_bytes = peak_host_bytes()
         return new, st
 

@@ -10,6 +10,7 @@ from ..errors import CheckpointError, KtcliError
 from ..ops.base import HybridExperts, layout_problem
 from ..ops.cpu import Staging
 from ..ops.quant import hugepages
+from . import devices
 from .config import meta_model
 from .overlap import overlap_shared_experts
 from .weights import fill_synthetic, load_checkpoint
@@ -127,16 +128,17 @@ def build(validation, progress=None) -> Built:
     for m in model.modules():
         if isinstance(m, HybridExperts) and not hasattr(m, "packed"):
             m.finalize()
-    streamer, stream_times = _streamer(model, main, cfg, prof)
+    streamer, stream_times = _streamer(model, main, cfg, prof, plan)
     # Modules off the main device (KTransformers puts embed_tokens on the CPU) hand their output back.
     emb = model.get_input_embeddings()
     if plan.embed_device != plan.main_device:
         emb.register_forward_pre_hook(_move_input_hook(torch.device(plan.embed_device)))
         emb.register_forward_hook(_move_output_hook(main))
     head = model.get_output_embeddings()
-    if plan.lm_head_device != plan.main_device:
+    if plan.lm_head_device != plan.main_device and not plan.lm_head_device.startswith("cuda"):
         head.register_forward_pre_hook(_move_input_hook(torch.device(plan.lm_head_device)))
         head.register_forward_hook(_move_output_hook(main))
+    devices.install(model, plan)     # layers, norm or lm_head on other GPUs: the hidden state follows them
     weight_bytes = {}
     for p in model.parameters():
         weight_bytes[str(p.device)] = weight_bytes.get(str(p.device), 0) + p.numel() * p.element_size()
@@ -151,20 +153,28 @@ def build(validation, progress=None) -> Built:
                  streamer=streamer)
 
 
-def _streamer(model, main, cfg, prof):
+def _streamer(model, main, cfg, prof, plan):
     """The Streamer of the layers whose prefill may copy CPU-resident experts to the GPU: host memory pinned,
-    two slots allocated, rates measured. (None, {}) when no layer streams."""
+    two slots allocated, rates measured; one per GPU when layers sit on several. (None, {}) when no layer streams."""
     from ..ops.registry import resolve_op
-    from ..ops.stream import Streamer
+    from ..ops.stream import Streamer, Streamers
     layers = [m for m in model.modules() if isinstance(m, HybridExperts)
               and resolve_op(m.placement.prefill.op).streams_from and m.home.type == "cpu"]
     if not layers or main.type != "cuda":
         return None, {}
-    st = Streamer(main)
-    for m in layers:
-        st.add(m)
-    times = st.setup(cfg.num_experts_per_tok, prof.runtime.cpu_threads or 0)
-    return st, {f"load: {k}": v for k, v in times.items()}
+    by_gpu = {}
+    for m in layers:       # a layer streams to the GPU its prefill names, else (auto) to its attention's
+        dev = m.placement.prefill.device
+        by_gpu.setdefault(dev if dev.startswith("cuda") else plan.layer_device(m.layer), []).append(m)
+    times, out = {}, []
+    for dev, ms in by_gpu.items():
+        st = Streamer(torch.device(dev))
+        for m in ms:
+            st.add(m)
+        for k, v in st.setup(cfg.num_experts_per_tok, prof.runtime.cpu_threads or 0).items():
+            times[f"load: {k}"] = times.get(f"load: {k}", 0.0) + v
+        out.append(st)
+    return (out[0] if len(out) == 1 else Streamers(out)), times
 
 
 def load_tokenizer(ckpt):

@@ -78,42 +78,105 @@ class HostCallbackBridge:
                                + "; ".join(kinds)) from errs[0]
 
 
-class PiecewiseBridge:
-    """Piecewise mode: each CPU step ends the graph segment being captured and starts the next one."""
-    name = "piecewise"
+def map_tensors(obj, fn):
+    """obj with fn applied to every tensor inside tuples, lists and dicts; anything else (the cache) as is."""
+    if torch.is_tensor(obj):
+        return fn(obj)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(map_tensors(o, fn) for o in obj)
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+class SegmentedCapture:
+    """Graphs in segments: capture ends and begins again, and replay runs each segment's graph on its GPU followed
+    by what was recorded after it (a CPU step, the copies of tensors that crossed to the next GPU)."""
 
     def __init__(self, pool):
         self.pool = pool
-        self.segments = []       # [CUDAGraph, cpu_step or None] in replay order
-        self._graph = None
+        self.segments = []       # [CUDAGraph, device, [after-steps]] in replay order
+        self._graph = self._dev = None
+        self._streams = {}       # device → its capture stream (the first segment uses the caller's)
+        self._moved = {}         # id(src) → (src, dst): tensors already copied to another GPU in this graph
 
-    def begin(self):
+    def begin(self, device=None):
+        if device is not None:   # another GPU: capture on a stream of its own, that GPU current
+            if device not in self._streams:
+                self._streams[device] = torch.cuda.Stream(device)
+            torch.cuda.set_stream(self._streams[device])
+        self._dev = torch.device("cuda", torch.cuda.current_device())
+        self._stream = torch.cuda.current_stream()
         self._graph = torch.cuda.CUDAGraph()
         self._graph.capture_begin(pool=self.pool)
 
-    def cpu_step(self, step) -> None:
+    def _close(self):
+        if torch.cuda.current_stream() != self._stream:   # the forward moved on (its device context ended)
+            torch.cuda.set_stream(self._stream)
         self._graph.capture_end()
-        self.segments.append((self._graph, step))
+        self.segments.append((self._graph, self._dev, []))
+
+    def cross(self, device, args, kwargs):
+        """Layers on `device` from here: tensors from another GPU get a static copy there, filled at replay after
+        the segment that ends here; one that already crossed (cos/sin, mask) reuses its copy."""
+        fresh = []
+        map_tensors((args, kwargs), lambda t: fresh.append(t) if t.device != device and id(t) not in self._moved
+                    else None)
+        if fresh or self._dev != device:
+            self._close()
+            for t in fresh:
+                dst = torch.empty_like(t, device=device)
+                self._moved[id(t)] = (t, dst)
+                self.segments[-1][2].append(lambda d=dst, s=t: d.copy_(s, non_blocking=True))
+            self.begin(device)
+
+        def sub(t):
+            hit = self._moved.get(id(t))
+            return hit[1] if hit is not None and hit[0] is t and t.device != device else t
+        return map_tensors(args, sub), map_tensors(kwargs, sub)
+
+    def end(self):
+        self._close()
+        self._graph = None
+        for dev in self._streams:          # the other GPUs' default streams back as their current ones
+            torch.cuda.set_stream(torch.cuda.default_stream(dev))
+
+    def replay(self):
+        for graph, dev, after in self.segments:
+            with torch.cuda.device(dev):
+                graph.replay()
+                for step in after:
+                    step()
+
+
+class SegmentedFullBridge(SegmentedCapture, HostCallbackBridge):
+    """Full mode over several GPUs: one graph per GPU segment, CPU steps inside each as in one full graph."""
+    name = "full"
+
+    def __init__(self, pool):
+        SegmentedCapture.__init__(self, pool)
+        HostCallbackBridge.__init__(self)
+
+
+class PiecewiseBridge(SegmentedCapture):
+    """Piecewise mode: each CPU step ends the graph segment being captured and starts the next one."""
+    name = "piecewise"
+
+    def cpu_step(self, step) -> None:
+        self._close()
+        self.segments[-1][2].append(lambda dev=self._dev: self._cpu(dev, step))
         self.begin()
 
     def host_call(self, block, step) -> None:
         """The C step runs between segments (step calls moe_host on the block, which it keeps alive)."""
         self.cpu_step(step)
 
-    def end(self):
-        self._graph.capture_end()
-        self.segments.append((self._graph, None))
-        self._graph = None
-
-    def replay(self):
-        stream = torch.cuda.current_stream()
-        for graph, step in self.segments:
-            graph.replay()
-            if step is not None:
-                t0 = time.perf_counter()
-                stream.synchronize()     # the D2H copies of this segment are done; one sync per CPU layer
-                SyncClock.add(time.perf_counter() - t0)
-                step()             # raises in this thread: nothing to record
+    @staticmethod
+    def _cpu(dev, step):
+        t0 = time.perf_counter()
+        torch.cuda.current_stream(dev).synchronize()   # the D2H copies of this segment are done; one sync per CPU layer
+        SyncClock.add(time.perf_counter() - t0)
+        step()             # raises in this thread: nothing to record
 
 
 _state = threading.local()

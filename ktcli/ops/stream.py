@@ -238,3 +238,28 @@ class BlockDequant:
 
 def _nbytes(t) -> int:
     return 0 if t is None else t.numel() * t.element_size()
+
+
+class Streamers:
+    """Layers on several GPUs: one Streamer per GPU (each its own slots and copy stream), seen as one."""
+
+    def __init__(self, streamers: list):
+        self.all = streamers
+        self.device = streamers[0].device
+        self.rates = streamers[0].rates     # the GPUs of one machine: the first's measured rates stand for all
+        self.layers = [m for s in streamers for m in s.layers]
+
+    @property
+    def pinned(self) -> bool:
+        return all(s.pinned for s in self.all)
+
+    def collect(self) -> None:
+        for s in self.all:
+            s.collect()
+
+    def take_stats(self) -> dict:
+        out = {}
+        for s in self.all:
+            for k, v in s.take_stats().items():
+                out[k] = out.get(k, 0) + v
+        return out

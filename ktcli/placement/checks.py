@@ -169,43 +169,62 @@ def check_devices(profile, plan, machine) -> list:
             out.append(Finding(ERROR, "device", f"device {dev} is not on this machine (it has {have})", where,
                                "place it on a device the machine has, or validate for another machine with "
                                "--target-devices cuda:0=80GiB,cpu=125GiB"))
-    layer_devs = {d for n, d in plan.module_devices.items() if re.search(r"layers\.\d+\.", n)}
-    if len(layer_devs) > 1:
-        out.append(Finding(ERROR, "device", f"non-expert layer modules are split over {', '.join(sorted(layer_devs))}; "
-                           "ktcli runs attention, norms, routers and shared experts on one device",
-                           profile.where("rules"), "place only '...mlp.experts' modules on other devices"))
+    if plan.split_layers:
+        devs = sorted({d for ds in plan.split_layers.values() for d in ds})
+        out.append(Finding(ERROR, "device", f"layers {ranges(plan.split_layers)} split their own modules over "
+                           f"{', '.join(devs)}; ktcli runs a layer's attention, norms, router and shared experts on "
+                           "one device (layers may sit on different GPUs)", profile.where("rules"),
+                           "place each '^model\\.layers\\.N\\.' as a whole; only its '.mlp.experts' may go elsewhere"))
     return out
 
 
-def _other_gpu(plan, device: str) -> bool:
-    """A CUDA device that is not the one the model runs on ('cuda' is 'cuda:0')."""
+def _other_gpu(plan, device: str, layer: int) -> bool:
+    """A CUDA device that is not the one the layer's attention runs on ('cuda' is 'cuda:0')."""
     norm = lambda d: "cuda:0" if d == "cuda" else d   # noqa: E731
-    return device.startswith("cuda") and norm(device) != norm(plan.main_device)
+    return device.startswith("cuda") and norm(device) != norm(plan.layer_device(layer))
 
 
 def check_graphs(profile, plan) -> list:
     mode = profile.runtime.mode
     out = []
-    for es in _group(plan, lambda e: (e.decode.device, e.prefill.device)):   # experts on another GPU
-        e = es[0]
-        dev = next((d for d in (e.decode.device, e.prefill.device) if _other_gpu(plan, d)), None)
+    for es in _group(plan, lambda e: (e.decode.device, e.prefill.device, plan.layer_device(e.layer))):
+        e = es[0]       # experts on another GPU than their layer's attention
+        dev = next((d for d in (e.decode.device, e.prefill.device) if _other_gpu(plan, d, e.layer)), None)
         if dev is None:
             continue
+        home = plan.layer_device(e.layer)
         what = (f"{e.rule.label if e.rule else 'default placement'}: layers {ranges(x.layer for x in es)} run their "
-                f"experts on {dev} while the model runs on {plan.main_device}")
+                f"experts on {dev} while their attention runs on {home}")
         if mode == "off":   # eager: the operator moves the hidden state to their GPU and back, layer by layer
             out.append(Finding(WARNING, "multi-gpu", what + ": the hidden state crosses GPUs at each such layer "
                                "(not measured on several GPUs)", _where(e, profile), ""))
         else:
             out.append(Finding(ERROR, "cuda-graph", f"CUDA graphs are on (graph_mode {mode}), but {what}: a graph "
                                "records one GPU's stream (ktcli runs one GPU with CUDA graphs)", _where(e, profile),
-                               f"place these experts on {plan.main_device} or the CPU, or turn CUDA graphs off "
+                               f"place these experts on {home} or the CPU, or turn CUDA graphs off "
                                "(--use_cuda_graph false)"))
+    segs = plan.segments
+    if len({d for d, _, _ in segs}) > 1:
+        text = ", ".join(f"{a}-{b} on {d}" if a != b else f"{a} on {d}" for d, a, b in segs)
+        how = ("eager: the hidden state is copied to the next GPU at each boundary" if mode == "off" else
+               f"one {mode} graph per GPU segment, replayed in turn; the hidden state is copied between them")
+        out.append(Finding(NOTE, "multi-gpu", f"decoder layers {text}: {how}", profile.where("rules")))
     if mode == "off":
         return out
+    cpu_layers = [i for i, d in plan.layer_devices.items() if not d.startswith("cuda")]
     if not plan.main_device.startswith("cuda"):
         out.append(Finding(ERROR, "cuda-graph", f"graph_mode {mode} needs the model on a GPU, but its main device is "
                            f"{plan.main_device}", profile.where("runtime"), "set use_cuda_graph: false"))
+    if plan.main_device.startswith("cuda") and plan.lm_head_device == "cpu" != plan.default_device:
+        out.append(Finding(ERROR, "cuda-graph", f"graph_mode {mode}: the lm_head runs on {plan.lm_head_device}, which a "
+                           "CUDA graph cannot record (the step would copy to the host while capturing)",
+                           profile.where("rules"), "place the lm_head on a GPU (a rule for '^lm_head' with "
+                           "generate_device: cuda:0), or set use_cuda_graph: false"))
+    if cpu_layers and plan.main_device.startswith("cuda"):
+        out.append(Finding(ERROR, "cuda-graph", f"graph_mode {mode} needs every decoder layer on a GPU, but layers "
+                           f"{ranges(cpu_layers)} run their attention on the CPU", profile.where("rules"),
+                           "place those layers on a GPU (only their '.mlp.experts' on the CPU), or set "
+                           "use_cuda_graph: false"))
     for es in _group(plan, lambda e: e.decode.op):
         e = es[0]
         op = resolve_op(e.decode.op)

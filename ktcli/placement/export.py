@@ -27,11 +27,14 @@ def sglang_command(fit, source, num_experts: int) -> tuple:
     weights = path if fit.fmt == "bf16" else f"{path.rstrip('/')}-kt-{fit.fmt}"
     argv = ["python", "-m", "sglang.launch_server", "--model-path", path, "--served-model-name", source.name,
             "--context-length", str(fit.profile.runtime.max_seq_len), "--trust-remote-code",
-            "--mem-fraction-static", "0.90", "--tensor-parallel-size", "1", "--kt-method", KT_METHOD[fit.fmt],
+            "--mem-fraction-static", "0.90", "--tensor-parallel-size", str(max(len(fit.segments), 1)), "--kt-method", KT_METHOD[fit.fmt],
             "--kt-weight-path", weights, "--kt-cpuinfer", str(fit.profile.runtime.cpu_threads),
             "--kt-threadpool-count", "1", "--kt-num-gpu-experts", str(per_layer)]
     notes = [f"{len(fit.gpu_layers)} of {layers} layers' experts on the GPU in ktcli's plan = {per_layer} of "
              f"{num_experts} experts per layer in kt-kernel's"]
+    if fit.segments:
+        notes.append(f"{len(fit.segments)} GPUs: SGLang splits every layer over them (tensor parallel) where ktcli's "
+                     "plan gives each GPU whole layers; the GPU experts per layer are the same total")
     if fit.fmt != "bf16":
         notes.append(f"first convert the CPU experts to {fit.fmt} (kt-kernel's scripts/convert_weights.py "
                      f"--input-path {path} --input-type bf16 --output {weights} --quant-method {fit.fmt})")

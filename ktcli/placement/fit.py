@@ -42,6 +42,8 @@ class Rates:
     # step, the token loop. 0.21 ms is the all-GPU Qwen3-30B plan's 11.8 ms a token less its bytes, over 48 layers
     # (2026-12-04 plan check); the machine of the earlier decode runs spent up to 0.28 ms.
     layer_s: float = 0.21e-3
+    # Several GPUs: each boundary adds a graph replay and a peer copy of the hidden state. Assumed, not measured.
+    boundary_s: float = 30e-6
     source: str = "defaults"
 
 
@@ -60,6 +62,7 @@ class Fit:
     rates: Rates
     notes: list = field(default_factory=list)
     roofline_tps: float = 0.0           # bytes at the bandwidths alone (the bound decode_tps stays under)
+    segments: list = field(default_factory=list)   # several GPUs: (gpu, its decoder layers, its expert layers)
 
 
 def _layers_regex(template: str, layers: list) -> str:
@@ -82,6 +85,32 @@ def _rules(template, gpu_dev, gpu_layers, cpu_layers, fmt, group, stream=True) -
     return out
 
 
+def _device_rules(layer_template, tail, segments) -> list:
+    """Several GPUs: each GPU's decoder layers as a whole (experts rules come first and win), and the final norm
+    and lm_head on the last one."""
+    out = [Rule(0, "<plan>", 0, name=_layers_regex(layer_template, layers), replace_class="default",
+                kwargs={"generate_device": dev, "prefill_device": dev}) for dev, layers in segments if layers]
+    if tail:
+        out.append(Rule(0, "<plan>", 0, name=tail, replace_class="default",
+                        kwargs={"generate_device": segments[-1][0], "prefill_device": segments[-1][0]}))
+    return out
+
+
+def split_layers(n_layers: int, budgets: dict) -> list:
+    """[(gpu, [layers])]: consecutive decoder layers per GPU, in proportion to the memory each may use."""
+    total, acc, a, out = sum(budgets.values()), 0, 0, []
+    for dev, b in budgets.items():
+        acc += b
+        end = round(n_layers * acc / total)
+        out.append((dev, list(range(a, end))))
+        a = end
+    return out
+
+
+def gpus_of(machine) -> list:
+    return sorted((d for d in machine.devices if d.startswith("cuda")), key=lambda d: int(d.split(":")[1]))
+
+
 def _with_rules(profile, extra):
     rules = [replace(r, index=i) for i, r in enumerate([*profile.rules, *extra])]
     return replace(profile, rules=rules)
@@ -93,7 +122,8 @@ def fit(profile, machine, context: int | None = None, fmt: str = "bf16", rates: 
     model = meta_model(src.config)
     names = [n for n, _ in find_experts(model)]
     template = "^" + re.sub(r"layers\\\.\d+\\\.", r"layers\\.(IDX)\\.", re.escape(names[0])) + "$"
-    gpu = next((d for d in sorted(machine.devices) if d.startswith("cuda")), None)
+    gpus = gpus_of(machine)
+    gpu = gpus[0] if gpus else None
     main = gpu or "cpu"
     rt = replace(profile.runtime, max_seq_len=context or profile.runtime.max_seq_len,
                  use_cuda_graph=gpu is not None, graph_mode="full" if gpu else "off",
@@ -103,13 +133,29 @@ def fit(profile, machine, context: int | None = None, fmt: str = "bf16", rates: 
     pinned = sorted(e.layer for e in pinned_plan.experts if e.rule is not None)
     free = sorted(e.layer for e in pinned_plan.experts if e.rule is None)
     budget = {d: int(b * (1 - (CPU_MARGIN if d == "cpu" else GPU_MARGIN))) for d, b in machine.devices.items()}
+    # Several GPUs: decoder layers split in proportion to their memory; each GPU holds the experts of the first
+    # layers of its share that fit. One GPU: the whole model there, as before.
+    if len(gpus) > 1:
+        segments = split_layers(model.config.num_hidden_layers, {d: budget[d] for d in gpus})
+        base = names[0].split(".layers.")[0]
+        layer_template = "^" + re.escape(base) + r"\.layers\.(IDX)\."
+        head = [n for n, m in model.named_modules() if m is model.get_output_embeddings()]
+        tail = "|".join(f"^{re.escape(n)}$" for n in (f"{base}.norm", *head) if n in dict(model.named_modules()))
+        device_rules = _device_rules(layer_template, tail, segments)
+    else:
+        segments, device_rules = [(gpu, list(range(model.config.num_hidden_layers)))] if gpu else [], []
+    mine = {dev: [i for i in free if i in set(layers)] for dev, layers in segments}   # free layers per GPU
 
     _, I2, H = dict(find_experts(model))[names[0]].gate_up_proj.shape
     group = next((g for g in (128, 64, 32, 16) if H % g == 0 and (I2 // 2) % g == 0), 128)   # int4: divides both
 
-    def evaluate(g, f, stream=True):
-        prof = _with_rules(profile, _rules(template, gpu, free[:g], free[g:], f, group, stream) if gpu else
-                           _rules(template, None, [], free, f, group, stream=False))
+    def evaluate(counts, f, stream=True):
+        """counts: GPU → how many of its free layers keep their experts there."""
+        on_gpu = {d: mine[d][:counts.get(d, 0)] for d in mine}
+        cpu = [i for i in free if not any(i in v for v in on_gpu.values())]
+        rules = [r for d in mine for r in _rules(template, d, on_gpu[d], [], f, group)]
+        rules += _rules(template, None, [], cpu, f, group, stream=stream and gpu is not None)
+        prof = _with_rules(profile, rules + device_rules)
         plan = make_plan(model, prof.rules, main)
         return prof, plan, estimate(model, plan, prof)
 
@@ -118,18 +164,25 @@ def fit(profile, machine, context: int | None = None, fmt: str = "bf16", rates: 
 
     formats = FORMATS if fmt == "auto" else (fmt,)
     for f in formats:
-        stream = gpu is not None and fits(evaluate(0, f)[2], gpu)   # uploads need a GPU with room for two slots
-        lo, hi = 0, len(free) if gpu else 0          # the most GPU layers that fit the GPU (monotone in g)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if fits(evaluate(mid, f, stream)[2], gpu):
-                lo = mid
-            else:
-                hi = mid - 1
-        prof, plan, rep = evaluate(lo, f, stream)
+        none = evaluate({}, f)[2]
+        stream = gpu is not None and all(fits(none, d) for d in mine)   # uploads need GPUs with room for two slots
+        counts = {}
+        for d in mine:                 # each GPU's count apart: its memory depends on its own layers only
+            lo, hi = 0, len(mine[d])   # the most of its layers that fit (monotone)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if fits(evaluate({**counts, d: mid}, f, stream)[2], d):
+                    lo = mid
+                else:
+                    hi = mid - 1
+            counts[d] = lo
+        prof, plan, rep = evaluate(counts, f, stream)
         if fits(rep, "cpu") or f == formats[-1]:
             break
-    out = Fit(prof, free[:lo] if gpu else [], free[lo:] if gpu else free, pinned, f, rep, budget, {}, 0.0, 0.0, rates)
+    gpu_layers = sorted(i for d in mine for i in mine[d][:counts.get(d, 0)])
+    out = Fit(prof, gpu_layers, [i for i in free if i not in gpu_layers], pinned, f, rep, budget, {}, 0.0, 0.0, rates)
+    if len(gpus) > 1:
+        out.segments = [(d, layers, mine[d][:counts.get(d, 0)]) for d, layers in segments]
     for dev in budget:
         if not fits(rep, dev):
             out.notes.append(f"{dev} needs {rep.total(dev) / 2**30:.1f} GiB of the {budget[dev] / 2**30:.1f} GiB "
@@ -174,6 +227,7 @@ def predict(out: Fit, model, plan, prof) -> None:
     rest = other * db + kv_cache_bytes(cfg, prof.runtime.max_seq_len // 2, db)
     by_dev[main] = by_dev.get(main, 0) + rest
     seconds += rest / bw[main] + (cfg.num_hidden_layers * r.layer_s if main == "cuda" else 0.0)
+    seconds += max(len(out.segments) - 1, 0) * r.boundary_s
     gpu_flops += 2 * other * T
     out.bytes_per_token = by_dev
     out.roofline_tps = 1 / sum(b / bw[d] for d, b in by_dev.items())

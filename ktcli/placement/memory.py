@@ -55,12 +55,13 @@ def estimate(model, plan, profile) -> MemoryReport:
             n = sum(p.numel() for _, p in own)
             rep.add(e.home, "experts", n * per)
             op = resolve_op(e.prefill.op)
-            if op is not None and op.streams_from:   # two slots of the stored format, on the main GPU
+            if op is not None and op.streams_from:   # two slots of the stored format, on the layer's GPU
+                gpu = e.prefill.device if e.prefill.device.startswith("cuda") else plan.layer_device(e.layer)
                 item = "prefill stream buffers (2 layers)"
-                rep.rows[plan.main_device][item] = max(rep.rows[plan.main_device][item], int(2 * n * per))
+                rep.rows[gpu][item] = max(rep.rows[gpu][item], int(2 * n * per))
                 if e.weight_format != "bf16":      # dequantized for the grouped GEMMs, one layer at a time
                     item = "prefill dequantized layer"
-                    rep.rows[plan.main_device][item] = max(rep.rows[plan.main_device][item], int(n * db))
+                    rep.rows[gpu][item] = max(rep.rows[gpu][item], int(n * db))
             elif e.prefill.device != e.home:
                 stage = e.prefill.device
                 rep.rows[stage]["prefill staging (1 layer)"] = max(rep.rows[stage]["prefill staging (1 layer)"],
@@ -68,13 +69,17 @@ def estimate(model, plan, profile) -> MemoryReport:
             continue
         dev = plan.module_devices.get(name, plan.main_device)
         rep.add(dev, "other weights", sum(p.numel() for _, p in own) * db)
-    rep.add(plan.main_device, "KV cache", kv_cache_bytes(cfg, rt.max_seq_len, db))
+    kv_layer = kv_cache_bytes(cfg, rt.max_seq_len, db) / cfg.num_hidden_layers   # each layer's cache on its device
+    for i in range(cfg.num_hidden_layers):
+        rep.add(plan.layer_device(i), "KV cache", kv_layer)
     chunk = min(rt.prefill_chunk, rt.max_seq_len)
     inter = max(getattr(cfg, "intermediate_size", 0) or 0, getattr(cfg, "moe_intermediate_size", 0) or 0)
-    work = chunk * (cfg.hidden_size * 8 + inter * 3 + cfg.vocab_size) * 4
-    if plan.main_device.startswith("cuda"):
-        work += 512 * 2**20   # CUDA context, cuBLAS workspace, graph pool
-    rep.add(plan.main_device, "activations/workspace", work)
+    work = chunk * (cfg.hidden_size * 8 + inter * 3) * 4
+    logits = chunk * cfg.vocab_size * 4
+    head = plan.lm_head_device if plan.lm_head_device.startswith("cuda") else plan.main_device
+    for dev in dict.fromkeys([plan.main_device, *plan.gpus, head]):
+        extra = 512 * 2**20 if dev.startswith("cuda") else 0   # CUDA context, cuBLAS workspace, graph pool
+        rep.add(dev, "activations/workspace", work + extra + (logits if dev == head else 0))
     if any(e.decode.device == "cpu" or e.prefill.device in ("cpu", "auto") for e in plan.experts) \
             and plan.main_device != "cpu":
         k = getattr(cfg, "num_experts_per_tok", 8)

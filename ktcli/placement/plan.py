@@ -53,6 +53,29 @@ class Plan:
     rule_hits: dict = field(default_factory=dict)        # rule index → modules it matched
     bad_devices: list = field(default_factory=list)      # (rule, key, value)
     notes: list = field(default_factory=list)
+    default_device: str = ""                             # where modules no rule places run
+    layer_devices: dict = field(default_factory=dict)    # decoder layer → the device of its attention, router…
+    split_layers: dict = field(default_factory=dict)     # decoder layer → its devices, where they are several
+
+    def layer_device(self, layer: int) -> str:
+        return self.layer_devices.get(layer, self.main_device)
+
+    @property
+    def segments(self) -> list:
+        """[(device, first layer, last layer)]: runs of consecutive decoder layers on one device."""
+        out = []
+        for i in sorted(self.layer_devices):
+            d = self.layer_devices[i]
+            if out and out[-1][0] == d and out[-1][2] == i - 1:
+                out[-1][2] = i
+            else:
+                out.append([d, i, i])
+        return [tuple(s) for s in out]
+
+    @property
+    def gpus(self) -> list:
+        """The GPUs the decoder layers run on, in layer order."""
+        return list(dict.fromkeys(d for d, _, _ in self.segments if d.startswith("cuda")))
 
 
 def _ctx_from_rule(parent: dict, rule) -> dict:
@@ -107,6 +130,7 @@ def make_plan(model, rules: list, main_device: str) -> Plan:
 
     plan = Plan(model_type=model.config.model_type, num_layers=model.config.num_hidden_layers,
                 main_device=main_device, embed_device=main_device, lm_head_device=main_device,
+                default_device=main_device,
                 rule_hits=hits)
     for rule in rules:
         for key in ("generate_device", "prefill_device", "out_device"):
@@ -148,6 +172,17 @@ def make_plan(model, rules: list, main_device: str) -> Plan:
     names = {id(m): n for n, m in model.named_modules()}
     plan.embed_device = plan.module_devices.get(names.get(id(embed)), main_device)
     plan.lm_head_device = plan.module_devices.get(names.get(id(model.get_output_embeddings())), main_device)
-    attn = [n for n in plan.module_devices if re.search(r"layers\.0\.self_attn$", n)]
-    plan.main_device = plan.module_devices[attn[0]] if attn else main_device
+    # Each decoder layer's own modules (experts aside) run on one device; layers may sit on different ones.
+    per_layer, attn = {}, {}
+    for n, d in plan.module_devices.items():
+        m = re.search(r"layers\.(\d+)\.", n)      # modules inside a layer, not the layer container itself
+        if m:
+            per_layer.setdefault(int(m.group(1)), set()).add(d)
+            if n.endswith(".self_attn"):
+                attn[int(m.group(1))] = d
+    for i, devs in sorted(per_layer.items()):
+        plan.layer_devices[i] = attn.get(i, min(devs))
+        if len(devs) > 1:
+            plan.split_layers[i] = sorted(devs)
+    plan.main_device = plan.layer_devices.get(0, main_device)
     return plan

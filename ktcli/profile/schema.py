@@ -165,6 +165,9 @@ def _parse_rule(i: int, node, file: str) -> Rule:
                        "int4 groups: 128, 64 or 32 inputs per scale")
         if k in RULE_KWARGS:
             rule.kwargs[k] = v if k == "group_size" else str(v)
+        elif is_kt_class(rule.replace_class) and k == "transfer_map":
+            rule.ignored.append("kwarg 'transfer_map' (the hidden state moves wherever consecutive layers change "
+                                "device, read from the layers' rules)")
         elif is_kt_class(rule.replace_class):
             rule.ignored.append(f"kwarg '{k}'")
         else:

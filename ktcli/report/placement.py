@@ -33,7 +33,9 @@ def as_dict(v) -> dict:
         out.update(model=v.source.spec, model_type=p.model_type, num_layers=p.num_layers,
                    graph_mode=v.profile.runtime.mode, dtype=v.profile.dtype,
                    devices={"main": p.main_device, "attention": p.main_device, "shared_experts": p.main_device,
-                            "embedding": p.embed_device, "lm_head": p.lm_head_device},
+                            "embedding": p.embed_device, "lm_head": p.lm_head_device,
+                            "layers": [{"device": d, "layers": f"{a}-{b}" if a != b else f"{a}"}
+                                       for d, a, b in p.segments]},
                    experts=placement_rows(p))
     if v.memory is not None:
         out["memory"] = {d: {**{k: int(b) for k, b in items.items()}, "total": v.memory.total(d),
@@ -53,7 +55,10 @@ def render(v, console: Console) -> None:
                       r["weight_format"], escape(r["rule"]))
         console.print(t)
         dv = d["devices"]
-        console.print(f"attention, router, shared experts: [bold]{dv['main']}[/]   embedding: {dv['embedding']}   "
+        segs = dv["layers"]
+        where = (f"[bold]{dv['main']}[/]" if len(segs) <= 1 else
+                 ", ".join(f"[bold]{s['device']}[/] (layers {s['layers']})" for s in segs))
+        console.print(f"attention, router, shared experts: {where}   embedding: {dv['embedding']}   "
                       f"lm_head: {dv['lm_head']}")
     if v.memory is not None:
         t = Table(title="Memory (estimated)", title_justify="left")

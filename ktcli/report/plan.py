@@ -20,6 +20,10 @@ def summary_rows(fit, machine) -> list:
     rows = [("experts on the GPU", f"layers {ranges(fit.gpu_layers)}" if fit.gpu_layers else "none"),
             ("experts on the CPU", (f"layers {ranges(fit.cpu_layers)} ({fit.fmt})" if fit.cpu_layers else "none")),
             ("kept as your rules say", f"layers {ranges(fit.pinned)}" if fit.pinned else "none")]
+    if fit.segments:       # several GPUs
+        rows.insert(0, ("decoder layers", ", ".join(
+            f"{d}: {ranges(ls)}" + (f" (experts of {ranges(ex)})" if ex else "") for d, ls, ex in fit.segments if ls)
+            + f"; {fit.rates.boundary_s * 1e6:.0f} µs assumed per GPU boundary"))
     for dev in sorted(fit.memory.rows):
         use, have = fit.memory.total(dev), machine.devices.get(dev)
         rows.append((f"memory {dev}", f"{fmt_bytes(use)} of {fmt_bytes(fit.budget[dev])} usable"
