@@ -55,6 +55,16 @@ case $what in
       [ -f $q2 ] && python3 -m ktcli bench $q2 -p ${PP:-512,2048} -n 0 -r 2 \
           -o json --output-file $out/prefill-qwen2-57b-a14b-$f.json
     done ;;
+  compile)  # #15: runtime.compile off against on, tg128 full graphs, in one process: the GPU tests first, then the
+            # Qwen3-30B placements with a compiled copy of each profile beside it
+    python3 -m pytest -v -p no:cacheprovider tests/test_compile_gpu.py tests/test_compile.py 2>&1 | tee $out/gpu-tests-compile.log | tail -3
+    ps=""
+    for p in profiles/qwen3-30b-a3b-cpu-experts.yaml profiles/qwen3-30b-a3b-cpu-experts-int4.yaml profiles/qwen3-30b-a3b-gpu-half.yaml; do
+      c=/tmp/$(basename $p .yaml)-compiled.yaml
+      sed 's/^runtime:/runtime:\n  compile: true/' $p > $c
+      ps="$ps $p $c"
+    done
+    python3 -m ktcli bench $ps -p 0 -n 128 -r 3 --graph-mode full -o json --output-file $out/decode-qwen3-30b-a3b-compile.json ;;
   multigpu) # #19's proof on a machine with two GPUs: the two-GPU tests, then decode tg128 with layers split over two GPUs
             # against the same CPU experts on one GPU, in one process (same machine, same run)
     python3 -m pytest -v -p no:cacheprovider tests/test_multigpu_gpu.py 2>&1 | tee $out/gpu-tests-multigpu.log | tail -3
@@ -64,5 +74,5 @@ case $what in
         -p 512 -n 128 -r 3 --graph-mode full -o json --output-file $out/multigpu-qwen2-57b-a14b.json
     python3 benchmarks/graph_parity.py profiles/qwen3-30b-a3b-2gpu-cpu-experts.yaml --tokens 64 \
         --out $out/parity-multigpu-qwen3-30b.json ;;
-  *) echo "stages: tests kernel decode fresh prefill serve plan parity baselines multigpu"; exit 2 ;;
+  *) echo "stages: tests kernel decode fresh prefill serve plan parity baselines compile multigpu"; exit 2 ;;
 esac

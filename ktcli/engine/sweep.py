@@ -106,7 +106,8 @@ def run(sw: Sweep, tick=None, saved=None) -> list:
         except KtcliError as e:
             base_err = e.message
         common = {"profile": prof.path, "model": v.source.name if v and v.source else prof.model,
-                  "backend": "ktcli", "threads": prof.runtime.cpu_threads or torch.get_num_threads()}
+                  "backend": "ktcli", "threads": prof.runtime.cpu_threads or torch.get_num_threads(),
+                  "compile": prof.runtime.compile}
         if built is not None:
             if sw.bw is None:
                 sw.bw = bandwidths(cached_ok=sw.cached_bw)

@@ -139,6 +139,9 @@ def build(validation, progress=None) -> Built:
         head.register_forward_pre_hook(_move_input_hook(torch.device(plan.lm_head_device)))
         head.register_forward_hook(_move_output_hook(main))
     devices.install(model, plan)     # layers, norm or lm_head on other GPUs: the hidden state follows them
+    if prof.runtime.compile:
+        from .compile import compile_decode
+        compile_decode(model)        # compiled at the first one-token forward (graph warm-up or first decode)
     weight_bytes = {}
     for p in model.parameters():
         weight_bytes[str(p.device)] = weight_bytes.get(str(p.device), 0) + p.numel() * p.element_size()
