@@ -171,3 +171,77 @@ def test_a_tensor_every_layer_gets_crosses_once_per_forward():
     _, k3 = devices.move(meta, (), {"position_embeddings": (cos, cos)})
     assert k3["position_embeddings"][0] is not pe[0]
     devices._forget(None, None)
+
+
+@pytest.mark.parametrize("mode", ["full", "piecewise"])
+def test_segmented_capture_splits_at_each_gpu_change_and_copies_once(monkeypatch, mode):
+    """The bookkeeping of one graph per GPU, with torch.cuda's graph and stream calls stubbed (no GPU here): a
+    segment per run of layers on one device, each tensor from another device copied once (the hidden state at the
+    boundary, cos/sin reused by the next layers), the copies replayed after the segment that produced them."""
+    import torch
+    from ktcli.model import devices
+    from ktcli.ops import bridge as br
+    log, cur = [], {"dev": torch.device("cpu")}
+
+    class Graph:
+        def capture_begin(self, pool=None):
+            log.append(("begin", str(cur["dev"])))
+
+        def capture_end(self):
+            log.append(("end", str(cur["dev"])))
+
+        def replay(self):
+            log.append(("replay", str(cur["dev"])))
+
+    class Stream:
+        def __init__(self, device=None):
+            self.device = torch.device(device) if device is not None else cur["dev"]
+
+        def synchronize(self):
+            pass
+
+    class Device:
+        def __init__(self, d):
+            self.d = d
+
+        def __enter__(self):
+            self.prev, cur["dev"] = cur["dev"], self.d
+
+        def __exit__(self, *a):
+            cur["dev"] = self.prev
+
+    streams = {}
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: streams.setdefault(str(cur["dev"]), Stream()))
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: (cur.update(dev=s.device), streams.update({str(s.device): s})))
+    monkeypatch.setattr(torch.cuda, "default_stream", lambda d: Stream(d))
+    monkeypatch.setattr(torch.cuda, "device", Device)
+
+    b = br.SegmentedFullBridge.__new__(br.SegmentedFullBridge) if mode == "full" else br.PiecewiseBridge(None)
+    br.SegmentedCapture.__init__(b, pool=None)
+    meta = torch.device("meta")
+    with br.use_bridge(b):
+        b.begin(torch.device("cpu"))
+        h, cos = torch.ones(1, 1, 4), torch.ones(1, 1, 2)
+        for layer in range(4):                         # layers 0-1 on cpu ("GPU A"), 2-3 on meta ("GPU B")
+            if layer >= 2:
+                (h,), kw = devices.move(meta, (h,), {"position_embeddings": (cos, cos)})
+                assert h.device == meta and kw["position_embeddings"][0].device == meta
+            if mode == "piecewise":                    # a CPU-expert layer ends its segment
+                b.cpu_step(lambda i=layer: log.append(("step", i)))
+        b.end()
+    if mode == "full":
+        assert log == [("begin", "cpu"), ("end", "cpu"), ("begin", "meta"), ("end", "meta")]
+        (_, d0, after0), (_, d1, after1) = b.segments
+        assert (str(d0), str(d1)) == ("cpu", "meta") and len(after0) == 2 and after1 == []   # h and cos, once each
+        log.clear()
+        b.replay()
+        assert log == [("replay", "cpu"), ("replay", "meta")]
+    else:
+        assert [str(d) for _, d, _ in b.segments] == ["cpu", "cpu", "cpu", "meta", "meta", "meta"]
+        assert [len(a) for _, _, a in b.segments] == [1, 1, 2, 1, 1, 0]      # steps; the boundary's two copies
+        log.clear()
+        b.replay()
+        assert log == [("replay", "cpu"), ("step", 0), ("replay", "cpu"), ("step", 1), ("replay", "cpu"),
+                       ("replay", "meta"), ("step", 2), ("replay", "meta"), ("step", 3), ("replay", "meta")]

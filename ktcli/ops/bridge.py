@@ -105,8 +105,8 @@ class SegmentedCapture:
             if device not in self._streams:
                 self._streams[device] = torch.cuda.Stream(device)
             torch.cuda.set_stream(self._streams[device])
-        self._dev = torch.device("cuda", torch.cuda.current_device())
         self._stream = torch.cuda.current_stream()
+        self._dev = torch.device(device) if device is not None else self._stream.device
         self._graph = torch.cuda.CUDAGraph()
         self._graph.capture_begin(pool=self.pool)
 
@@ -119,12 +119,12 @@ class SegmentedCapture:
     def cross(self, device, args, kwargs):
         """Layers on `device` from here: tensors from another GPU get a static copy there, filled at replay after
         the segment that ends here; one that already crossed (cos/sin, mask) reuses its copy."""
-        fresh = []
-        map_tensors((args, kwargs), lambda t: fresh.append(t) if t.device != device and id(t) not in self._moved
-                    else None)
+        fresh = {}           # id → tensor: one copy for a tensor passed twice
+        map_tensors((args, kwargs), lambda t: fresh.setdefault(id(t), t) if t.device != device
+                    and id(t) not in self._moved else None)
         if fresh or self._dev != device:
             self._close()
-            for t in fresh:
+            for t in fresh.values():
                 dst = torch.empty_like(t, device=device)
                 self._moved[id(t)] = (t, dst)
                 self.segments[-1][2].append(lambda d=dst, s=t: d.copy_(s, non_blocking=True))
