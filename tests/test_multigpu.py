@@ -245,3 +245,17 @@ def test_segmented_capture_splits_at_each_gpu_change_and_copies_once(monkeypatch
         b.replay()
         assert log == [("replay", "cpu"), ("step", 0), ("replay", "cpu"), ("step", 1), ("replay", "cpu"),
                        ("replay", "meta"), ("step", 2), ("replay", "meta"), ("step", 3), ("replay", "meta")]
+
+
+def test_the_first_module_back_on_the_main_gpu_takes_a_hook_too():
+    from ktcli.commands.options import machine_for, profile_from_flags
+    from ktcli.model.devices import modules_off_main
+    from ktcli.placement.validate import validate
+    text = open(Q3_2GPU).read().replace("|^model\\\\.norm$|^lm_head$", "")     # norm and lm_head back on cuda:0
+    import tempfile
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(text)
+    v = validate(profile_from_flags(f.name), machine_for(targets(2, 80)))
+    assert v.plan.lm_head_device == "cuda:0"
+    off = modules_off_main(v.model, v.plan)
+    assert off[-1] == ("model.norm", "cuda:0") and len(off) == 25

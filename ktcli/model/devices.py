@@ -55,7 +55,7 @@ def _forget(_mod, _args):
 
 
 def modules_off_main(model, plan) -> list:
-    """[(module name, device)] for every decoder layer, final norm and lm_head on a GPU other than the main one."""
+    """[(module name, device)]: the decoder layers, final norm and lm_head that take a hook."""
     names = dict(model.named_modules())
     layers = sorted((int(m.group(1)), n) for n in names if (m := re.search(r"(?:^|\.)layers\.(\d+)$", n)))
     head = next((n for n, m in names.items() if m is model.get_output_embeddings()), None)
@@ -65,7 +65,14 @@ def modules_off_main(model, plan) -> list:
         order.append((f"{base}.norm", plan.module_devices.get(f"{base}.norm", plan.main_device)))
     if head is not None:
         order.append((head, plan.lm_head_device))
-    return [(n, d) for n, d in order if d.startswith("cuda") and d != plan.main_device]
+    # every module off the main device, and the first one back on it; a CPU lm_head keeps the build's own hooks
+    # (KTransformers places it so); CPU layers (graphs off) take these
+    out, prev = [], plan.main_device
+    for n, d in order:
+        if (d != plan.main_device or d != prev) and (d.startswith("cuda") or n != head):
+            out.append((n, d))
+        prev = d
+    return out
 
 
 def install(model, plan) -> list:
