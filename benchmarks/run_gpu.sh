@@ -8,6 +8,7 @@ export KTCLI_CACHE=/tmp/ktcli-cache PYTHONUNBUFFERED=1
 case $what in
   tests)    # GPU tests (graphs, operators, kernel paths), each test named in the log
     python3 -m pytest -v -p no:cacheprovider tests/test_graphs.py tests/test_team.py tests/test_stream_gpu.py tests/test_ops.py \
+        tests/test_compile_gpu.py tests/test_multigpu_gpu.py \
         tests/test_kernels.py tests/test_kernel_model.py tests/test_benchmark_scripts.py 2>&1 | tee $out/gpu-tests.log | tail -3 ;;
   kernel)   # CPU expert kernel per format and batch, Qwen2-57B and Qwen3-30B expert shapes, against the ceiling
             # (~30 s a row on the H200 host: 18 rows, about 9 minutes; cut runs keep their ceiling)
