@@ -130,7 +130,7 @@ def test_streaming_gpu_resident_experts_is_refused(cli, tmp_path, ckpt):
     assert "operator 'auto' copies experts from cpu, but layers 0-2 keep their weights on cuda:0" in r.output
 
 
-@pytest.mark.parametrize("T", [17, 64, 512])
+@pytest.mark.parametrize("T", [17, 64, 512, 2048])
 def test_grouped_gemm_path_matches_the_eager_reference(T):
     """The GPU's one-kernel-per-matrix path (torch._grouped_mm; CPU here) against the eager loop, uneven loads."""
     from ktcli.ops.prefill import grouped
@@ -183,7 +183,7 @@ def test_split_layers_match_the_eager_reference_and_copy_only_the_gpu_share(tmp_
         layers, st = split_model(tmp_path, ckpt, fmt, n)
         E = layers[0].num_experts
         assert n < E
-        for T in (17, 64, 512):
+        for T in (17, 64, 512, 2048):
             st.take_stats()
             for m in layers:
                 x = torch.randn(T, m.hidden, generator=gen)
