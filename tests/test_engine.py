@@ -84,3 +84,16 @@ def test_context_limits(setup):
         e.generate([5] * 256, GenerationConfig(max_new_tokens=4))
     new, st = e.generate([5] * 250, GenerationConfig(max_new_tokens=40, ignore_eos=True))
     assert st.stop_reason == "context" and len(new) == 6
+
+
+def test_a_step_from_embeddings_equals_a_step_from_ids(setup):
+    """Graph decode with a CPU embedding (KTransformers' files) feeds the step its embeddings, looked up before
+    each replay: the same logits as from the token id."""
+    b, _ = setup
+    e = Engine(b)
+    e.prefill(list(range(5, 30)))
+    tok, pos = torch.tensor([[17]]), torch.tensor([[25]])
+    from_ids = e.forward(tok, pos)
+    e.set_len(25)
+    from_embeds = e.forward(tok, pos, b.model.get_input_embeddings()(tok))
+    assert torch.equal(from_ids, from_embeds)
