@@ -2,8 +2,9 @@
 
 A forward pre-hook on every module off the main GPU (decoder layers, the final norm, the lm_head) moves each tensor
 argument there that is elsewhere — the hidden state at a boundary, the rotary cos/sin and mask once per forward —
-and makes that GPU the current one, so operators that ask for torch.cuda.current_stream() get its stream. Under CUDA-graph capture the move goes through
-the active bridge instead, which ends one GPU's graph and begins the next (ops/bridge.py, SegmentedCapture).
+and makes that GPU the current one, so operators that ask for torch.cuda.current_stream() get its stream. Under
+CUDA-graph capture the move goes through the active bridge instead, which ends one GPU's graph and begins the next
+(ops/bridge.py, SegmentedCapture).
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import re
 import torch
 
 from ..ops.bridge import active, map_tensors
-
 
 _memo: dict = {}     # (id(src), device) → (src, copy): tensors of this forward already moved (rotary cos/sin, mask)
 
