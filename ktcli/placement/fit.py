@@ -139,8 +139,9 @@ def fit(profile, machine, context: int | None = None, fmt: str = "bf16", rates: 
         segments = split_layers(model.config.num_hidden_layers, {d: budget[d] for d in gpus})
         base = names[0].split(".layers.")[0]
         layer_template = "^" + re.escape(base) + r"\.layers\.(IDX)\."
-        head = [n for n, m in model.named_modules() if m is model.get_output_embeddings()]
-        tail = "|".join(f"^{re.escape(n)}$" for n in (f"{base}.norm", *head) if n in dict(model.named_modules()))
+        mods = dict(model.named_modules())
+        head = [n for n, m in mods.items() if m is model.get_output_embeddings()]
+        tail = "|".join(f"^{re.escape(n)}$" for n in (f"{base}.norm", *head) if n in mods)
         device_rules = _device_rules(layer_template, tail, segments)
     else:
         segments, device_rules = [(gpu, list(range(model.config.num_hidden_layers)))] if gpu else [], []
