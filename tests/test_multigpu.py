@@ -259,3 +259,10 @@ def test_the_first_module_back_on_the_main_gpu_takes_a_hook_too():
     assert v.plan.lm_head_device == "cuda:0"
     off = modules_off_main(v.model, v.plan)
     assert off[-1] == ("model.norm", "cuda:0") and len(off) == 25
+
+
+def test_sglang_export_of_a_two_gpu_plan_is_tensor_parallel(cli):
+    r = cli("plan", "-m", "qwen2-57b-a14b", f"--target-devices={targets(2)}", "--export", "sglang")
+    assert r.exit_code == 0, r.output
+    assert "--tensor-parallel-size 2" in r.stdout
+    assert "# 2 GPUs: SGLang splits every layer over them (tensor parallel)" in r.stdout
