@@ -36,3 +36,22 @@ def test_compile_must_be_a_bool(cli, tmp_path):
     p.write_text("model: demo\nruntime:\n  compile: yes please\n")
     r = cli("validate-config", str(p))
     assert r.exit_code == 3 and f"{p}:3: runtime.compile must be bool" in r.output
+
+
+def test_a_module_compile_cannot_trace_is_one_clear_error():
+    import torch
+    from ktcli.errors import KtcliError
+    from ktcli.model.compile import _wrap
+
+    class Breaks(torch.nn.Module):
+        def forward(self, hidden_states):
+            torch._dynamo.graph_break()       # fullgraph compile refuses it
+            return hidden_states + 1
+
+    m = Breaks()
+    _wrap("model.layers.0.self_attn", m)
+    assert torch.equal(m(torch.zeros(1, 3, 4)), torch.ones(1, 3, 4))      # prefill shapes stay eager
+    with pytest.raises(KtcliError) as e:
+        m(torch.zeros(1, 1, 4))
+    assert "runtime.compile: torch.compile cannot compile model.layers.0.self_attn (Breaks)" in e.value.message
+    assert e.value.hint == "set runtime.compile: false"

@@ -1,12 +1,14 @@
 """Generation over a static KV cache: chunked prefill, then fixed-shape decode steps (eager or graph)."""
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import KtcliError
+from ..model.devices import gpus
 from ..ops.base import set_stage
 from ..ops.clocks import take_all
 from .sampling import sample
@@ -35,11 +37,10 @@ def stream_chunk(built, max_len: int, floor: int) -> int:
     """Prefill chunk when layers stream: as many tokens as half the free GPU memory holds in activations (after
     the KV cache), at least the profile's prefill_chunk, at most the context."""
     from ..placement.memory import DTYPE_BYTES, kv_cache_bytes
-    from ..model.devices import gpus
-    cfg = built.model.config
-    share = len(gpus(built.plan)) or 1            # each GPU holds its own layers' share of the KV cache
-    free = min(torch.cuda.mem_get_info(d)[0] for d in gpus(built.plan)) \
-        - kv_cache_bytes(cfg, max_len, DTYPE_BYTES[built.profile.dtype]) // share
+    cfg, devs = built.model.config, gpus(built.plan)
+    # each GPU holds its own layers' share of the KV cache
+    free = min(torch.cuda.mem_get_info(d)[0] for d in devs) \
+        - kv_cache_bytes(cfg, max_len, DTYPE_BYTES[built.profile.dtype]) // max(len(devs), 1)
     inter = max(getattr(cfg, k, 0) or 0 for k in ("intermediate_size", "moe_intermediate_size",
                                                    "shared_expert_intermediate_size"))
     per_token = (cfg.hidden_size * 8 + inter * 3 + cfg.num_experts_per_tok * cfg.hidden_size * 4) * 4
@@ -67,7 +68,6 @@ class Engine:
         self._done = torch.cuda.Event(blocking=True) if self.device.type == "cuda" else None
         self._tok = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        from ..model.devices import gpus
         self.gpus = gpus(built.plan)       # several: layers' hooks switch the current GPU; each forward restores it
 
     # -- low level -------------------------------------------------------------------------------------------
@@ -80,10 +80,7 @@ class Engine:
         # Qwen3's 151,936 × 2,048 per prefill chunk).
         keep = 1 if T == 1 else torch.tensor([T - 1], device=ids.device)
         inputs = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds}
-        if len(self.gpus) > 1:
-            with torch.cuda.device(self.device):
-                out = self.model(**inputs, position_ids=pos, cache=self.cache, use_cache=True, logits_to_keep=keep)
-        else:
+        with torch.cuda.device(self.device) if len(self.gpus) > 1 else contextlib.nullcontext():
             out = self.model(**inputs, position_ids=pos, cache=self.cache, use_cache=True, logits_to_keep=keep)
         return out.logits[:, -1]
 

@@ -23,7 +23,7 @@ class DecodeGraph:
         self.pos = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.logits = None                                               # static output [1, V]
         self.graph = self.bridge = None
-        self.gpus = devices.gpus(engine.built.plan)
+        self.gpus = engine.gpus
         self.segmented = mode == "piecewise" or len(self.gpus) > 1
         # An embedding on the CPU (KTransformers' files) cannot be recorded: it runs before each replay, into a
         # static input the graph starts from.

@@ -151,7 +151,6 @@ class SegmentedCapture:
 
 class SegmentedFullBridge(SegmentedCapture, HostCallbackBridge):
     """Full mode over several GPUs: one graph per GPU segment, CPU steps inside each as in one full graph."""
-    name = "full"
 
     def __init__(self, pool):
         SegmentedCapture.__init__(self, pool)

@@ -245,9 +245,7 @@ class Streamers:
 
     def __init__(self, streamers: list):
         self.all = streamers
-        self.device = streamers[0].device
         self.rates = streamers[0].rates     # the GPUs of one machine: the first's measured rates stand for all
-        self.layers = [m for s in streamers for m in s.layers]
 
     @property
     def pinned(self) -> bool:

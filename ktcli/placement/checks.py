@@ -215,7 +215,8 @@ def check_graphs(profile, plan) -> list:
     if not plan.main_device.startswith("cuda"):
         out.append(Finding(ERROR, "cuda-graph", f"graph_mode {mode} needs the model on a GPU, but its main device is "
                            f"{plan.main_device}", profile.where("runtime"), "set use_cuda_graph: false"))
-    if plan.main_device.startswith("cuda") and plan.lm_head_device == "cpu" != plan.default_device:
+    # a rule put the lm_head on the CPU (not a machine without a GPU, whose device errors say so already)
+    if plan.main_device.startswith("cuda") and plan.lm_head_device == "cpu" and plan.default_device != "cpu":
         out.append(Finding(ERROR, "cuda-graph", f"graph_mode {mode}: the lm_head runs on {plan.lm_head_device}, which a "
                            "CUDA graph cannot record (the step would copy to the host while capturing)",
                            profile.where("rules"), "place the lm_head on a GPU (a rule for '^lm_head' with "

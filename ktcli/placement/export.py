@@ -27,7 +27,8 @@ def sglang_command(fit, source, num_experts: int) -> tuple:
     weights = path if fit.fmt == "bf16" else f"{path.rstrip('/')}-kt-{fit.fmt}"
     argv = ["python", "-m", "sglang.launch_server", "--model-path", path, "--served-model-name", source.name,
             "--context-length", str(fit.profile.runtime.max_seq_len), "--trust-remote-code",
-            "--mem-fraction-static", "0.90", "--tensor-parallel-size", str(max(len(fit.segments), 1)), "--kt-method", KT_METHOD[fit.fmt],
+            "--mem-fraction-static", "0.90", "--tensor-parallel-size", str(max(len(fit.segments), 1)),
+            "--kt-method", KT_METHOD[fit.fmt],
             "--kt-weight-path", weights, "--kt-cpuinfer", str(fit.profile.runtime.cpu_threads),
             "--kt-threadpool-count", "1", "--kt-num-gpu-experts", str(per_layer)]
     notes = [f"{len(fit.gpu_layers)} of {layers} layers' experts on the GPU in ktcli's plan = {per_layer} of "

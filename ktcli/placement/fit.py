@@ -145,7 +145,7 @@ def fit(profile, machine, context: int | None = None, fmt: str = "bf16", rates: 
         device_rules = _device_rules(layer_template, tail, segments)
     else:
         segments, device_rules = [(gpu, list(range(model.config.num_hidden_layers)))] if gpu else [], []
-    mine = {dev: [i for i in free if i in set(layers)] for dev, layers in segments}   # free layers per GPU
+    mine = {dev: sorted(set(free) & set(layers)) for dev, layers in segments}   # free layers per GPU
 
     _, I2, H = dict(find_experts(model))[names[0]].gate_up_proj.shape
     group = next((g for g in (128, 64, 32, 16) if H % g == 0 and (I2 // 2) % g == 0), 128)   # int4: divides both
