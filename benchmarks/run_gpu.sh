@@ -4,7 +4,7 @@
 # (KTCLI_GIT_COMMIT: the commit the tree was sent from; a copied tree's .git may be stale).
 set -euo pipefail
 what=$1; out=$2
-export KTCLI_CACHE=/tmp/ktcli-cache PYTHONUNBUFFERED=1
+export KTCLI_CACHE=/tmp/ktcli-cache PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # scripts import ktcli
 case $what in
   tests)    # GPU tests (graphs, operators, kernel paths), each test named in the log
     python3 -m pytest -v -p no:cacheprovider tests/test_graphs.py tests/test_team.py tests/test_stream_gpu.py tests/test_ops.py \
@@ -56,11 +56,24 @@ case $what in
       [ -f $q2 ] && python3 -m ktcli bench $q2 -p ${PP:-512,2048} -n 0 -r 2 \
           -o json --output-file $out/prefill-qwen2-57b-a14b-$f.json
     done ;;
+  prefill-ab)  # #14: `auto` prefill against streaming every layer (a copy of the profile with prefill_op stream),
+            # in one process; MODEL=qwen3 or qwen2, FORMAT=bf16|int8|int4
+    case ${MODEL:-qwen3} in
+      qwen3) p=profiles/qwen3-30b-a3b-cpu-experts.yaml ;;
+      qwen2) p=profiles/qwen2-57b-a14b-gpu01-graphs.yaml ;;
+    esac
+    f=${FORMAT:-bf16}; [ $f = bf16 ] || p=${p%.yaml}-$f.yaml
+    s=/tmp/$(basename $p .yaml)-stream.yaml
+    sed -e 's/prefill_device: auto,/prefill_device: cuda, prefill_op: stream,/' \
+        -e 's/^\( *\)prefill_device: "auto"/\1prefill_device: "cuda"\n\1prefill_op: "stream"/' $p > $s
+    python3 -m ktcli bench $p $s -p ${PP:-512,2048} -n 0 -r 2 -o json \
+        --output-file $out/prefill-ab-$(basename $p .yaml).json ;;
   compile)  # #15: runtime.compile off against on, tg128 full graphs, in one process: the GPU tests first, then the
             # Qwen3-30B placements with a compiled copy of each profile beside it
     python3 -m pytest -v -p no:cacheprovider tests/test_compile_gpu.py tests/test_compile.py 2>&1 | tee $out/gpu-tests-compile.log | tail -3
     ps=""
-    for p in profiles/qwen3-30b-a3b-cpu-experts.yaml profiles/qwen3-30b-a3b-cpu-experts-int4.yaml profiles/qwen3-30b-a3b-gpu-half.yaml; do
+    for p in ${PROFILES:-profiles/qwen3-30b-a3b-cpu-experts.yaml profiles/qwen3-30b-a3b-cpu-experts-int4.yaml \
+             profiles/qwen3-30b-a3b-gpu-half.yaml}; do
       c=/tmp/$(basename $p .yaml)-compiled.yaml
       sed 's/^runtime:/runtime:\n  compile: true/' $p > $c
       ps="$ps $p $c"
@@ -75,5 +88,5 @@ case $what in
         -p 512 -n 128 -r 3 --graph-mode full -o json --output-file $out/multigpu-qwen2-57b-a14b.json
     python3 benchmarks/graph_parity.py profiles/qwen3-30b-a3b-2gpu-cpu-experts.yaml --tokens 64 \
         --out $out/parity-multigpu-qwen3-30b.json ;;
-  *) echo "stages: tests kernel decode fresh prefill serve plan parity baselines compile multigpu"; exit 2 ;;
+  *) echo "stages: tests kernel decode fresh prefill prefill-ab serve plan parity baselines compile multigpu"; exit 2 ;;
 esac

@@ -214,6 +214,33 @@ def test_split_choice_balances_the_cpu_and_the_copy():
     assert choose(9.0, 1.0, 0.0, 64)["way"] == "cpu" and choose(math.inf, 1.0, 0.0, 64)["n_cpu"] == 64
 
 
+def test_split_share_follows_the_cpu_time_the_run_measured(tmp_path, ckpt):
+    """The split's CPU share is planned with the probed rates until a prefill's splits measure the CPU: then with
+    what they measured (per chunk-length bucket), and the roofline stays on the probes."""
+    from ktcli.ops.prefill import AutoPrefill, split_plan
+    layers, st = streamed_model(tmp_path, ckpt, "bf16")
+    m = layers[0]
+    op = m.ops["prefill"] = AutoPrefill(m, None, None)
+    E, T = m.num_experts, 512
+    st.rates = PrefillRates(pcie_bps=1e9, cpu_bps=1e9, cpu_flops=1e9)
+    s = split_plan(m, T, st.top_k, st.rates)
+    cpu = s["cpu_s"]
+    st.rates.pcie_bps = m.stream_src.nbytes() / cpu      # copying the layer costs what the CPU does: half each
+    assert op.plan(T)["n_cpu"] == E // 2
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(T, m.hidden, generator=gen)
+    idx, w = routed(T, E, st.top_k, gen)
+    op._split(x, idx, w, E // 2)                          # a real split records its measured CPU time …
+    (_, measured, probed), = st._splits
+    assert measured > 0 and probed == pytest.approx(cpu / 2)
+    st._splits = [(T, 3 * probed, probed)]               # … here replaced: the CPU ran 3x slower than probed
+    st.collect()
+    assert st.cpu_scale == {T.bit_length(): pytest.approx(3.0)}
+    assert op.plan(T)["n_cpu"] == E // 4                  # balanced against the measured rate: a quarter
+    assert op.plan(T, calibrated=False)["n_cpu"] == E // 2
+    assert op.plan(T // 4)["n_cpu"] == op.plan(T // 4, calibrated=False)["n_cpu"]     # another bucket: unchanged
+
+
 def test_cpu_gemm_rate_follows_the_rows_per_expert():
     from ktcli.ops.prefill import gemm_rate
     r = PrefillRates(cpu_flops=4e12, cpu_flops_small=0.5e12)

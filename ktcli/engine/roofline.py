@@ -82,8 +82,8 @@ def prefill_roofline(built, n: int, chunk: int) -> dict | None:
             gpu = (2 * T * other + attn) / r.gpu_flops
             if m.streamer is not None:       # the operator's own choice (auto: the fastest; stream: always)
                 op = m.ops["prefill"]
-                p = op.plan(T) if hasattr(op, "plan") else {"way": "stream",
-                                                             "seconds": layer_costs(m, T, K, r)["stream"]}
+                p = (op.plan(T, calibrated=False) if hasattr(op, "plan")     # the probes' bound, not the run's
+                     else {"way": "stream", "seconds": layer_costs(m, T, K, r)["stream"]})
                 way = p["way"]
                 total += p["seconds"] + gpu if way == "cpu" else max(p["seconds"], gpu)
             elif m.home.type == "cpu":

@@ -228,9 +228,12 @@ class AutoPrefill(DeviceOp):
             return self.cpu(x, idx, w)
         return self.gpu(x, idx, w) if p["n_cpu"] == 0 else self._split(x, idx, w, p["n_cpu"])
 
-    def plan(self, T: int) -> dict:
+    def plan(self, T: int, calibrated: bool = True) -> dict:
+        """calibrated: the CPU's cost scaled by what earlier splits of chunks this long measured against the
+        probes (the CPU shares DRAM with the copies; cache-hot probes ran 1.5-2× faster, H200 host 2026-12-05)."""
         st = self.experts.streamer
-        return split_plan(self.experts, T, st.top_k, st.rates)
+        scale = st.cpu_scale.get(T.bit_length(), 1.0) if calibrated else 1.0
+        return split_plan(self.experts, T, st.top_k, st.rates, scale)
 
     def streams(self, T: int) -> bool:
         """True: some of this layer's experts stream for a chunk of T tokens (all, or the GPU's share)."""
@@ -242,7 +245,6 @@ class AutoPrefill(DeviceOp):
     def _split(self, x, idx, w, n):
         """Experts [0, n) on the CPU from the host copy of x while the GPU computes the rest (queued first)."""
         st = self.experts.streamer
-        t0 = time.perf_counter()
         xh, ih, wh = (torch.empty(t.shape, dtype=t.dtype, pin_memory=st.cuda) for t in (x, idx, w))
         for h, t in ((xh, x), (ih, idx), (wh, w)):
             h.copy_(t, non_blocking=True)
@@ -250,21 +252,24 @@ class AutoPrefill(DeviceOp):
         y = self.gpu(x, idx, w, first=n)                  # queued: runs while the CPU computes below
         if ready is not None:
             ready.synchronize()
+        t0 = time.perf_counter()
         tok, e, pw = pairs(ih, wh, 0, n)
         yc = self.cpu.compute(xh[tok].contiguous(), e[:, None].to(torch.int64), pw[:, None].to(xh.dtype))
         part = torch.zeros(xh.shape, dtype=xh.dtype, pin_memory=st.cuda).index_add_(0, tok, yc)
         st.stats["layers_split"] += 1
-        st.stats["split_cpu_s"] += time.perf_counter() - t0
+        probed = layer_costs(self.experts, x.shape[0], st.top_k, st.rates)["cpu"] * n / self.experts.num_experts
+        st.observe_split(x.shape[0], time.perf_counter() - t0, probed)
         return y + part.to(x.device, non_blocking=True)
 
 
-def split_plan(experts, T: int, K: int, rates: PrefillRates) -> dict:
-    """{'way': 'stream' | 'cpu' | 'split', 'n_cpu', 'seconds', 'kernel'} for one HybridExperts layer and T tokens
-    ('kernel': the CPU's share of a long bf16 chunk runs in our kernel rather than torch's GEMMs)."""
+def split_plan(experts, T: int, K: int, rates: PrefillRates, cpu_scale: float = 1.0) -> dict:
+    """{'way': 'stream' | 'cpu' | 'split', 'n_cpu', 'seconds', 'kernel', 'cpu_s'} for one HybridExperts layer and
+    T tokens ('kernel': the CPU's share of a long bf16 chunk runs in our kernel rather than torch's GEMMs;
+    'cpu_s': the whole layer on the CPU by the probed rates, before `cpu_scale` multiplies it)."""
     c = layer_costs(experts, T, K, rates)
     E = experts.num_experts
     floor = used_experts(E, K, T) * experts.stream_src.nbytes() / E / rates.cpu_bps if rates.cpu_bps else 0.0
-    return {**choose(c["stream"], c["cpu"], floor, E), "kernel": c["kernel"]}
+    return {**choose(c["stream"], c["cpu"] * cpu_scale, floor, E), "kernel": c["kernel"], "cpu_s": c["cpu"]}
 
 
 def choose(s: float, cpu: float, floor: float, E: int) -> dict:

@@ -51,6 +51,8 @@ class Streamer:
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.rates = PrefillRates()     # measured at setup; pcie raised by every upload timed
         self.top_k = 1
+        self.cpu_scale: dict = {}       # chunk length's bit_length → measured ÷ probed CPU time of split shares
+        self._splits: list = []         # (T, measured s, probed s) of this prefill's split layers
         self.reset_stats()
 
     # -- setup -----------------------------------------------------------------------------------------------
@@ -161,9 +163,27 @@ class Streamer:
                       "upload_bytes": 0, "upload_s": 0.0, "stall_s": 0.0}
         self._uploads, self._stalls = [], []
 
+    def observe_split(self, T: int, measured: float, probed: float) -> None:
+        """A split layer's CPU share took `measured` seconds where the probed rates said `probed`."""
+        self.stats["split_cpu_s"] += measured
+        self._splits.append((T, measured, probed))
+
+    def _calibrate(self) -> None:
+        """The next chunks of each length plan their splits with the CPU rate this prefill's splits reached
+        (replaced, not averaged: the share changes with the scale, and so may the contention)."""
+        by = {}
+        for T, m, p in self._splits:
+            a = by.setdefault(T.bit_length(), [0.0, 0.0])
+            a[0], a[1] = a[0] + m, a[1] + p
+        for b, (m, p) in by.items():
+            if p > 0:
+                self.cpu_scale[b] = max(m / p, 0.25)
+        self._splits = []
+
     def collect(self) -> None:
-        """Fold the timed events of finished uploads and stalls into the statistics (synchronizes: the engine
-        calls it after each prefill, so the event lists never grow)."""
+        """Fold the timed events of finished uploads and stalls into the statistics and the split's CPU
+        calibration (synchronizes: the engine calls it after each prefill, so the event lists never grow)."""
+        self._calibrate()
         if self.cuda and (self._uploads or self._stalls):
             torch.cuda.synchronize(self.device)
             for a, b, n in self._uploads:

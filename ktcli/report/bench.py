@@ -99,7 +99,9 @@ def md(records: list, meta: dict) -> str:
                     f"{ph['upload_bytes'] / 1e9:.1f} GB in {ph['upload_s']:.3f} s, GPU stalled on uploads "
                     f"{ph['stall_s']:.3f} s, layer-chunks streamed {ph['layers_streamed']:.0f} / CPU {ph['layers_cpu']:.0f}"
                     + (f" / split {ph['layers_split']:.0f} (CPU share {ph['split_cpu_s']:.3f} s)"
-                       if ph.get("layers_split") else ""))
+                       if ph.get("layers_split") else "")
+                    + ("; split CPU time ÷ probed: " + ", ".join(f"T≤{k} {v:.2f}×" for k, v in ph["cpu_scale"].items())
+                       if ph.get("cpu_scale") else ""))
     if meta.get("bandwidth"):
         out += "\n\n" + ceiling_line(meta["bandwidth"])
     if meta.get("notes"):
