@@ -63,11 +63,15 @@ def decode(d, kind="tg") -> str:
     rows = []
     pre = any(r.get("prefill_roofline") for r in d["results"])      # streamed prefill rows carry their roofline
     split = any((r.get("prefill_phases") or {}).get("layers_split") for r in d["results"])
+    scale = any((r.get("prefill_phases") or {}).get("cpu_scale") for r in d["results"])
+    comp = any(r.get("compile") for r in d["results"])
     for r in _bench_records(d):
         if r["backend"] != "ktcli" or not r["test"].startswith(kind):
             continue
         b = r.get("breakdown") or {}
         row = [_model(r), os.path.basename(r["profile"]), r.get("graphs", ""), r["test"], _tps(r)]
+        if comp:
+            row.insert(3, "on" if r.get("compile") else "off")
         if kind == "tg":
             row += [f"{100 * r['roofline_ratio']:.1f}%" if r.get("roofline_ratio") else "",
                     f"{r['roofline']['best_tps']:.2f}" if r.get("roofline") else "",
@@ -80,14 +84,20 @@ def decode(d, kind="tg") -> str:
                     f"{ph.get('stall_s', 0):.3f}" if pre else ""]
             if split:
                 row += [f"{ph.get('layers_split', 0):.0f} / {ph.get('split_cpu_s', 0):.3f}"]
+            if scale:
+                row += [", ".join(f"{v:.2f}× (T {k}-{2 * int(k) - 1})"
+                                  for k, v in (ph.get("cpu_scale") or {}).items())]
         rows.append(row)
     head = ["model", "profile", "graphs", "test", "t/s"]
+    if comp:
+        head.insert(3, "compile")
     if kind == "tg":
         head += ["% roofline", "roofline t/s", "CPU experts ms", "token ms", "kernel µs / CPU layer",
                  "fixed µs / CPU layer"]
     elif pre:
         head += ["% roofline", "roofline t/s", "uploads s", "GPU stalled on uploads s"]
         head += ["split layers / their CPU s"] if split else []
+        head += ["split CPU time ÷ probed"] if scale else []
     out = _table(head, rows)
     if kind == "tg" and d.get("bandwidth"):
         from ktcli.report.bench import ceiling_line

@@ -100,7 +100,8 @@ def md(records: list, meta: dict) -> str:
                     f"{ph['stall_s']:.3f} s, layer-chunks streamed {ph['layers_streamed']:.0f} / CPU {ph['layers_cpu']:.0f}"
                     + (f" / split {ph['layers_split']:.0f} (CPU share {ph['split_cpu_s']:.3f} s)"
                        if ph.get("layers_split") else "")
-                    + ("; split CPU time ÷ probed: " + ", ".join(f"T≤{k} {v:.2f}×" for k, v in ph["cpu_scale"].items())
+                    + ("; split CPU time ÷ probed: " + ", ".join(
+                        f"T {k}-{2 * int(k) - 1}: {v:.2f}×" for k, v in ph["cpu_scale"].items())
                        if ph.get("cpu_scale") else ""))
     if meta.get("bandwidth"):
         out += "\n\n" + ceiling_line(meta["bandwidth"])
