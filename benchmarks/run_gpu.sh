@@ -68,17 +68,14 @@ case $what in
         -e 's/^\( *\)prefill_device: "auto"/\1prefill_device: "cuda"\n\1prefill_op: "stream"/' $p > $s
     python3 -m ktcli bench $p $s -p ${PP:-512,2048} -n 0 -r 2 -o json \
         --output-file $out/prefill-ab-$(basename $p .yaml).json ;;
-  compile)  # #15: runtime.compile off against on, tg128 full graphs, in one process: the GPU tests first, then the
-            # Qwen3-30B placements with a compiled copy of each profile beside it
+  compile)  # #15: runtime.compile off against on, tg128 full graphs: the GPU tests first, then per Qwen3-30B placement one
+            # engine with a compiled and an eager graph, rounds interleaved (compile_ab.py; fresh processes differ more)
     python3 -m pytest -v -p no:cacheprovider tests/test_compile_gpu.py tests/test_compile.py 2>&1 | tee $out/gpu-tests-compile.log | tail -3
-    ps=""
     for p in ${PROFILES:-profiles/qwen3-30b-a3b-cpu-experts.yaml profiles/qwen3-30b-a3b-cpu-experts-int4.yaml \
              profiles/qwen3-30b-a3b-gpu-half.yaml}; do
-      c=/tmp/$(basename $p .yaml)-compiled.yaml
-      sed 's/^runtime:/runtime:\n  compile: true/' $p > $c
-      ps="$ps $p $c"
-    done
-    python3 -m ktcli bench $ps -p 0 -n 128 -r 3 --graph-mode full -o json --output-file $out/decode-qwen3-30b-a3b-compile.json ;;
+      python3 benchmarks/compile_ab.py $p --tokens ${TOKENS:-128} --rounds ${ROUNDS:-6} \
+          --out $out/decode-compile-ab-$(basename $p .yaml).json
+    done ;;
   multigpu) # #19's proof on a machine with two GPUs: the two-GPU tests, then decode tg128 with layers split over two GPUs
             # against the same CPU experts on one GPU, in one process (same machine, same run)
     python3 -m pytest -v -p no:cacheprovider tests/test_multigpu_gpu.py 2>&1 | tee $out/gpu-tests-multigpu.log | tail -3

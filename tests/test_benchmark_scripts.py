@@ -95,3 +95,15 @@ def test_plan_check_runs_end_to_end(tmp_path):
     subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "plan_check.py"), "--repredict", str(out),
                     "--targets", "cpu={gib}GiB", "--out", str(again)], check=True, capture_output=True, cwd=ROOT)
     assert [r["predicted_tps_now"] for r in json.loads(again.read_text())["rows"]] == [r["predicted_tps"] for r in rows]
+
+
+def test_compile_ab_interleaves_both_modes_on_one_engine(tmp_path):
+    """compile_ab.py on the demo (graphs off on a CPU): rounds of each mode alternate, medians and ratio written."""
+    out = tmp_path / "c.json"
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compile_ab.py"), "--num-layers", "2",
+                    "--tokens", "4", "--rounds", "2", "--graph-mode", "off", "--out", str(out)],
+                   check=True, capture_output=True, text=True, cwd=ROOT)
+    r = json.loads(out.read_text())
+    assert len(r["rounds"]["on"]) == len(r["rounds"]["off"]) == 2
+    assert r["compiled_over_eager"] == r["median"]["on"]["tps"] / r["median"]["off"]["tps"] > 0
+    assert all(m["rest_ms"] >= 0 for m in r["median"].values())

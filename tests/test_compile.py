@@ -55,3 +55,24 @@ def test_a_module_compile_cannot_trace_is_one_clear_error():
         m(torch.zeros(1, 1, 4))
     assert "runtime.compile: torch.compile cannot compile model.layers.0.self_attn (Breaks)" in e.value.message
     assert e.value.hint == "set runtime.compile: false"
+
+
+def test_the_switch_runs_the_wrapped_modules_eagerly():
+    """model/compile.ENABLED = False (compile_ab.py's eager graph): a one-token forward compiles nothing and runs
+    the module's own forward; True again: compiled."""
+    import torch
+    from ktcli.model import compile as comp
+
+    class Doubles(torch.nn.Module):
+        def forward(self, hidden_states):
+            return hidden_states * 2
+
+    m = Doubles()
+    comp._wrap("model.layers.0.self_attn", m)
+    before = compiled_graphs()
+    try:
+        comp.ENABLED = False
+        assert torch.equal(m(torch.ones(1, 1, 4)), torch.full((1, 1, 4), 2.0)) and compiled_graphs() == before
+    finally:
+        comp.ENABLED = True
+    assert torch.equal(m(torch.ones(1, 1, 4)), torch.full((1, 1, 4), 2.0)) and compiled_graphs() == before + 1

@@ -14,6 +14,8 @@ import torch
 
 from ..errors import KtcliError
 
+ENABLED = True      # False: the wrapped modules run eagerly (benchmarks/compile_ab.py captures one graph of each)
+
 PARTS = re.compile(r"(?:^|\.)layers\.\d+\.(self_attn|input_layernorm|post_attention_layernorm|"
                    r"(?:mlp|block_sparse_moe)\.gate)$")
 
@@ -23,7 +25,7 @@ def _wrap(name: str, mod: torch.nn.Module) -> None:
     compiled = torch.compile(eager, dynamic=False, fullgraph=True)
 
     def forward(self, hidden_states, *args, **kwargs):
-        if hidden_states.shape[-2] != 1:            # prefill: [.., T, H] with T > 1
+        if hidden_states.shape[-2] != 1 or not ENABLED:     # prefill: [.., T, H] with T > 1
             return eager(hidden_states, *args, **kwargs)
         try:
             return compiled(hidden_states, *args, **kwargs)
