@@ -207,3 +207,20 @@ def test_breakdown_table_shows_the_kernel_and_the_graph_steps_cost_per_layer():
     text = md([row], {})
     assert "| kernel µs / CPU layer | fixed µs / CPU layer | of which graph step µs |" in text
     assert "| 32.740 | 682.1 | 16.5 | 15.6 (flags) |" in text
+
+
+def test_prefill_line_shows_uploads_splits_and_the_calibration():
+    """A streamed pp row (as the GPU machine writes it): the prefill roofline line with the run's uploads, its split
+    layers and the split's measured ÷ probed CPU time per chunk-length bucket."""
+    from ktcli.report.bench import finish, md
+    rates = {"pcie_GBps": 55.0, "cpu_GBps": 130.0, "cpu_TFLOPs": 1.2, "gpu_TFLOPs": 700.0}
+    row = finish({"model": "m", "backend": "ktcli", "graphs": "full", "test": "pp512", "samples": [278.0],
+                  "prefill_roofline": {"best_tps": 353.0, "chunk": 4096, "rates": rates,
+                                       "layer_chunks": {"split": 26, "gpu": 2, "stream": 0}},
+                  "prefill_phases": {"upload_bytes": 86.6e9, "upload_s": 1.642, "stall_s": 0.87, "layers_streamed": 26,
+                                     "layers_cpu": 0, "layers_split": 13, "split_cpu_s": 0.594,
+                                     "cpu_scale": {"512": 1.29}}})
+    text = md([row], {})
+    assert "prefill roofline (pp512, chunks of 4096): layer-chunks split 26, gpu 2 at PCIe 55.0 GB/s" in text
+    assert "uploads 86.6 GB in 1.642 s, GPU stalled on uploads 0.870 s" in text
+    assert "/ split 13 (CPU share 0.594 s); split CPU time ÷ probed: T 512-1023: 1.29×" in text

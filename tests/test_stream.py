@@ -235,7 +235,7 @@ def test_split_share_follows_the_cpu_time_the_run_measured(tmp_path, ckpt):
     assert measured > 0 and probed == pytest.approx(cpu / 2)
     st._splits = [(T, 3 * probed, probed)]               # … here replaced: the CPU ran 3x slower than probed
     st.collect()
-    assert st.cpu_scale == {T.bit_length(): pytest.approx(3.0)}
+    assert st.cpu_scale == {T.bit_length(): pytest.approx(3.0)} and st.calibration() == {512: pytest.approx(3.0)}
     assert op.plan(T)["n_cpu"] == E // 4                  # balanced against the measured rate: a quarter
     assert op.plan(T, calibrated=False)["n_cpu"] == E // 2
     assert op.plan(T // 4)["n_cpu"] == op.plan(T // 4, calibrated=False)["n_cpu"]     # another bucket: unchanged

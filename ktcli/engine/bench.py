@@ -59,7 +59,7 @@ def run_test(engine, kind: str, n: int, reps: int, warmup: int, seed: int = 0, t
                                    ("upload_s", "stall_s", "upload_bytes", "layers_streamed", "layers_cpu",
                                     "layers_split", "split_cpu_s")}
         if getattr(streamer, "cpu_scale", None):   # measured ÷ probed CPU time of split shares, per length bucket
-            extra["prefill_phases"]["cpu_scale"] = {str(1 << (b - 1)): v for b, v in streamer.cpu_scale.items()}
+            extra["prefill_phases"]["cpu_scale"] = {str(t): v for t, v in streamer.calibration().items()}
     calls = sums.get("cpu_layer_calls", 0)
     bd = {"ms_per_token": total * per_tok, "cpu_experts_ms": cpu * per_tok,
           "kernel_ms": sums.get("kernel_s", 0.0) * per_tok, "fixed_us_per_layer": fixed_cost_us(sums),

@@ -180,6 +180,10 @@ class Streamer:
                 self.cpu_scale[b] = max(m / p, 0.25)
         self._splits = []
 
+    def calibration(self) -> dict:
+        """{shortest chunk length of a bucket: measured ÷ probed CPU time} (a bucket: lengths of one bit_length)."""
+        return {1 << (b - 1): v for b, v in sorted(self.cpu_scale.items())}
+
     def collect(self) -> None:
         """Fold the timed events of finished uploads and stalls into the statistics and the split's CPU
         calibration (synchronizes: the engine calls it after each prefill, so the event lists never grow)."""
