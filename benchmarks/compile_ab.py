@@ -43,7 +43,7 @@ def run(a) -> dict:
         r = run_test(engine, "tg", a.tokens, reps=1, warmup=0)
         return {"tps": r["samples"][0], **r["breakdown"]}
 
-    once(True), once(False)                   # warm-up: compiles on the first one-token forward without a graph
+    once(True), once(False)                   # warm-up, untimed: the first replay of each graph
     rounds = {"on": [], "off": []}
     for i in range(a.rounds):
         for on in ((True, False) if i % 2 == 0 else (False, True)):

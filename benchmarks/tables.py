@@ -85,8 +85,8 @@ def decode(d, kind="tg") -> str:
             if split:
                 row += [f"{ph.get('layers_split', 0):.0f} / {ph.get('split_cpu_s', 0):.3f}"]
             if scale:
-                row += [", ".join(f"{v:.2f}× (T {k}-{2 * int(k) - 1})"
-                                  for k, v in (ph.get("cpu_scale") or {}).items())]
+                from ktcli.report.bench import calibration_text
+                row += [calibration_text(ph.get("cpu_scale") or {})]
         rows.append(row)
     head = ["model", "profile", "graphs", "test", "t/s"]
     if comp:

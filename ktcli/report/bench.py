@@ -55,6 +55,11 @@ def _params(n):
     return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
 
 
+def calibration_text(cpu_scale: dict) -> str:
+    """A streamer's split calibration ({shortest length of a bucket: measured ÷ probed}) as 'T 512-1023: 1.29×'."""
+    return ", ".join(f"T {k}-{2 * int(k) - 1}: {v:.2f}×" for k, v in cpu_scale.items())
+
+
 def md(records: list, meta: dict) -> str:
     baselines = sorted({b for r in records for b in (r.get("vs_baseline") or {})})
     cols = list(COLUMNS) + ["% roofline"] + [f"× {b}" for b in baselines]
@@ -100,8 +105,7 @@ def md(records: list, meta: dict) -> str:
                     f"{ph['stall_s']:.3f} s, layer-chunks streamed {ph['layers_streamed']:.0f} / CPU {ph['layers_cpu']:.0f}"
                     + (f" / split {ph['layers_split']:.0f} (CPU share {ph['split_cpu_s']:.3f} s)"
                        if ph.get("layers_split") else "")
-                    + ("; split CPU time ÷ probed: " + ", ".join(
-                        f"T {k}-{2 * int(k) - 1}: {v:.2f}×" for k, v in ph["cpu_scale"].items())
+                    + ("; split CPU time ÷ probed: " + calibration_text(ph["cpu_scale"])
                        if ph.get("cpu_scale") else ""))
     if meta.get("bandwidth"):
         out += "\n\n" + ceiling_line(meta["bandwidth"])
