@@ -132,6 +132,7 @@ def main():
     ap.add_argument("--prefetch", default="-1", help="comma list of bytes; -1 = the kernel's default")
     ap.add_argument("--int8-act", default="-1", help="comma list of 0/1; -1 = the kernel's default")
     ap.add_argument("--pipeline", default="-1", help="comma list of 0/1 (two phases / one task list); -1 = default")
+    ap.add_argument("--amx", default="-1", help="comma list of 0/1 (bf16 experts with ≥ 8 tokens in AMX tiles); -1 = default")
     ap.add_argument("--phases", action="store_true", help="per-thread timestamps of --reps calls per row")
     ap.add_argument("--resident", action="store_true", help="compute ceiling: weights L2-resident (see above)")
     ap.add_argument("--resident-mb", type=float, default=13.0)
@@ -205,10 +206,11 @@ def main():
                                         ws[i % a.layers], ref_out), max(a.reps // 4, 3)) \
                 if T <= a.stock_max_t else float("nan")
             bw = probe(f"{fmt}-T{T}")
-            for knob in itertools.product(ints(a.chunk), ints(a.prefetch), acts, ints(a.pipeline)):
+            for knob in itertools.product(ints(a.chunk), ints(a.prefetch), acts, ints(a.pipeline),
+                                          ints(a.amx) if fmt == "bf16" else [-1]):
                 out = torch.empty(T, H, dtype=torch.bfloat16)
                 run = kernels.Runner()
-                was = kernels.tune(*knob) if lib else None
+                was = kernels.tune(*knob[:4], amx=knob[4]) if lib else None
                 call = lambda i: run(lib, xs[i % a.layers], idxs[i % len(idxs)], ws[i % a.layers],  # noqa: E731
                                      layers[i % a.layers], out, a.threads)
                 kt, pr, pref = paired(call, nbytes) if lib else (float("nan"),) * 3
@@ -223,13 +225,15 @@ def main():
                        "kernel_GBps": nbytes / kt / 1e9, "kernel_ratio": nbytes / kt / bw, "kernel_ratio_paired": pr,
                        "paired_ref_GBps": pref / 1e9, "torch_ms": st * 1e3,
                        "torch_GBps": nbytes / st / 1e9, "torch_ratio": nbytes / st / bw,
+                       "kernel_TFLOPs": 6 * T * K * H * I / kt / 1e12,
                        "rel_err_vs_dequant_fp32": err, "rel_err_vs_bf16": qerr,
                        **({"phases_us": phases} if phases else {})}
                 res["rows"].append(row)
                 tag = "/".join(str(knobs.get(k, "-")) for k in kernels.KNOBS)
                 print(f"{fmt:5} {T:3d} {tag:>14} {kt * 1e3:9.3f} {row['kernel_GBps']:7.1f} {100 * row['kernel_ratio']:5.1f}% "
                       f"{100 * pr:5.1f}% | "
-                      f"{st * 1e3:8.3f} {row['torch_GBps']:7.1f} {100 * row['torch_ratio']:5.1f}% | {err:.1e} {qerr:.1e}",
+                      f"{st * 1e3:8.3f} {row['torch_GBps']:7.1f} {100 * row['torch_ratio']:5.1f}% | {err:.1e} {qerr:.1e}"
+                      + (f" | {row['kernel_TFLOPs']:.2f} TFLOP/s" if T > kernels.MAX_TOKENS else ""),
                       flush=True)
                 if phases:
                     print("      µs: " + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()))

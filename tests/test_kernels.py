@@ -294,3 +294,47 @@ def test_long_prefill_runs_quantized_experts_through_the_kernel_in_slices(fp32_a
     monkeypatch.setenv("KTCLI_CPU_KERNEL", "0")
     want = op(x.to(got.dtype), idx, w)
     assert rel(got, want) <= (2e-2 if fmt == "bf16" else 1e-5), fmt
+
+
+def uneven(E, K, T, seed):
+    """Routing with uneven loads: expert 0 in half the tokens, a few experts with fewer than AMX_MIN pairs (rows
+    path inside an AMX call), the last expert never used."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for t in range(T):
+        pick = torch.randperm(E - 1, generator=g)[:K]
+        if t % 2 == 0 and 0 not in pick:
+            pick[0] = 0
+        rows.append(pick)
+    return torch.stack(rows)
+
+
+@needs_kernel
+@pytest.mark.skipif(not kernels.caps()["dpbf16"], reason="AMX tiles take the bf16 path's rounded activations")
+@pytest.mark.parametrize("E,H,I,K,T", [(8, 64, 32, 3, 17), (16, 96, 64, 4, 64), (32, 128, 96, 8, 512),
+                                       (8, 64, 40, 2, 64), (8, 80, 64, 2, 40)])
+def test_amx_tiles_match_reference_and_row_dots(E, H, I, K, T):
+    """bf16 experts with ≥ 8 pairs through AMX tiles (the CPU's, or the plain-C twin where it has none: the panel
+    layout, the 16-row blocks and tails, uneven loads); H or I not a multiple of 32 keeps that matrix on row dots.
+    Every schedule; the call is counted as an AMX call only where a matrix qualified."""
+    seed = torch.randint(0, 2**30, ()).item()
+    gu, dn, x, _, w = case(E, H, I, K, T, seed)
+    idx = uneven(E, K, T, seed)
+    ew = pack("bf16", gu.bfloat16(), dn.bfloat16())
+    want = reference(ew, x, idx, w, E)
+    rows = torch.empty(T, H)
+    was = kernels.tune(amx=0)
+    kernels.Runner()(lib, x, idx, w, ew, rows, 2)
+    kernels.tune(*was)
+    for chunk, pipe in [(256, 1), (256, 0), (0, 0), (1, 1)]:
+        was = kernels.tune(chunk=chunk, pipeline=pipe, amx=1 if kernels.caps()["amx"] else 2)
+        try:
+            kernels.take_stats()
+            out = torch.full((T, H), float("nan"))
+            kernels.Runner()(lib, x, idx, w, ew, out, 3)
+            amx_calls = kernels.take_stats()["amx_calls"]
+        finally:
+            kernels.tune(*was)
+        assert amx_calls == int(H % 32 == 0 or I % 32 == 0), (chunk, pipe)
+        assert torch.isfinite(out).all()
+        assert rel(out, want) <= 1e-2 and rel(out, rows) <= 1e-3, (E, H, I, K, T, chunk, pipe, seed)

@@ -57,9 +57,10 @@ def cpu_moe(x, idx, w, gate_up, down, act, out, weights=None):
 
 def kernel_path(ex, T: int, long_bf16: bool = False) -> bool:
     """Whether T tokens of this layer go through the C kernel (else torch's path); the prefill cost model reads it.
-    Long bf16 chunks only when asked (`long_bf16`: the cost model found the kernel faster than torch's GEMMs)."""
-    return getattr(ex, "packed", None) is not None and ex.silu_act and kernels.enabled() \
-        and (T <= kernels.MAX_TOKENS or ex.quantized is not None or long_bf16) and kernels.get() is not None
+    Long bf16 chunks where the kernel has AMX tiles, else only when asked (`long_bf16`: the cost model found the
+    kernel's row dots faster than torch's GEMMs)."""
+    return getattr(ex, "packed", None) is not None and ex.silu_act and kernels.enabled() and kernels.get() is not None \
+        and (T <= kernels.MAX_TOKENS or ex.quantized is not None or long_bf16 or kernels.caps()["amx_on"])
 
 
 class CpuExperts(DeviceOp):

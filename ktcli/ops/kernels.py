@@ -32,7 +32,7 @@ SLICE_SCRATCH = 128 << 20  # long prefill chunks: tokens per call as many as thi
 def slice_tokens(T: int, K: int, H: int, I: int) -> int:
     """Tokens per kernel call for a T-token int8/int4 prefill chunk: each call reads every expert it touches
     once, so the longest slice whose scratch (fp32 [T·K, 3I + H] and friends) fits SLICE_SCRATCH; ≥ MAX_TOKENS."""
-    per_pair = 4 * (3 * I + H) + 2 * (H + I)
+    per_pair = 4 * (3 * I + H) + 2 * (H + I) + 4 * (H + I)   # fp32 rows, bf16 rows, AMX panels (≤ 2 a pair)
     return max(MAX_TOKENS, min(T, MAX_PAIRS // K, SLICE_SCRATCH // (per_pair * K)))
 
 
@@ -123,10 +123,12 @@ def get():
 
 
 def caps() -> dict:
-    """Which fast paths this machine's build has: AVX-512 BF16 dot products, AVX-512 VNNI int8 dot products."""
+    """Which fast paths this machine's build has: AVX-512 BF16 dot products, AVX-512 VNNI int8 dot products, AMX
+    bf16 tiles for long chunks (the build has them and the OS granted the tile state), and whether that path is in
+    use ("amx_on": the amx knob, KTCLI_CPU_AMX=0 turns it off)."""
     lib = get()
     c = lib.moe_caps() if lib else 0
-    return {"dpbf16": bool(c & 1), "vnni": bool(c & 2)}
+    return {"dpbf16": bool(c & 1), "vnni": bool(c & 2), "amx": bool(c & 4), "amx_on": bool(c & 8)}
 
 
 def bf16_activations() -> bool:
@@ -134,20 +136,21 @@ def bf16_activations() -> bool:
     return caps()["dpbf16"]
 
 
-KNOBS = ("chunk", "prefetch", "int8_act", "pipeline", "spin_us", "pin")
+KNOBS = ("chunk", "prefetch", "int8_act", "pipeline", "spin_us", "pin", "amx")
 
 
 def tune(chunk: int = -1, prefetch: int = -1, int8_act: int = -1, pipeline: int = -1, spin_us: int = -1,
-         pin: int = -1) -> tuple:
+         pin: int = -1, amx: int = -1) -> tuple:
     """Kernel knobs (benchmarks, tests); -1 keeps a setting. chunk: rows handed to threads in tasks of this many
     KiB of weights (0 = one contiguous range per thread); prefetch: software prefetch distance in bytes (0 = off);
     int8_act: int8 activations for int8/int4 weights (1 on, 0 off); pipeline: one task list over both matrices,
     an expert's down rows waiting only for its own gate/up rows (1), or two phases with a barrier between (0);
     spin_us: how long an idle worker spins before sleeping (KTCLI_CPU_SPIN_US); pin: workers pinned to cores
-    (KTCLI_CPU_PIN; a change restarts the team). Returns the previous settings, in KNOBS order, which
+    (KTCLI_CPU_PIN; a change restarts the team); amx: bf16 experts with ≥ 8 tokens in a call through AMX tiles
+    (0 off, 1 where the CPU has AMX, 2 also the plain-C twin elsewhere: tests). Returns the previous settings, in KNOBS order, which
     `tune(*was)` restores."""
     return _tune(get(), chunk=chunk, prefetch=prefetch, int8_act=int8_act, pipeline=pipeline, spin_us=spin_us,
-                 pin=pin)
+                 pin=pin, amx=amx)
 
 
 def _tune(lib, **knobs) -> tuple:
@@ -163,13 +166,13 @@ def team() -> dict:
     return {"threads": out[0], "pinned": bool(out[1])}
 
 
-STATS = ("calls", "kernel_s", "host_calls", "host_s", "best_bps")
+STATS = ("calls", "kernel_s", "host_calls", "host_s", "best_bps", "amx_calls")
 
 
 def take_stats() -> dict | None:
     """The kernel's own counters since the last take (then zeroed), or None before the library is loaded: calls
     and seconds of every kernel call, of every layer step (moe_host: CUDA host functions, piecewise and eager
-    decode), the fastest call's selected-expert bytes/s. Refused host calls: host_errors()."""
+    decode), the fastest call's selected-expert bytes/s, calls where experts went through AMX tiles. Refused host calls: host_errors()."""
     lib = _state["lib"]
     if lib is None:
         return None

@@ -96,7 +96,8 @@ static void acts_layout(Acts *a, char **cur, int N, int n, int path, int split) 
 /* The pipelined schedule's shared state (moe_cpu.c): task counter, gate/up tasks left per expert, h ready. */
 typedef struct { long next; int left[4096], ready[4096]; } Pipe;
 
-typedef struct { float *x32, *gu_out, *h, *y; Acts xa, ha; Pipe *pipe; } Scratch;
+/* gpanel / dpanel: the AMX panels of the gate/up and down inputs (amx.h), pcol[p]: pair p's panel column or -1 */
+typedef struct { float *x32, *gu_out, *h, *y; Acts xa, ha; Pipe *pipe; uint32_t *gpanel, *dpanel; int *pcol, damx; } Scratch;
 
 static size_t layout(Scratch *s, char *base, int T, int K, int H, int I, int gpath, int dpath, int fmt) {
     char *cur = base;
@@ -109,6 +110,9 @@ static size_t layout(Scratch *s, char *base, int T, int K, int H, int I, int gpa
     acts_layout(&s->ha, &cur, (int)P, I, dpath, fmt == 2);
     s->xa.f = s->x32, s->ha.f = s->h;
     s->pipe = take(&cur, sizeof(Pipe));
+    s->gpanel = take(&cur, 2 * P * H * 2);   /* ≤ 2P columns: only experts with ≥ AMX_MIN pairs, padded to 16 */
+    s->dpanel = take(&cur, 2 * P * I * 2);
+    s->pcol = take(&cur, P * sizeof(int));
     return (size_t)(cur - base) + 64;
 }
 

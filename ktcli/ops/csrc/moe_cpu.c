@@ -17,6 +17,7 @@
 #include "team.h"
 #include "dots.h"
 #include "acts.h"
+#include "amx.h"
 #include "rows.h"
 
 static int int_dot = HAS_VNNI;   /* int8/int4 use IDOT (int8 activations) where its sizes fit */
@@ -24,7 +25,8 @@ static int chunk_kb = 256;       /* rows handed to threads in chunks of this man
 static int pipelined = 1;        /* one task list for both matrices (1) or two phases with a barrier between (0) */
 static double *prof;             /* moe_profile(): per-thread timestamps of the last call, or NULL */
 
-int moe_caps(void) { return HAS_DPBF16 | HAS_VNNI << 1; }
+/* bit 0 AVX-512 BF16 dots, 1 VNNI dots, 2 AMX tiles granted, 3 the AMX path in use (amx knob, KTCLI_CPU_AMX) */
+int moe_caps(void) { return HAS_DPBF16 | HAS_VNNI << 1 | amx_hw << 2 | amx_active() << 3; }
 
 /* Stops the thread team (the next call starts a new one): at exit, so no worker outlives the interpreter. */
 void moe_shutdown(void) {
@@ -33,12 +35,12 @@ void moe_shutdown(void) {
     pthread_mutex_unlock(&team_lock);
 }
 
-/* Tuning knobs for benchmarks and tests, in this order: chunk, prefetch, idot, pipelined, spin_us, pin. Writes
- * the settings in force to was[6], then applies set[6] (a negative value keeps a setting). A new pin setting
- * restarts the thread team. */
+/* Tuning knobs for benchmarks and tests, in this order: chunk, prefetch, idot, pipelined, spin_us, pin, amx.
+ * Writes the settings in force to was[7], then applies set[7] (a negative value keeps a setting). A new pin
+ * setting restarts the thread team. */
 void moe_tune(const int *set, int *was) {
-    int *knob[] = {&chunk_kb, &pf_bytes, &int_dot, &pipelined, &spin_us, &pin};
-    for (int k = 0; k < 6; k++) {
+    int *knob[] = {&chunk_kb, &pf_bytes, &int_dot, &pipelined, &spin_us, &pin, &amx_mode};
+    for (int k = 0; k < 7; k++) {
         was[k] = *knob[k];
         if (set[k] >= 0) *knob[k] = set[k];
     }
@@ -66,6 +68,7 @@ static int path_for(int fmt, int C, int G) {
 static long rows_per_task(const Mat *m, int R, int C) {
     size_t row_bytes = m->fmt == 0 ? (size_t)C * 2 : m->fmt == 1 ? (size_t)C : (size_t)C / 2;
     long rpb = (long)(chunk_kb * 1024 / row_bytes);
+    if (m->amx && rpb >= 16) rpb -= rpb % 16;   /* whole tiles of 16 rows */
     return rpb < 1 ? 1 : rpb > R ? R : rpb;
 }
 
@@ -117,6 +120,8 @@ static void act_pair(Scratch *s, int p, int I) {
 #pragma omp simd
     for (int i = 0; i < I; i++) h[i] = g[i] / (1.f + exp_approx(-g[i])) * up[i];
     prep(&s->ha, p, 0, I);
+    int c = s->damx ? s->pcol[p] : -1;
+    if (c >= 0) panel_put(s->dpanel + (size_t)c / 16 * (I / 2 * 16), s->ha.b + (size_t)p * I, 0, I / 2, c % 16);
 }
 
 /* The pipelined schedule: one task counter over the gate/up tasks of every expert, then its down tasks. An
@@ -186,6 +191,10 @@ static void layer_member(void *arg, int id, int n) {
         int t = (int)(k / pieces), j0 = (int)(k % pieces) * QB, j1 = j0 + QB < H ? j0 + QB : H;
         for (size_t j = (size_t)t * H + j0; j < (size_t)t * H + j1; j++) s->x32[j] = L->io ? bf16f(xb[j]) : xf[j];
         prep(&s->xa, t, j0, j1);
+        for (int k = 0; L->mg->amx && k < K; k++) {   /* the token's column in each AMX expert's panel */
+            int c = s->pcol[t * K + k];
+            if (c >= 0) panel_put(s->gpanel + (size_t)c / 16 * (H / 2 * 16), s->xa.b + (size_t)t * H, j0 / 2, j1 / 2, c % 16);
+        }
     }
     await_count(&L->prep_fin, np);
     STAMP(id, T_PREP);
@@ -219,6 +228,7 @@ static void layer_member(void *arg, int id, int n) {
             if (L->io) ((uint16_t *)L->out)[k] = f2bf16(acc);
             else ((float *)L->out)[k] = acc;
         }
+    amx_release();
     STAMP(id, T_END);
     if (id == 0) await_count(&L->sum_fin, ns);   /* the caller returns when the output is complete */
 }
@@ -237,6 +247,8 @@ int moe_forward(int T, int K, int H, int I, int E, const void *x, const int64_t 
     int P = T * K;
     if (T < 1 || K < 1 || P > 4096 || E < 1 || E > 4096 || (fmt == 2 && (G % 2 || H % G || I % G))) return -1;
     Mat mg = {fmt, G, path_for(fmt, H, G), gu, gu_s}, md = {fmt, G, path_for(fmt, I, G), dn, dn_s};
+    int tiles = fmt == 0 && mg.path == DPBF16 && amx_active() && P >= AMX_MIN;
+    mg.amx = tiles && H % 32 == 0, md.amx = tiles && I % 32 == 0;
     /* group pairs by expert, in O(P): order[] lists pair ids, expert by expert (experts in order of first use) */
     int order[4096], uniq[4096], start[4097], slot[4096], U = 0;   /* slot: expert id → u */
     for (int p = 0; p < P; p++) {
@@ -253,6 +265,19 @@ int moe_forward(int T, int K, int H, int I, int E, const void *x, const int64_t 
     for (int p = 0; p < P; p++) order[next[slot[idx[p]]]++] = p;
     Scratch s;
     layout(&s, (char *)scratch, T, K, H, I, mg.path, md.path, fmt);
+    int ubase[4096];   /* AMX: experts with ≥ AMX_MIN pairs get panel columns, 16 a group */
+    if (mg.amx || md.amx) {
+        int cols = 0;
+        for (int u = 0; u < U; u++) {
+            int nu = start[u + 1] - start[u];
+            ubase[u] = nu >= AMX_MIN ? cols : -1;
+            cols += nu >= AMX_MIN ? (nu + 15) / 16 * 16 : 0;
+            for (int q = start[u]; q < start[u + 1]; q++) s.pcol[order[q]] = ubase[u] < 0 ? -1 : ubase[u] + q - start[u];
+        }
+        mg.panel = s.gpanel, md.panel = s.dpanel, mg.ubase = md.ubase = ubase;
+        if (cols) __atomic_add_fetch(&st.amx_calls, 1, __ATOMIC_RELAXED);
+    }
+    s.damx = md.amx;
     Layer L = {T, K, H, I, U, io, pipelined && chunk_kb > 0, &mg, &md, &s, uniq, start, order, x, wts, out};
     if (L.pipe) pipe_init(s.pipe, &mg, U, H, I);
     if (prof) prof[1] = secs();

@@ -6,6 +6,9 @@ typedef struct {
     int fmt, G, path;
     const void *w;       /* [E, R, C] in the format */
     const float *scale;  /* int8: [E, R]; int4: [E, R, C/G] */
+    int amx;             /* experts with a panel column base (ubase ≥ 0) go through AMX tiles (amx.h) */
+    const uint32_t *panel;
+    const int *ubase;    /* [U] the expert's first panel column (a multiple of 16), or -1 */
 } Mat;
 
 /* Rows r0..r1 of expert e (R rows of C inputs) dotted with input vectors v[0..nt), nt ≤ NT: out[p[t] * R + r].
@@ -70,6 +73,14 @@ static void rows_block(const Mat *m, int e, int r0, int r1, int R, const Acts *a
  * re-read from L2, not DRAM, for the next NT vectors. */
 static void expert_rows(const Mat *m, int R, const Acts *a, int u, int r0, int r1, const int *uniq, const int *start,
                         const int *order, int K, int by_token, float *out) {
+    if (m->amx && m->ubase[u] >= 0) {   /* whole blocks of 16 rows in tiles, a tail of fewer below */
+        int C = a->n, r16 = r0 + (r1 - r0) / 16 * 16;
+        amx_rows((const uint16_t *)m->w + (size_t)uniq[u] * R * C, R, C,
+                 m->panel + (size_t)m->ubase[u] / 16 * (C / 2 * 16), start[u + 1] - start[u], order + start[u],
+                 r0, r16, out);
+        if (r16 == r1) return;
+        r0 = r16;
+    }
     for (int q0 = start[u]; q0 < start[u + 1]; q0 += NT) {
         int nt = start[u + 1] - q0 < NT ? start[u + 1] - q0 : NT, v[NT];
         for (int t = 0; t < nt; t++) v[t] = by_token ? order[q0 + t] / K : order[q0 + t];

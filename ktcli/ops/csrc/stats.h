@@ -6,6 +6,7 @@ static struct {
     uint64_t host_calls, host_ns;   /* moe_host: the whole step a CUDA host function (or a direct call) takes */
     uint64_t best_bps;              /* the fastest call's selected-expert bytes ÷ its time, B/s */
     uint64_t errors;                /* moe_host calls whose arguments were refused (taken by moe_errors) */
+    uint64_t amx_calls;             /* kernel calls where some expert went through AMX tiles (amx.h) */
 } st;
 
 /* Stored bytes of one expert: gate/up [2I, H] and down [H, I] in the format, with their scales. */
@@ -24,8 +25,8 @@ static void stats_kernel(uint64_t ns, double bytes) {
     }
 }
 
-/* out[5]: kernel calls, kernel seconds, host-step calls, host-step seconds, best B/s; then they start again from
- * zero. */
+/* out[6]: kernel calls, kernel seconds, host-step calls, host-step seconds, best B/s, calls with AMX tiles; then
+ * they start again from zero. */
 void moe_stats(double *out) {
     uint64_t v[5] = {__atomic_exchange_n(&st.calls, 0, __ATOMIC_RELAXED),
                      __atomic_exchange_n(&st.kernel_ns, 0, __ATOMIC_RELAXED),
@@ -34,4 +35,5 @@ void moe_stats(double *out) {
                      __atomic_exchange_n(&st.best_bps, 0, __ATOMIC_RELAXED)};
     out[0] = (double)v[0], out[1] = v[1] * 1e-9, out[2] = (double)v[2], out[3] = v[3] * 1e-9;
     out[4] = (double)v[4];
+    out[5] = (double)__atomic_exchange_n(&st.amx_calls, 0, __ATOMIC_RELAXED);
 }
