@@ -16,6 +16,19 @@ case $what in
         --formats bf16,int8,int4 --stock-max-t 1 --out $out/cpu-experts-qwen2-57b-shape.json
     python3 benchmarks/cpu_experts.py --hidden 2048 --inter 768 --experts 128 --topk 8 --layers 16 --threads 16 \
         --reps 10 --rounds 3 --batches 1,4,16 --stock-max-t 0 --out $out/cpu-experts-qwen3-30b-shape.json ;;
+  amx)      # #14: AMX tiles for long bf16 chunks. The kernel tests (hardware tiles against the reference), the kernel
+            # at T=1 and T=512 with AMX off and on beside torch's GEMMs (Qwen3-30B and Qwen2-57B expert shapes), then
+            # Qwen3-30B bf16 prefill `auto` against streaming with AMX on, and again with KTCLI_CPU_AMX=0
+    python3 -c "from ktcli.ops import kernels; print('caps', kernels.caps())"
+    python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tee $out/gpu-tests-kernels.log | tail -3
+    python3 benchmarks/cpu_experts.py --hidden 2048 --inter 768 --experts 128 --topk 8 --layers 3 --threads 16 \
+        --reps 4 --rounds 2 --batches 1,512 --formats bf16 --amx 0,1 --stock-max-t 512 --out $out/cpu-experts-amx-qwen3-30b-shape.json
+    python3 benchmarks/cpu_experts.py --layers 2 --threads 16 --reps 3 --rounds 2 --batches 512 --formats bf16 --amx 0,1 \
+        --stock-max-t 512 --out $out/cpu-experts-amx-qwen2-57b-shape.json
+    MODEL=qwen3 PP=${PP:-512,2048} bash $0 prefill-ab $out
+    mv $out/prefill-ab-qwen3-30b-a3b-cpu-experts.json $out/prefill-ab-amx-qwen3-30b-a3b-bf16.json
+    KTCLI_CPU_AMX=0 MODEL=qwen3 PP=${PP:-512,2048} bash $0 prefill-ab $out
+    mv $out/prefill-ab-qwen3-30b-a3b-cpu-experts.json $out/prefill-ab-noamx-qwen3-30b-a3b-bf16.json ;;
   fresh)    # the same decode in three fresh processes (the spread between processes; DESIGN.md's lazily populated
             # memory): Qwen3-30B-A3B hybrid and all-CPU int4, 16 layers, full graph, with the per-layer breakdown
     for i in 1 2 3; do
@@ -85,5 +98,5 @@ case $what in
         -p 512 -n 128 -r 3 --graph-mode full -o json --output-file $out/multigpu-qwen2-57b-a14b.json
     python3 benchmarks/graph_parity.py profiles/qwen3-30b-a3b-2gpu-cpu-experts.yaml --tokens 64 \
         --out $out/parity-multigpu-qwen3-30b.json ;;
-  *) echo "stages: tests kernel decode fresh prefill prefill-ab serve plan parity baselines compile multigpu"; exit 2 ;;
+  *) echo "stages: tests amx kernel decode fresh prefill prefill-ab serve plan parity baselines compile multigpu"; exit 2 ;;
 esac
