@@ -310,24 +310,31 @@ def uneven(E, K, T, seed):
 
 
 @needs_kernel
-@pytest.mark.skipif(not kernels.caps()["dpbf16"], reason="AMX tiles take the bf16 path's rounded activations")
-@pytest.mark.parametrize("E,H,I,K,T", [(8, 64, 32, 3, 17), (16, 96, 64, 4, 64), (32, 128, 96, 8, 512),
-                                       (8, 64, 40, 2, 64), (8, 80, 64, 2, 40)])
-def test_amx_tiles_match_reference_and_row_dots(E, H, I, K, T):
-    """bf16 experts with ≥ 8 pairs through AMX tiles (the CPU's, or the plain-C twin where it has none: the panel
-    layout, the 16-row blocks and tails, uneven loads); H or I not a multiple of 32 keeps that matrix on row dots.
-    Every schedule; the call is counted as an AMX call only where a matrix qualified."""
+@pytest.mark.parametrize("fmt,E,H,I,K,T", [("bf16", 8, 64, 32, 3, 17), ("bf16", 16, 96, 64, 4, 64),
+                                           ("bf16", 32, 128, 96, 8, 512), ("bf16", 8, 64, 40, 2, 64),
+                                           ("bf16", 8, 80, 64, 2, 40), ("int8", 8, 128, 128, 3, 17),
+                                           ("int8", 16, 256, 128, 4, 64), ("int8", 32, 128, 256, 8, 512),
+                                           ("int8", 8, 128, 96, 2, 64)])
+def test_amx_tiles_match_reference_and_row_dots(fmt, E, H, I, K, T):
+    """Experts with ≥ 8 pairs through AMX tiles (the CPU's, or the plain-C twin where it has none: the panel
+    layout, the 16-row blocks and tails, uneven loads): bf16 on the bf16 dot path (H or I not a multiple of 32
+    keeps that matrix on row dots), int8 on the int8-activation path (the same integer sums per block as the row
+    dots). Every schedule; the call is counted as an AMX call only where a matrix qualified."""
+    path = "dpbf16" if fmt == "bf16" else "vnni"
+    if not kernels.caps()[path]:
+        pytest.skip(f"AMX tiles take the {path} path's activations")
     seed = torch.randint(0, 2**30, ()).item()
     gu, dn, x, _, w = case(E, H, I, K, T, seed)
     idx = uneven(E, K, T, seed)
-    ew = pack("bf16", gu.bfloat16(), dn.bfloat16())
+    ew = pack(fmt, gu.bfloat16() if fmt == "bf16" else gu, dn.bfloat16() if fmt == "bf16" else dn)
     want = reference(ew, x, idx, w, E)
     rows = torch.empty(T, H)
-    was = kernels.tune(amx=0)
+    was = kernels.tune(amx=0, int8_act=1)
     kernels.Runner()(lib, x, idx, w, ew, rows, 2)
     kernels.tune(*was)
+    step = 32 if fmt == "bf16" else 128
     for chunk, pipe in [(256, 1), (256, 0), (0, 0), (1, 1)]:
-        was = kernels.tune(chunk=chunk, pipeline=pipe, amx=1 if kernels.caps()["amx"] else 2)
+        was = kernels.tune(chunk=chunk, pipeline=pipe, int8_act=1, amx=1 if kernels.caps()["amx"] else 2)
         try:
             kernels.take_stats()
             out = torch.full((T, H), float("nan"))
@@ -335,6 +342,6 @@ def test_amx_tiles_match_reference_and_row_dots(E, H, I, K, T):
             amx_calls = kernels.take_stats()["amx_calls"]
         finally:
             kernels.tune(*was)
-        assert amx_calls == int(H % 32 == 0 or I % 32 == 0), (chunk, pipe)
+        assert amx_calls == int(H % step == 0 or I % step == 0), (chunk, pipe)
         assert torch.isfinite(out).all()
-        assert rel(out, want) <= 1e-2 and rel(out, rows) <= 1e-3, (E, H, I, K, T, chunk, pipe, seed)
+        assert rel(out, want) <= 3e-2 and rel(out, rows) <= 1e-3, (fmt, E, H, I, K, T, chunk, pipe, seed)

@@ -1,12 +1,14 @@
-/* AMX bf16 tiles for long chunks (prefill): an expert's weight rows against all the vectors routed to it at once.
+/* AMX tiles for long chunks (prefill): an expert's weight rows against all the vectors routed to it at once.
  *
  * Why: a row dot product (dots.h) reuses a weight load for at most NT = 4 vectors, so a long chunk is compute-bound
  * at ~1 TFLOP/s on 16 cores; a tile product is 16×16×32 multiply-adds per instruction. Experts with ≥ AMX_MIN
  * pairs take this path; the rest (and decode) keep the row dots.
  *
- * Shapes: the weights are the A tiles as stored, 16 rows × 32 inputs (stride C); the vectors are the B tiles,
- * copied once per call into a panel per expert — 16 vectors a group, laid out [C/2][16] dwords (dword (d, m) =
- * inputs 2d, 2d+1 of the group's vector m, the pair layout tdpbf16ps reads) — so C tile (i, m) = row i · vector m.
+ * Shapes: the weights are the A tiles as stored, 16 rows × 64 bytes (bf16: 32 inputs, int8: 64; stride one row);
+ * the vectors are the B tiles, copied once per call into a panel per expert — 16 vectors a group, laid out
+ * [C·bytes/4][16] dwords (dword (d, m) = the d-th 4 bytes of the group's vector m: the bf16 pairs tdpbf16ps reads,
+ * the int8 quads of tdpbusd) — so C tile (i, m) = row i · vector m. int8 rows (stored w+128) meet the int8
+ * activations of the IDOT path (acts.h): integer sums per block of QB inputs, scaled per vector and block.
  * Where the CPU or the OS lacks AMX a plain-C twin computes the same tiles (tests run the layout logic on CI).
  */
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
@@ -34,8 +36,8 @@ __attribute__((constructor)) static void amx_init(void) {
 
 static int amx_active(void) { return amx_mode == 2 || (amx_mode == 1 && amx_hw); }
 
-/* Vector column m of a panel group: inputs [d0, d1) as dwords (bf16 pairs) from a bf16 row. */
-static inline void panel_put(uint32_t *group, const uint16_t *row, int d0, int d1, int m) {
+/* Vector column m of a panel group: dwords [d0, d1) of a row (bf16 pairs or int8 quads). */
+static inline void panel_put(uint32_t *group, const void *row, int d0, int d1, int m) {
     const uint32_t *src = (const uint32_t *)row;
     for (int d = d0; d < d1; d++) group[(size_t)d * 16 + m] = src[d];
 }
@@ -71,6 +73,38 @@ static void tiles_hw(const uint16_t *w, long C, const uint32_t *g0, const uint32
     }
     _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64); _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64);
 }
+
+/* int8: per block of QB = 128 inputs (two tdpbusd steps of 64) the integer sums are stored and added into c
+ * with the block's scale per vector (sc[b] + blk·16: 16 vectors' scales). */
+static void tiles_i8_hw(const uint8_t *w, long C, const uint32_t *g0, const uint32_t *g1, int two_r, int nblk,
+                        const float *const *sc, const uint8_t *pf, float c[4][16][16]) {
+    int32_t d[4][16][16] __attribute__((aligned(64)));
+    amx_config();
+    memset(c, 0, sizeof(float) * 4 * 16 * 16);
+    for (int blk = 0; blk < nblk; blk++) {
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+        for (int kb = 2 * blk; kb < 2 * blk + 2; kb++) {
+            if (pf) for (int i = 0; i < 32; i++) _mm_prefetch((const char *)(pf + i * C + kb * 64), _MM_HINT_T0);
+            _tile_loadd(4, w + kb * 64, C);
+            _tile_loadd(6, g0 + kb * 256, 64);
+            _tile_dpbusd(0, 4, 6);
+            if (g1) { _tile_loadd(7, g1 + kb * 256, 64); _tile_dpbusd(1, 4, 7); }
+            if (two_r) {
+                _tile_loadd(5, w + 16 * C + kb * 64, C);
+                _tile_dpbusd(2, 5, 6);
+                if (g1) _tile_dpbusd(3, 5, 7);
+            }
+        }
+        _tile_stored(0, d[0], 64); _tile_stored(1, d[1], 64); _tile_stored(2, d[2], 64); _tile_stored(3, d[3], 64);
+        for (int t = 0; t < 4; t++) {
+            if ((t & 1 && !g1) || (t >= 2 && !two_r)) continue;
+            __m512 s = _mm512_loadu_ps(sc[t & 1] + blk * 16);
+            for (int i = 0; i < 16; i++)
+                _mm512_store_ps(c[t][i], _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(d[t][i])), s,
+                                                         _mm512_load_ps(c[t][i])));
+        }
+    }
+}
 #endif
 
 static void amx_release(void) {
@@ -101,27 +135,69 @@ static void tiles_c(const uint16_t *w, long C, const uint32_t *g0, const uint32_
         }
 }
 
-/* Rows [r0, r1) of expert e's matrix (R rows of C inputs, bf16) against the n vectors of its panel (groups of
- * 16, [C/2][16] dwords each): out[pairs[m] * R + r] for vector m. */
-static void amx_rows(const uint16_t *we, int R, int C, const uint32_t *panel, int n, const int *pairs, int r0, int r1,
-                     float *out) {
+/* The int8 twin: integer sums per block, scaled per vector and block as in tiles_i8_hw. */
+static void tiles_i8_c(const uint8_t *w, long C, const uint32_t *g0, const uint32_t *g1, int two_r, int nblk,
+                       const float *const *sc, float c[4][16][16]) {
+    memset(c, 0, sizeof(float) * 4 * 16 * 16);
+    for (int a = 0; a <= two_r; a++)
+        for (int b = 0; b < (g1 ? 2 : 1); b++) {
+            const uint32_t *g = b ? g1 : g0;
+            for (int i = 0; i < 16; i++)
+                for (int m = 0; m < 16; m++) {
+                    float acc = 0.f;
+                    for (int blk = 0; blk < nblk; blk++) {
+                        int32_t dsum = 0;
+                        for (int d = blk * 32; d < blk * 32 + 32; d++) {
+                            uint32_t v = g[(size_t)d * 16 + m];
+                            for (int j = 0; j < 4; j++)
+                                dsum += (int32_t)w[(size_t)(16 * a + i) * C + 4 * d + j] * (int8_t)(v >> (8 * j));
+                        }
+                        acc += (float)dsum * sc[b][blk * 16 + m];
+                    }
+                    c[a * 2 + b][i][m] = acc;
+                }
+        }
+}
+
+/* Rows [r0, r1) of expert e's matrix (R rows of C inputs; bf16, or int8 with the activations' block scales)
+ * against the n vectors of its panel (groups of 16): out[pairs[m] * R + r] for vector m. v[m]: vector m's row in
+ * a (int8: its block scales and offset share); sw: int8 row scales of expert e. */
+static void amx_rows(int fmt, const void *we, const float *sw, int R, const Acts *a, const uint32_t *panel, int n,
+                     const int *pairs, int by_token, int K, int r0, int r1, float *out) {
     float c[4][16][16] __attribute__((aligned(64)));
-    size_t gsz = (size_t)C / 2 * 16;
-    for (int r = r0; r + 16 <= r1; r += 32) {
-        int two_r = r + 32 <= r1;
-        for (int g = 0; g * 16 < n; g += 2) {
-            const uint32_t *g0 = panel + g * gsz, *g1 = (g + 1) * 16 < n ? g0 + gsz : NULL;
-            const uint16_t *w = we + (size_t)r * C;
+    int C = a->n, nblk = C / QB;
+    size_t rb = fmt == 0 ? (size_t)C * 2 : (size_t)C, gsz = rb / 4 * 16;   /* row bytes, panel group dwords */
+    float scl[2][MAXB * 16] __attribute__((aligned(64)));   /* int8: [block][16 vectors] scales of two groups */
+    float off[2][16];                                        /* int8: Σ_c z, the storage offset's share */
+    for (int g = 0; g * 16 < n; g += 2) {
+        const uint32_t *g0 = panel + g * gsz, *g1 = (g + 1) * 16 < n ? g0 + gsz : NULL;
+        for (int b = 0; fmt == 1 && b < 2; b++)
+            for (int m = 0; m < 16; m++) {
+                int col = (g + b) * 16 + m, v = col < n ? (by_token ? pairs[col] / K : pairs[col]) : -1;
+                off[b][m] = 0.f;
+                for (int blk = 0; blk < nblk; blk++) {
+                    scl[b][blk * 16 + m] = v < 0 ? 0.f : a->sc[(size_t)v * nblk + blk];
+                    off[b][m] += v < 0 ? 0.f : a->z[(size_t)v * nblk + blk];
+                }
+            }
+        const float *sc[2] = {scl[0], scl[1]};
+        for (int r = r0; r + 16 <= r1; r += 32) {
+            int two_r = r + 32 <= r1;
+            const uint8_t *w = (const uint8_t *)we + r * rb, *pf = g == 0 && pf_bytes ? w + 32 * rb : NULL;
+            (void)pf;   /* the hardware tiles' prefetch only */
 #if AMX_BUILD
-            if (amx_hw) tiles_hw(w, C, g0, g1, two_r, C / 32, g == 0 && pf_bytes ? w + 32 * (size_t)C : NULL, c);
+            if (amx_hw && fmt == 0) tiles_hw((const uint16_t *)w, C, g0, g1, two_r, C / 32, (const uint16_t *)pf, c);
+            else if (amx_hw) tiles_i8_hw(w, C, g0, g1, two_r, nblk, sc, pf, c);
             else
 #endif
-            tiles_c(w, C, g0, g1, two_r, C / 32, c);
-            for (int a = 0; a <= two_r; a++)
+            if (fmt == 0) tiles_c((const uint16_t *)w, C, g0, g1, two_r, C / 32, c);
+            else tiles_i8_c(w, C, g0, g1, two_r, nblk, sc, c);
+            for (int a2 = 0; a2 <= two_r; a2++)
                 for (int b = 0; b < 2 && (g + b) * 16 < n; b++)
                     for (int m = 0; m < 16 && (g + b) * 16 + m < n; m++) {
-                        float *o = out + (size_t)pairs[(g + b) * 16 + m] * R + r + 16 * a;
-                        for (int i = 0; i < 16; i++) o[i] = c[a * 2 + b][i][m];
+                        float *o = out + (size_t)pairs[(g + b) * 16 + m] * R + r + 16 * a2;
+                        for (int i = 0; i < 16; i++)
+                            o[i] = fmt == 0 ? c[a2 * 2 + b][i][m] : sw[r + 16 * a2 + i] * (c[a2 * 2 + b][i][m] - off[b][m]);
                     }
         }
     }

@@ -16,6 +16,7 @@
 #endif
 
 #define QB 128
+#define MAXB 256   /* IDOT rows up to MAXB blocks of QB inputs (32768) */
 #if defined(__AVX512BF16__)
 #define HAS_DPBF16 1
 #else

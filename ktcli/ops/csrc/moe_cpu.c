@@ -120,8 +120,9 @@ static void act_pair(Scratch *s, int p, int I) {
 #pragma omp simd
     for (int i = 0; i < I; i++) h[i] = g[i] / (1.f + exp_approx(-g[i])) * up[i];
     prep(&s->ha, p, 0, I);
-    int c = s->damx ? s->pcol[p] : -1;
-    if (c >= 0) panel_put(s->dpanel + (size_t)c / 16 * (I / 2 * 16), s->ha.b + (size_t)p * I, 0, I / 2, c % 16);
+    int c = s->damx ? s->pcol[p] : -1;   /* the pair's column in its expert's AMX panel: bf16 pairs or int8 quads */
+    if (c >= 0 && s->ha.path == DPBF16) panel_put(s->dpanel + (size_t)c / 16 * (I / 2 * 16), s->ha.b + (size_t)p * I, 0, I / 2, c % 16);
+    if (c >= 0 && s->ha.path == IDOT) panel_put(s->dpanel + (size_t)c / 16 * (I / 4 * 16), s->ha.q + (size_t)p * I, 0, I / 4, c % 16);
 }
 
 /* The pipelined schedule: one task counter over the gate/up tasks of every expert, then its down tasks. An
@@ -193,7 +194,10 @@ static void layer_member(void *arg, int id, int n) {
         prep(&s->xa, t, j0, j1);
         for (int k = 0; L->mg->amx && k < K; k++) {   /* the token's column in each AMX expert's panel */
             int c = s->pcol[t * K + k];
-            if (c >= 0) panel_put(s->gpanel + (size_t)c / 16 * (H / 2 * 16), s->xa.b + (size_t)t * H, j0 / 2, j1 / 2, c % 16);
+            if (c >= 0 && s->xa.path == DPBF16)
+                panel_put(s->gpanel + (size_t)c / 16 * (H / 2 * 16), s->xa.b + (size_t)t * H, j0 / 2, j1 / 2, c % 16);
+            if (c >= 0 && s->xa.path == IDOT)
+                panel_put(s->gpanel + (size_t)c / 16 * (H / 4 * 16), s->xa.q + (size_t)t * H, j0 / 4, j1 / 4, c % 16);
         }
     }
     await_count(&L->prep_fin, np);
@@ -247,8 +251,10 @@ int moe_forward(int T, int K, int H, int I, int E, const void *x, const int64_t 
     int P = T * K;
     if (T < 1 || K < 1 || P > 4096 || E < 1 || E > 4096 || (fmt == 2 && (G % 2 || H % G || I % G))) return -1;
     Mat mg = {fmt, G, path_for(fmt, H, G), gu, gu_s}, md = {fmt, G, path_for(fmt, I, G), dn, dn_s};
-    int tiles = fmt == 0 && mg.path == DPBF16 && amx_active() && P >= AMX_MIN;
-    mg.amx = tiles && H % 32 == 0, md.amx = tiles && I % 32 == 0;
+    /* AMX: bf16 on the bf16 dot path (inputs a multiple of 32), int8 on the int8-activation path (of QB) */
+    int tiles = amx_active() && P >= AMX_MIN && fmt < 2;
+    mg.amx = tiles && (fmt == 0 ? mg.path == DPBF16 && H % 32 == 0 : mg.path == IDOT);
+    md.amx = tiles && (fmt == 0 ? md.path == DPBF16 && I % 32 == 0 : md.path == IDOT);
     /* group pairs by expert, in O(P): order[] lists pair ids, expert by expert (experts in order of first use) */
     int order[4096], uniq[4096], start[4097], slot[4096], U = 0;   /* slot: expert id → u */
     for (int p = 0; p < P; p++) {

@@ -1,6 +1,5 @@
 /* One expert's weight rows against the input vectors routed to it, in the matrix's format and dot path
  * (dots.h), for the CPU expert kernel (moe_cpu.c). */
-#define MAXB 256   /* IDOT rows up to MAXB blocks of QB inputs (32768) */
 
 typedef struct {
     int fmt, G, path;
@@ -74,9 +73,10 @@ static void rows_block(const Mat *m, int e, int r0, int r1, int R, const Acts *a
 static void expert_rows(const Mat *m, int R, const Acts *a, int u, int r0, int r1, const int *uniq, const int *start,
                         const int *order, int K, int by_token, float *out) {
     if (m->amx && m->ubase[u] >= 0) {   /* whole blocks of 16 rows in tiles, a tail of fewer below */
-        int C = a->n, r16 = r0 + (r1 - r0) / 16 * 16;
-        amx_rows((const uint16_t *)m->w + (size_t)uniq[u] * R * C, R, C,
-                 m->panel + (size_t)m->ubase[u] / 16 * (C / 2 * 16), start[u + 1] - start[u], order + start[u],
+        size_t rb = m->fmt == 0 ? (size_t)a->n * 2 : (size_t)a->n;   /* bytes a row */
+        int r16 = r0 + (r1 - r0) / 16 * 16;
+        amx_rows(m->fmt, (const char *)m->w + uniq[u] * R * rb, m->fmt == 1 ? m->scale + (size_t)uniq[u] * R : NULL, R, a,
+                 m->panel + m->ubase[u] / 16 * (rb / 4 * 16), start[u + 1] - start[u], order + start[u], by_token, K,
                  r0, r16, out);
         if (r16 == r1) return;
         r0 = r16;
