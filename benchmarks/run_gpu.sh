@@ -22,7 +22,7 @@ case $what in
     python3 -c "from ktcli.ops import kernels; print('caps', kernels.caps())"
     python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tee $out/gpu-tests-kernels.log | tail -3
     python3 benchmarks/cpu_experts.py --hidden 2048 --inter 768 --experts 128 --topk 8 --layers 3 --threads 16 \
-        --reps 4 --rounds 2 --batches 1,512 --formats bf16 --amx 0,1 --stock-max-t 512 --out $out/cpu-experts-amx-qwen3-30b-shape.json
+        --reps 4 --rounds 2 --batches 1,512 --formats bf16,int8 --amx 0,1 --stock-max-t 512 --out $out/cpu-experts-amx-qwen3-30b-shape.json
     python3 benchmarks/cpu_experts.py --layers 2 --threads 16 --reps 3 --rounds 2 --batches 512 --formats bf16 --amx 0,1 \
         --stock-max-t 512 --out $out/cpu-experts-amx-qwen2-57b-shape.json
     MODEL=qwen3 PP=${PP:-512,2048} bash $0 prefill-ab $out
