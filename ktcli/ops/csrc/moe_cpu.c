@@ -282,6 +282,7 @@ int moe_forward(int T, int K, int H, int I, int E, const void *x, const int64_t 
         }
         mg.panel = s.gpanel, md.panel = s.dpanel, mg.ubase = md.ubase = ubase;
         if (cols) __atomic_add_fetch(&st.amx_calls, 1, __ATOMIC_RELAXED);
+        else mg.amx = md.amx = 0;   /* no expert qualified (decode): tasks as without tiles */
     }
     s.damx = md.amx;
     Layer L = {T, K, H, I, U, io, pipelined && chunk_kb > 0, &mg, &md, &s, uniq, start, order, x, wts, out};
