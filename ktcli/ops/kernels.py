@@ -25,8 +25,8 @@ HEADERS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "csrc", "*.h"
 FORMATS = {"bf16": 0, "int8": 1, "int4": 2}
 MAX_TOKENS = 16          # decode and small batches; larger bf16 prefill chunks go to torch's GEMMs
 MAX_PAIRS = 4096         # (token, expert) pairs one call takes (moe_cpu.c)
-SLICE_SCRATCH = 128 << 20  # long prefill chunks: tokens per call as many as this much scratch holds (Qwen3's
-                            # pp512 in one call: every expert read once)
+SLICE_SCRATCH = 384 << 20  # long prefill chunks: tokens per call as many as this much scratch holds (pp512 of
+                            # Qwen3-30B and Qwen2-57B in one call: every expert read once); one buffer for all layers
 
 
 def slice_tokens(T: int, K: int, H: int, I: int) -> int:
@@ -37,6 +37,7 @@ def slice_tokens(T: int, K: int, H: int, I: int) -> int:
 
 
 _lock = threading.Lock()
+_long = {"scratch": None, "lock": threading.Lock()}   # the scratch of long calls, shared by every layer
 _state = {"lib": None, "error": None, "tried": False}
 
 
@@ -278,6 +279,10 @@ class Runner:
         K = idx.shape[1]
         if idx.dtype != torch.int64 or not idx.is_contiguous():
             idx = self._buf("idx", T * K, torch.int64).view(T, K).copy_(idx)
+        if T > MAX_TOKENS:   # prefill: one scratch for every layer (a layer's own would be ~100 MiB × layers)
+            with _long["lock"]:
+                self._long(lib, x, idx, w, weights, out, threads)
+            return
         block = self.prepare(lib, x, idx, w, weights, out, threads)
         if block is None:
             of = self._buf("out", T * H).view(T, H)
@@ -286,6 +291,28 @@ class Runner:
             out.copy_(of)
             return
         if lib.moe_call(block.addr) != 0:
+            raise refused(T, K, weights)
+
+
+    def _long(self, lib, x, idx, w, weights, out, threads: int) -> None:
+        """A long call through the shared scratch: not cached (a block would keep an outgrown buffer alive)."""
+        T, H = x.shape
+        K = idx.shape[1]
+        if not all(t.dtype == x.dtype in (torch.float32, torch.bfloat16) and t.is_contiguous() for t in (x, w, out)):
+            of = self._buf("out", T * H).view(T, H)
+            self._long(lib, self._buf("x", T * H).view(T, H).copy_(x), idx, self._buf("w", T * K).view(T, K).copy_(w),
+                       weights, of, threads)
+            out.copy_(of)
+            return
+        need = lib.moe_scratch_bytes(T, K, H, weights.inter)
+        if _long["scratch"] is None or _long["scratch"].numel() < need:
+            _long["scratch"] = None   # the old buffer goes before the new one comes
+            _long["scratch"] = torch.empty(need, dtype=torch.uint8)
+        wt = (weights.gu, weights.gu_s, weights.dn, weights.dn_s)
+        call = _Call(T, K, H, weights.inter, _p(x), _p(idx), _p(w), FORMATS[weights.fmt], weights.group,
+                     *(_p(t) for t in wt), _p(out), _p(_long["scratch"]), threads, int(x.dtype == torch.bfloat16),
+                     weights.gu.shape[0], 0)
+        if lib.moe_call(ctypes.addressof(call)) != 0:
             raise refused(T, K, weights)
 
 
