@@ -53,14 +53,22 @@ static void amx_config(void) {
     amx_cfg = 1;
 }
 
+/* Weight rows come straight from DRAM into tile loads, 32 rows (streams) at a time: each step prefetches the
+ * rows' bytes PD steps ahead, running on into the next block's rows (pf; NULL: none) near the end. */
+#define PD 8
+static inline void prefetch_rows(const char *w, const char *pf, long rb, int kb, int nk, int step) {
+    const char *base = kb + PD < nk ? w + (size_t)(kb + PD) * step : pf ? pf + (size_t)(kb + PD - nk) * step : NULL;
+    if (base) for (int i = 0; i < 32; i++) _mm_prefetch(base + i * rb, _MM_HINT_T0);
+}
+
 /* c[a·2 + b] = rows [16a, 16a+16) of w · the 16 vectors of group b, over nk steps of 32 inputs; tiles 0-3 hold
- * c, 4-5 the weights, 6-7 the vectors. pf: the next row block, prefetched along (NULL: none). */
+ * c, 4-5 the weights, 6-7 the vectors. pf: the next row block (NULL: none). */
 static void tiles_hw(const uint16_t *w, long C, const uint32_t *g0, const uint32_t *g1, int two_r, int nk,
                      const uint16_t *pf, float c[4][16][16]) {
     amx_config();
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     for (int kb = 0; kb < nk; kb++) {
-        if (pf) for (int i = 0; i < 32; i++) _mm_prefetch((const char *)(pf + i * C + kb * 32), _MM_HINT_T0);
+        if (pf_bytes) prefetch_rows((const char *)w, (const char *)pf, C * 2, kb, nk, 64);
         _tile_loadd(4, w + kb * 32, C * 2);
         _tile_loadd(6, g0 + kb * 256, 64);
         _tile_dpbf16ps(0, 4, 6);
@@ -84,7 +92,7 @@ static void tiles_i8_hw(const uint8_t *w, long C, const uint32_t *g0, const uint
     for (int blk = 0; blk < nblk; blk++) {
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
         for (int kb = 2 * blk; kb < 2 * blk + 2; kb++) {
-            if (pf) for (int i = 0; i < 32; i++) _mm_prefetch((const char *)(pf + i * C + kb * 64), _MM_HINT_T0);
+            if (pf_bytes) prefetch_rows((const char *)w, (const char *)pf, C, kb, 2 * nblk, 64);
             _tile_loadd(4, w + kb * 64, C);
             _tile_loadd(6, g0 + kb * 256, 64);
             _tile_dpbusd(0, 4, 6);
@@ -183,7 +191,7 @@ static void amx_rows(int fmt, const void *we, const float *sw, int R, const Acts
         const float *sc[2] = {scl[0], scl[1]};
         for (int r = r0; r + 16 <= r1; r += 32) {
             int two_r = r + 32 <= r1;
-            const uint8_t *w = (const uint8_t *)we + r * rb, *pf = g == 0 && pf_bytes ? w + 32 * rb : NULL;
+            const uint8_t *w = (const uint8_t *)we + r * rb, *pf = r + 32 < r1 ? w + 32 * rb : NULL;
             (void)pf;   /* the hardware tiles' prefetch only */
 #if AMX_BUILD
             if (amx_hw && fmt == 0) tiles_hw((const uint16_t *)w, C, g0, g1, two_r, C / 32, (const uint16_t *)pf, c);

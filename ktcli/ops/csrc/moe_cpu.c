@@ -173,6 +173,8 @@ typedef struct {
     const int *uniq, *start, *order;
     const void *x, *wts;
     void *out;
+    int ngroups, grp[512];   /* AMX gate/up panel groups: expert u << 16 | group within the expert */
+    long pan_next, pan_fin;
     long prep_next, prep_fin, gu_next, gu_fin, act_next, act_fin, dn_next, dn_fin, sum_next, sum_fin;
     int gu_claimed[MAXT], dn_claimed[MAXT];   /* chunk_kb = 0: ranges taken */
 } Layer;
@@ -192,15 +194,19 @@ static void layer_member(void *arg, int id, int n) {
         int t = (int)(k / pieces), j0 = (int)(k % pieces) * QB, j1 = j0 + QB < H ? j0 + QB : H;
         for (size_t j = (size_t)t * H + j0; j < (size_t)t * H + j1; j++) s->x32[j] = L->io ? bf16f(xb[j]) : xf[j];
         prep(&s->xa, t, j0, j1);
-        for (int k = 0; L->mg->amx && k < K; k++) {   /* the token's column in each AMX expert's panel */
-            int c = s->pcol[t * K + k];
-            if (c >= 0 && s->xa.path == DPBF16)
-                panel_put(s->gpanel + (size_t)c / 16 * (H / 2 * 16), s->xa.b + (size_t)t * H, j0 / 2, j1 / 2, c % 16);
-            if (c >= 0 && s->xa.path == IDOT)
-                panel_put(s->gpanel + (size_t)c / 16 * (H / 4 * 16), s->xa.q + (size_t)t * H, j0 / 4, j1 / 4, c % 16);
-        }
     }
     await_count(&L->prep_fin, np);
+    /* AMX: the gate/up panels, a group of 16 vectors per task (one writer per cache line) */
+    for (long g; L->mg->amx && (g = claim(&L->pan_next, L->ngroups)) >= 0; done(&L->pan_fin, 1)) {
+        int u = L->grp[g] >> 16, g0 = (L->grp[g] & 0xFFFF) * 16, n = L->start[u + 1] - L->start[u];
+        int bf = s->xa.path == DPBF16, nd = bf ? H / 2 : H / 4;
+        uint32_t *dst = s->gpanel + ((size_t)L->mg->ubase[u] + g0) / 16 * (nd * 16);
+        for (int m = 0; m < 16 && g0 + m < n; m++) {
+            int t = L->order[L->start[u] + g0 + m] / K;
+            panel_put(dst, bf ? (const void *)(s->xa.b + (size_t)t * H) : (const void *)(s->xa.q + (size_t)t * H), 0, nd, m);
+        }
+    }
+    if (L->mg->amx) await_count(&L->pan_fin, L->ngroups);
     STAMP(id, T_PREP);
     long nd;   /* down-row tasks: the weighted sum waits for them */
     if (L->pipe) {
@@ -286,6 +292,9 @@ int moe_forward(int T, int K, int H, int I, int E, const void *x, const int64_t 
     }
     s.damx = md.amx;
     Layer L = {T, K, H, I, U, io, pipelined && chunk_kb > 0, &mg, &md, &s, uniq, start, order, x, wts, out};
+    L.ngroups = 0;
+    for (int u = 0; mg.amx && u < U; u++)   /* ≤ 2P / 16 = 512 groups (AMX_MIN ≥ 8) */
+        for (int g = 0; ubase[u] >= 0 && g * 16 < start[u + 1] - start[u]; g++) L.grp[L.ngroups++] = u << 16 | g;
     if (L.pipe) pipe_init(s.pipe, &mg, U, H, I);
     if (prof) prof[1] = secs();
     team_run(layer_member, &L, threads);
