@@ -69,8 +69,8 @@ case $what in
       [ -f $q2 ] && python3 -m ktcli bench $q2 -p ${PP:-512,2048} -n 0 -r 2 \
           -o json --output-file $out/prefill-qwen2-57b-a14b-$f.json
     done ;;
-  prefill-ab)  # #14: `auto` prefill against streaming every layer (a copy of the profile with prefill_op stream),
-            # in one process; MODEL=qwen3 or qwen2, FORMAT=bf16|int8|int4
+  prefill-ab)  # #14: `auto` prefill against streaming every layer (a copy of the profile with prefill_op stream)
+            # and against the CPU alone (prefill_device cpu), in one process; MODEL=qwen3 or qwen2, FORMAT=bf16|int8|int4
     case ${MODEL:-qwen3} in
       qwen3) p=profiles/qwen3-30b-a3b-cpu-experts.yaml ;;
       qwen2) p=profiles/qwen2-57b-a14b-gpu01-graphs.yaml ;;
@@ -79,7 +79,9 @@ case $what in
     s=/tmp/$(basename $p .yaml)-stream.yaml
     sed -e 's/prefill_device: auto,/prefill_device: cuda, prefill_op: stream,/' \
         -e 's/^\( *\)prefill_device: "auto"/\1prefill_device: "cuda"\n\1prefill_op: "stream"/' $p > $s
-    python3 -m ktcli bench $p $s -p ${PP:-512,2048} -n 0 -r 2 -o json \
+    c=/tmp/$(basename $p .yaml)-cpu.yaml
+    sed -e 's/prefill_device: auto,/prefill_device: cpu,/' -e 's/^\( *\)prefill_device: "auto"/\1prefill_device: "cpu"/' $p > $c
+    python3 -m ktcli bench $p $s $c -p ${PP:-512,2048} -n 0 -r 2 -o json \
         --output-file $out/prefill-ab-$(basename $p .yaml).json ;;
   compile)  # #15: runtime.compile off against on, tg128 full graphs: the GPU tests first, then per Qwen3-30B placement one
             # engine with a compiled and an eager graph, rounds interleaved (compile_ab.py; fresh processes differ more)

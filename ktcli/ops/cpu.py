@@ -82,7 +82,7 @@ class CpuExperts(DeviceOp):
             cpu_moe(x, idx, w, None, None, ex.act_fn, out, weights=lambda e: ex.expert_weights(e, x.dtype))
             return out
         S = T if T <= kernels.MAX_TOKENS else kernels.slice_tokens(T, K, x.shape[1], packed.inter)
-        for a in range(0, T, S):                    # [T,H] in row slices: each stays contiguous
+        for a in range(0, T, max(S, 1)):            # T = 0: a split whose CPU experts got no tokens                    # [T,H] in row slices: each stays contiguous
             self.runner(lib, x[a:a + S], idx[a:a + S], w[a:a + S], packed, out[a:a + S], self._threads())
         return out                                  # the kernel times its own calls (clocks.pull_kernel)
 
