@@ -116,14 +116,15 @@ def kernel(d) -> str:
                                   if r[f"{w}_GBps"] == r[f"{w}_GBps"]]
         c = {"value": max(rates), "source": "start probe and rows only: the run was cut short, its paired "
                                             "readings were not saved"}
-    rows = []
+    rows, amx = [], any("amx" in r for r in d["rows"])   # runs since the AMX path: its knob and TFLOP/s shown
     for r in d["rows"]:
         pct = lambda gbps: 100 * gbps * 1e9 / c["value"]   # noqa: E731
         torch_txt = "" if r["torch_ms"] != r["torch_ms"] else f"{r['torch_GBps']:.1f} ({pct(r['torch_GBps']):.1f}%)"
-        rows.append([r["format"], str(r["T"]), f"{r['kernel_ms']:.3f}", f"{r['kernel_GBps']:.1f}",
+        extra = [{1: "on", 0: "off"}.get(r.get("amx"), "-"), f"{r.get('kernel_TFLOPs', 0):.2f}"] if amx else []
+        rows.append([r["format"], str(r["T"]), *extra, f"{r['kernel_ms']:.3f}", f"{r['kernel_GBps']:.1f}",
                      f"{pct(r['kernel_GBps']):.1f}%", torch_txt, f"{r['rel_err_vs_dequant_fp32']:.1e}"])
-    return (_table(["format", "T", "kernel ms", "GB/s", "% of ceiling", "stock torch GB/s (% of ceiling)",
-                    "error vs fp32 ref"], rows)
+    return (_table(["format", "T", *(["AMX", "TFLOP/s"] if amx else []), "kernel ms", "GB/s", "% of ceiling",
+                    "stock torch GB/s (% of ceiling)", "error vs fp32 ref"], rows)
             + f"\n\nceiling {c['value'] / 1e9:.1f} GB/s ({c['source']})")
 
 
