@@ -239,6 +239,15 @@ def test_int8_act_env_switch_turns_the_integer_path_off_and_on():
 
 
 @needs_kernel
+def test_amx_env_switch():
+    """KTCLI_CPU_AMX=0 turns the tiles off where the CPU has them; =2 runs them (the twin here) everywhere."""
+    code = "from ktcli.ops import kernels; kernels.get(); print(kernels.tune()[6], kernels.caps()['amx_on'])"
+    out = lambda v: subprocess.run([sys.executable, "-c", code], env={**os.environ, "KTCLI_CPU_AMX": v},  # noqa: E731
+                                   capture_output=True, text=True).stdout.strip()
+    assert out("0") == "0 False" and out("2") == "2 True"
+
+
+@needs_kernel
 def test_kernel_groups_pairs_by_expert_and_rejects_ids_it_cannot_index():
     """Pairs are grouped by expert in one pass over an id-indexed table: many tokens sharing few experts match
     the reference; an id at or past the layer's expert count (8 here) or negative is refused, not read out of

@@ -42,6 +42,12 @@ static inline void panel_put(uint32_t *group, const void *row, int d0, int d1, i
     for (int d = d0; d < d1; d++) group[(size_t)d * 16 + m] = src[d];
 }
 
+/* Vector v of a as a panel reads it: its bf16 row (DPBF16) or int8 row (IDOT), and its length in dwords (*nd). */
+static inline const void *panel_src(const Acts *a, int v, int *nd) {
+    *nd = a->path == DPBF16 ? a->n / 2 : a->n / 4;
+    return a->path == DPBF16 ? (const void *)(a->b + (size_t)v * a->n) : (const void *)(a->q + (size_t)v * a->n);
+}
+
 #if AMX_BUILD
 typedef struct { uint8_t palette, start_row, zero[14]; uint16_t colsb[16]; uint8_t rows[16]; } TileCfg;
 

@@ -120,9 +120,11 @@ static void act_pair(Scratch *s, int p, int I) {
 #pragma omp simd
     for (int i = 0; i < I; i++) h[i] = g[i] / (1.f + exp_approx(-g[i])) * up[i];
     prep(&s->ha, p, 0, I);
-    int c = s->damx ? s->pcol[p] : -1;   /* the pair's column in its expert's AMX panel: bf16 pairs or int8 quads */
-    if (c >= 0 && s->ha.path == DPBF16) panel_put(s->dpanel + (size_t)c / 16 * (I / 2 * 16), s->ha.b + (size_t)p * I, 0, I / 2, c % 16);
-    if (c >= 0 && s->ha.path == IDOT) panel_put(s->dpanel + (size_t)c / 16 * (I / 4 * 16), s->ha.q + (size_t)p * I, 0, I / 4, c % 16);
+    int c = s->damx ? s->pcol[p] : -1, nd;   /* the pair's column in its expert's AMX panel */
+    if (c >= 0) {
+        const void *row = panel_src(&s->ha, p, &nd);
+        panel_put(s->dpanel + (size_t)c / 16 * (nd * 16), row, 0, nd, c % 16);
+    }
 }
 
 /* The pipelined schedule: one task counter over the gate/up tasks of every expert, then its down tasks. An
@@ -198,12 +200,10 @@ static void layer_member(void *arg, int id, int n) {
     await_count(&L->prep_fin, np);
     /* AMX: the gate/up panels, a group of 16 vectors per task (one writer per cache line) */
     for (long g; L->mg->amx && (g = claim(&L->pan_next, L->ngroups)) >= 0; done(&L->pan_fin, 1)) {
-        int u = L->grp[g] >> 16, g0 = (L->grp[g] & 0xFFFF) * 16, n = L->start[u + 1] - L->start[u];
-        int bf = s->xa.path == DPBF16, nd = bf ? H / 2 : H / 4;
-        uint32_t *dst = s->gpanel + ((size_t)L->mg->ubase[u] + g0) / 16 * (nd * 16);
+        int u = L->grp[g] >> 16, g0 = (L->grp[g] & 0xFFFF) * 16, n = L->start[u + 1] - L->start[u], nd;
         for (int m = 0; m < 16 && g0 + m < n; m++) {
-            int t = L->order[L->start[u] + g0 + m] / K;
-            panel_put(dst, bf ? (const void *)(s->xa.b + (size_t)t * H) : (const void *)(s->xa.q + (size_t)t * H), 0, nd, m);
+            const void *row = panel_src(&s->xa, L->order[L->start[u] + g0 + m] / K, &nd);
+            panel_put(s->gpanel + ((size_t)L->mg->ubase[u] + g0) / 16 * (nd * 16), row, 0, nd, m);
         }
     }
     if (L->mg->amx) await_count(&L->pan_fin, L->ngroups);
