@@ -36,6 +36,13 @@ __attribute__((constructor)) static void amx_init(void) {
 
 static int amx_active(void) { return amx_mode == 2 || (amx_mode == 1 && amx_hw); }
 
+/* A whole panel group from its vectors' rows src[0..nv) (nv ≤ 16; the rest of the group left as it is), written
+ * line by line: each dword row d of the group is one 64-byte line. */
+static inline void panel_group(uint32_t *group, const uint32_t *const *src, int nv, int nd) {
+    for (int d = 0; d < nd; d++)
+        for (int m = 0; m < nv; m++) group[(size_t)d * 16 + m] = src[m][d];
+}
+
 /* Vector column m of a panel group: dwords [d0, d1) of a row (bf16 pairs or int8 quads). */
 static inline void panel_put(uint32_t *group, const void *row, int d0, int d1, int m) {
     const uint32_t *src = (const uint32_t *)row;
@@ -60,10 +67,11 @@ static void amx_config(void) {
 }
 
 /* Weight rows come straight from DRAM into tile loads, 32 rows (streams) at a time: each step prefetches the
- * rows' bytes PD steps ahead, running on into the next block's rows (pf; NULL: none) near the end. */
-#define PD 8
+ * rows' bytes pd = pf_bytes / 512 steps ahead (4096: 8 steps, 512 bytes a row), running on into the next block's
+ * rows (pf; NULL: none) near the end. */
 static inline void prefetch_rows(const char *w, const char *pf, long rb, int kb, int nk, int step) {
-    const char *base = kb + PD < nk ? w + (size_t)(kb + PD) * step : pf ? pf + (size_t)(kb + PD - nk) * step : NULL;
+    int pd = pf_bytes / 512 > 0 ? pf_bytes / 512 : 1;
+    const char *base = kb + pd < nk ? w + (size_t)(kb + pd) * step : pf ? pf + (size_t)(kb + pd - nk) * step : NULL;
     if (base) for (int i = 0; i < 32; i++) _mm_prefetch(base + i * rb, _MM_HINT_T0);
 }
 

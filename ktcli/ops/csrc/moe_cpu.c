@@ -113,17 +113,30 @@ static void matrix_rows(const Mat *m, int R, const Acts *a, int U, const int *un
         task_rows(m, R, a, b, rpb, tpe, uniq, start, order, K, by_token, out);
 }
 
-/* h = SiLU(gate) * up for pair p, prepared for the down rows' dot path. */
-static void act_pair(Scratch *s, int p, int I) {
+/* h = SiLU(gate) * up for pair p, prepared for the down rows' dot path; column: also its column of the AMX
+ * down panel (the two-phase schedule; the pipelined one writes an expert's panel whole, down_panel). */
+static void act_pair(Scratch *s, int p, int I, int column) {
     const float *g = s->gu_out + (size_t)p * 2 * I, *up = g + I;
     float *h = s->h + (size_t)p * I;
 #pragma omp simd
     for (int i = 0; i < I; i++) h[i] = g[i] / (1.f + exp_approx(-g[i])) * up[i];
     prep(&s->ha, p, 0, I);
-    int c = s->damx ? s->pcol[p] : -1, nd;   /* the pair's column in its expert's AMX panel */
+    int c = column && s->damx ? s->pcol[p] : -1, nd;   /* the pair's column in its expert's AMX panel */
     if (c >= 0) {
         const void *row = panel_src(&s->ha, p, &nd);
         panel_put(s->dpanel + (size_t)c / 16 * (nd * 16), row, 0, nd, c % 16);
+    }
+}
+
+/* Expert u's AMX down panel, group by group, from its n pairs' prepared h (pairs: order + start[u]). */
+static void down_panel(Scratch *s, const int *pairs, int n) {
+    int c0 = s->pcol[pairs[0]], nd = 0;
+    if (c0 < 0) return;
+    for (int g = 0; g * 16 < n; g++) {
+        const uint32_t *src[16];
+        int m = 0;
+        for (; m < 16 && g * 16 + m < n; m++) src[m] = panel_src(&s->ha, pairs[g * 16 + m], &nd);
+        panel_group(s->dpanel + (size_t)(c0 / 16 + g) * (nd * 16), src, m, nd);
     }
 }
 
@@ -146,7 +159,8 @@ static void pipelined_rows(Pipe *pp, const Mat *mg, const Mat *md, Scratch *s, i
             STAMP(id, T_GATE_UP);
             int u = (int)(b / tg);
             if (__atomic_sub_fetch(&pp->left[u], 1, __ATOMIC_ACQ_REL) == 0) {   /* sees every task's rows */
-                for (int q = start[u]; q < start[u + 1]; q++) act_pair(s, order[q], I);
+                for (int q = start[u]; q < start[u + 1]; q++) act_pair(s, order[q], I, 0);
+                if (s->damx) down_panel(s, order + start[u], start[u + 1] - start[u]);
                 __atomic_store_n(&pp->ready[u], 1, __ATOMIC_RELEASE);
             }
             continue;
@@ -200,11 +214,10 @@ static void layer_member(void *arg, int id, int n) {
     await_count(&L->prep_fin, np);
     /* AMX: the gate/up panels, a group of 16 vectors per task (one writer per cache line) */
     for (long g; L->mg->amx && (g = claim(&L->pan_next, L->ngroups)) >= 0; done(&L->pan_fin, 1)) {
-        int u = L->grp[g] >> 16, g0 = (L->grp[g] & 0xFFFF) * 16, n = L->start[u + 1] - L->start[u], nd;
-        for (int m = 0; m < 16 && g0 + m < n; m++) {
-            const void *row = panel_src(&s->xa, L->order[L->start[u] + g0 + m] / K, &nd);
-            panel_put(s->gpanel + ((size_t)L->mg->ubase[u] + g0) / 16 * (nd * 16), row, 0, nd, m);
-        }
+        int u = L->grp[g] >> 16, g0 = (L->grp[g] & 0xFFFF) * 16, n = L->start[u + 1] - L->start[u], nd = 0, m = 0;
+        const uint32_t *src[16];
+        for (; m < 16 && g0 + m < n; m++) src[m] = panel_src(&s->xa, L->order[L->start[u] + g0 + m] / K, &nd);
+        panel_group(s->gpanel + ((size_t)L->mg->ubase[u] + g0) / 16 * (nd * 16), src, m, nd);
     }
     if (L->mg->amx) await_count(&L->pan_fin, L->ngroups);
     STAMP(id, T_PREP);
@@ -220,7 +233,7 @@ static void layer_member(void *arg, int id, int n) {
                     &L->gu_fin, L->gu_claimed, id, n);
         STAMP(id, T_GATE_UP);
         await_count(&L->gu_fin, ng);
-        for (long p; (p = claim(&L->act_next, P)) >= 0; done(&L->act_fin, 1)) act_pair(s, (int)p, I);
+        for (long p; (p = claim(&L->act_next, P)) >= 0; done(&L->act_fin, 1)) act_pair(s, (int)p, I, 1);
         await_count(&L->act_fin, P);
         matrix_rows(L->md, H, &s->ha, L->U, L->uniq, L->start, L->order, K, 0, s->y, &L->dn_next, &L->dn_fin,
                     L->dn_claimed, id, n);
