@@ -224,3 +224,5 @@ def test_prefill_line_shows_uploads_splits_and_the_calibration():
     assert "prefill roofline (pp512, chunks of 4096): layer-chunks split 26, gpu 2 at PCIe 55.0 GB/s" in text
     assert "uploads 86.6 GB in 1.642 s, GPU stalled on uploads 0.870 s" in text
     assert "/ split 13 (CPU share 0.594 s); split CPU time ÷ probed: T 512-1023: 1.29×" in text
+    row["prefill_phases"]["split_kernel_s"] = 0.412   # since the experts' own time is recorded apart
+    assert "/ split 13 (CPU share 0.594 s, of it the experts 0.412 s);" in md([row], {})

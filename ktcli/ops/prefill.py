@@ -255,7 +255,10 @@ class AutoPrefill(DeviceOp):
             ready.synchronize()
         t0 = time.perf_counter()
         tok, e, pw = pairs(ih, wh, 0, n)
-        yc = self.cpu.compute(xh[tok].contiguous(), e[:, None].to(torch.int64), pw[:, None].to(xh.dtype))
+        xs, es, ws = xh[tok].contiguous(), e[:, None].to(torch.int64), pw[:, None].to(xh.dtype)
+        t1 = time.perf_counter()
+        yc = self.cpu.compute(xs, es, ws)
+        st.stats["split_kernel_s"] += time.perf_counter() - t1   # the CPU experts alone, inside the share
         part = torch.zeros(xh.shape, dtype=xh.dtype, pin_memory=st.cuda).index_add_(0, tok, yc)
         st.stats["layers_split"] += 1
         probed = layer_costs(self.experts, x.shape[0], st.top_k, st.rates)["cpu"] * n / self.experts.num_experts

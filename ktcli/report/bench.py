@@ -103,7 +103,8 @@ def md(records: list, meta: dict) -> str:
                     f"TFLOP/s, GPU {rt['gpu_TFLOPs']:.0f} TFLOP/s → best {pre['best_tps']:.0f} t/s; per run: uploads "
                     f"{ph['upload_bytes'] / 1e9:.1f} GB in {ph['upload_s']:.3f} s, GPU stalled on uploads "
                     f"{ph['stall_s']:.3f} s, layer-chunks streamed {ph['layers_streamed']:.0f} / CPU {ph['layers_cpu']:.0f}"
-                    + (f" / split {ph['layers_split']:.0f} (CPU share {ph['split_cpu_s']:.3f} s)"
+                    + (f" / split {ph['layers_split']:.0f} (CPU share {ph['split_cpu_s']:.3f} s"
+                       + (f", of it the experts {ph['split_kernel_s']:.3f} s" if "split_kernel_s" in ph else "") + ")"
                        if ph.get("layers_split") else "")
                     + ("; split CPU time ÷ probed: " + calibration_text(ph["cpu_scale"])
                        if ph.get("cpu_scale") else ""))
