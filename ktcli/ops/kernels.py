@@ -250,10 +250,8 @@ class Runner:
         records the block's address: the caller keeps the returned object alive as long as the graph."""
         T, H = x.shape
         K = idx.shape[1]
-        direct = next((io for io, dt in enumerate((torch.float32, torch.bfloat16))
-                       if x.dtype == w.dtype == out.dtype == dt), None)
-        if direct is None or not (x.is_contiguous() and w.is_contiguous() and out.is_contiguous()) \
-                or idx.dtype != torch.int64 or not idx.is_contiguous():
+        direct = _io(x, w, out)
+        if direct is None or idx.dtype != torch.int64 or not idx.is_contiguous():
             return None
         wt = (weights.gu, weights.gu_s, weights.dn, weights.dn_s)
         key = (x.data_ptr(), idx.data_ptr(), w.data_ptr(), out.data_ptr(), T, K, threads, direct, weights.fmt,
@@ -267,9 +265,7 @@ class Runner:
             scratch = self.bufs.get("scratch")
             if scratch is None or scratch.numel() < need:   # a new buffer: blocks made before keep the old one
                 scratch = self.bufs["scratch"] = torch.empty(need, dtype=torch.uint8)
-            call = _Call(T, K, H, I, _p(x), _p(idx), _p(w), FORMATS[weights.fmt], weights.group, *(_p(t) for t in wt),
-                         _p(out), _p(scratch), threads, direct, weights.gu.shape[0], 0)
-            block = self.calls[key] = Block(call, scratch)
+            block = self.calls[key] = Block(_args(x, idx, w, weights, out, scratch, threads), scratch)
         return block
 
     def __call__(self, lib, x, idx, w, weights, out, threads: int) -> None:
@@ -279,8 +275,8 @@ class Runner:
         K = idx.shape[1]
         if idx.dtype != torch.int64 or not idx.is_contiguous():
             idx = self._buf("idx", T * K, torch.int64).view(T, K).copy_(idx)
-        if T > MAX_TOKENS:   # prefill: one scratch for every layer (a layer's own would be ~100 MiB × layers)
-            with _long["lock"]:
+        if _io(x, w, out) is not None and T > MAX_TOKENS:   # prefill: one scratch for every layer (a layer's own
+            with _long["lock"]:                               # would be ~100 MiB × layers)
                 self._long(lib, x, idx, w, weights, out, threads)
             return
         block = self.prepare(lib, x, idx, w, weights, out, threads)
@@ -298,22 +294,30 @@ class Runner:
         """A long call through the shared scratch: not cached (a block would keep an outgrown buffer alive)."""
         T, H = x.shape
         K = idx.shape[1]
-        if not all(t.dtype == x.dtype in (torch.float32, torch.bfloat16) and t.is_contiguous() for t in (x, w, out)):
-            of = self._buf("out", T * H).view(T, H)
-            self._long(lib, self._buf("x", T * H).view(T, H).copy_(x), idx, self._buf("w", T * K).view(T, K).copy_(w),
-                       weights, of, threads)
-            out.copy_(of)
-            return
         need = lib.moe_scratch_bytes(T, K, H, weights.inter)
         if _long["scratch"] is None or _long["scratch"].numel() < need:
             _long["scratch"] = None   # the old buffer goes before the new one comes
             _long["scratch"] = torch.empty(need, dtype=torch.uint8)
-        wt = (weights.gu, weights.gu_s, weights.dn, weights.dn_s)
-        call = _Call(T, K, H, weights.inter, _p(x), _p(idx), _p(w), FORMATS[weights.fmt], weights.group,
-                     *(_p(t) for t in wt), _p(out), _p(_long["scratch"]), threads, int(x.dtype == torch.bfloat16),
-                     weights.gu.shape[0], 0)
+        call = _args(x, idx, w, weights, out, _long["scratch"], threads)
         if lib.moe_call(ctypes.addressof(call)) != 0:
             raise refused(T, K, weights)
+
+
+def _io(x, w, out):
+    """The kernel's io code for activations it takes as they are (0 fp32, 1 bf16, all three alike and contiguous),
+    else None (they go through fp32 buffers)."""
+    if not (x.is_contiguous() and w.is_contiguous() and out.is_contiguous()):
+        return None
+    return next((io for io, dt in enumerate((torch.float32, torch.bfloat16)) if x.dtype == w.dtype == out.dtype == dt),
+                None)
+
+
+def _args(x, idx, w, weights, out, scratch, threads: int) -> _Call:
+    """moe_forward's argument block for these tensors (io taken as _io gives it)."""
+    wt = (weights.gu, weights.gu_s, weights.dn, weights.dn_s)
+    return _Call(x.shape[0], idx.shape[1], x.shape[1], weights.inter, _p(x), _p(idx), _p(w), FORMATS[weights.fmt],
+                 weights.group, *(_p(t) for t in wt), _p(out), _p(scratch), threads, _io(x, w, out),
+                 weights.gu.shape[0], 0)
 
 
 def refused(T, K, weights) -> RuntimeError:
