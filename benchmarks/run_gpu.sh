@@ -29,6 +29,14 @@ case $what in
     mv $out/prefill-ab-qwen3-30b-a3b-cpu-experts.json $out/prefill-ab-amx-qwen3-30b-a3b-bf16.json
     KTCLI_CPU_AMX=0 MODEL=qwen3 PP=${PP:-512,2048} bash $0 prefill-ab $out
     mv $out/prefill-ab-qwen3-30b-a3b-cpu-experts.json $out/prefill-ab-noamx-qwen3-30b-a3b-bf16.json ;;
+  contention)  # #14: why the split's CPU share runs slower than the kernel alone: one Qwen3-30B layer's CPU share (all
+            # experts, and the 26% `auto` gave pp512) alone, beside host→GPU copies, beside a busy process, team of
+            # 16 or 15, weights registered or not; then the tiles' prefetch distance
+    python3 benchmarks/contention.py --format ${FORMAT:-bf16} --share 1,0.26 --threads 16,15 --register 0,1 \
+        --load none,copy,spin,copy+spin --out $out/contention-qwen3-30b-shape-${FORMAT:-bf16}.json
+    python3 benchmarks/cpu_experts.py --hidden 2048 --inter 768 --experts 128 --topk 8 --layers 3 --threads 16 \
+        --reps 4 --rounds 2 --batches 512 --formats bf16,int8 --amx 1 --prefetch 2048,4096,8192 --stock-max-t 0 \
+        --phases --out $out/cpu-experts-amx-prefetch-qwen3-30b-shape.json ;;
   fresh)    # the same decode in three fresh processes (the spread between processes; DESIGN.md's lazily populated
             # memory): Qwen3-30B-A3B hybrid and all-CPU int4, 16 layers, full graph, with the per-layer breakdown
     for i in 1 2 3; do
@@ -100,5 +108,5 @@ case $what in
         -p 512 -n 128 -r 3 --graph-mode full -o json --output-file $out/multigpu-qwen2-57b-a14b.json
     python3 benchmarks/graph_parity.py profiles/qwen3-30b-a3b-2gpu-cpu-experts.yaml --tokens 64 \
         --out $out/parity-multigpu-qwen3-30b.json ;;
-  *) echo "stages: tests amx kernel decode fresh prefill prefill-ab serve plan parity baselines compile multigpu"; exit 2 ;;
+  *) echo "stages: tests amx contention kernel decode fresh prefill prefill-ab serve plan parity baselines compile multigpu"; exit 2 ;;
 esac
