@@ -226,3 +226,6 @@ def test_prefill_line_shows_uploads_splits_and_the_calibration():
     assert "/ split 13 (CPU share 0.594 s); split CPU time ÷ probed: T 512-1023: 1.29×" in text
     row["prefill_phases"]["split_kernel_s"] = 0.412   # since the experts' own time is recorded apart
     assert "/ split 13 (CPU share 0.594 s, of it the experts 0.412 s);" in md([row], {})
+    row["prefill_phases"].update(split_gather_s=0.05, split_post_s=0.012, split_wait_s=0.3)   # every phase, since
+    assert ("/ split 13 (CPU share 0.594 s, of it gather 0.050 s, the experts 0.412 s, copy back 0.012 s; CPU waited "
+            "for its inputs 0.300 s);") in md([row], {})

@@ -6,6 +6,7 @@ import time
 import torch
 
 from ..ops.clocks import fixed_cost_us, take_all
+from ..ops.split import PHASES
 from .generate import GenerationConfig
 
 
@@ -57,7 +58,7 @@ def run_test(engine, kind: str, n: int, reps: int, warmup: int, seed: int = 0, t
         extra["prefill_roofline"] = prefill_roofline(engine.built, n, engine.chunk)
         extra["prefill_phases"] = {k: sums.get(k, 0) / len(timed) for k in
                                    ("upload_s", "stall_s", "upload_bytes", "layers_streamed", "layers_cpu",
-                                    "layers_split", "split_cpu_s", "split_kernel_s")}
+                                    "layers_split", "split_cpu_s", *PHASES)}
         if getattr(streamer, "cpu_scale", None):   # measured ÷ probed CPU time of split shares, per length bucket
             extra["prefill_phases"]["cpu_scale"] = {str(t): v for t, v in streamer.calibration().items()}
     calls = sums.get("cpu_layer_calls", 0)

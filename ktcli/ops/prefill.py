@@ -17,6 +17,7 @@ import torch
 from . import kernels
 from .base import DeviceOp
 from .cpu import CpuExperts, cpu_moe, kernel_path
+from .split import run_split
 
 
 @dataclass
@@ -244,26 +245,8 @@ class AutoPrefill(DeviceOp):
         return self.plan(T)["n_cpu"]
 
     def _split(self, x, idx, w, n):
-        """Experts [0, n) on the CPU from the host copy of x while the GPU computes the rest (queued first)."""
-        st = self.experts.streamer
-        xh, ih, wh = (torch.empty(t.shape, dtype=t.dtype, pin_memory=st.cuda) for t in (x, idx, w))
-        for h, t in ((xh, x), (ih, idx), (wh, w)):
-            h.copy_(t, non_blocking=True)
-        ready = torch.cuda.current_stream(x.device).record_event() if x.is_cuda else None
-        y = self.gpu(x, idx, w, first=n)                  # queued: runs while the CPU computes below
-        if ready is not None:
-            ready.synchronize()
-        t0 = time.perf_counter()
-        tok, e, pw = pairs(ih, wh, 0, n)
-        xs, es, ws = xh[tok].contiguous(), e[:, None].to(torch.int64), pw[:, None].to(xh.dtype)
-        t1 = time.perf_counter()
-        yc = self.cpu.compute(xs, es, ws)
-        st.stats["split_kernel_s"] += time.perf_counter() - t1   # the CPU experts alone, inside the share
-        part = torch.zeros(xh.shape, dtype=xh.dtype, pin_memory=st.cuda).index_add_(0, tok, yc)
-        st.stats["layers_split"] += 1
-        probed = layer_costs(self.experts, x.shape[0], st.top_k, st.rates)["cpu"] * n / self.experts.num_experts
-        st.observe_split(x.shape[0], time.perf_counter() - t0, probed)
-        return y + part.to(x.device, non_blocking=True)
+        """Experts [0, n) on the CPU while the GPU computes the rest (ops/split.py)."""
+        return run_split(self, x, idx, w, n)
 
 
 def split_plan(experts, T: int, K: int, rates: PrefillRates, cpu_scale: float = 1.0) -> dict:

@@ -16,6 +16,7 @@ import torch
 from . import dequant_gpu
 from .dequant_gpu import dequantize_fast
 from .prefill import PrefillRates, probe_cpu, probe_gpu, probe_kernel
+from .split import PHASES
 
 PARTS = ("gu", "gu_s", "dn", "dn_s")       # an ExpertWeights' tensors, in copy order
 
@@ -160,7 +161,7 @@ class Streamer:
     # -- statistics ------------------------------------------------------------------------------------------
     def reset_stats(self) -> None:
         self.stats = {"layers_streamed": 0, "layers_cpu": 0, "layers_split": 0, "split_cpu_s": 0.0,
-                      "split_kernel_s": 0.0,
+                      **dict.fromkeys(PHASES, 0.0),
                       "upload_bytes": 0, "upload_s": 0.0, "stall_s": 0.0}
         self._uploads, self._stalls = [], []
 

@@ -103,9 +103,7 @@ def md(records: list, meta: dict) -> str:
                     f"TFLOP/s, GPU {rt['gpu_TFLOPs']:.0f} TFLOP/s → best {pre['best_tps']:.0f} t/s; per run: uploads "
                     f"{ph['upload_bytes'] / 1e9:.1f} GB in {ph['upload_s']:.3f} s, GPU stalled on uploads "
                     f"{ph['stall_s']:.3f} s, layer-chunks streamed {ph['layers_streamed']:.0f} / CPU {ph['layers_cpu']:.0f}"
-                    + (f" / split {ph['layers_split']:.0f} (CPU share {ph['split_cpu_s']:.3f} s"
-                       + (f", of it the experts {ph['split_kernel_s']:.3f} s" if "split_kernel_s" in ph else "") + ")"
-                       if ph.get("layers_split") else "")
+                    + (f" / split {ph['layers_split']:.0f} ({split_text(ph)})" if ph.get("layers_split") else "")
                     + ("; split CPU time ÷ probed: " + calibration_text(ph["cpu_scale"])
                        if ph.get("cpu_scale") else ""))
     if meta.get("bandwidth"):
@@ -180,3 +178,15 @@ def render(records: list, meta: dict, fmt: str) -> str:
                         "samples_ts": ";".join(f"{x:.4f}" for x in r.get("samples_ts") or [])})
         return buf.getvalue()
     raise ValueError(fmt)
+
+
+def split_text(ph: dict) -> str:
+    """The split layers' CPU side: its share's time, and of it the phases recorded (older records: fewer)."""
+    names = {"split_gather_s": "gather", "split_kernel_s": "the experts", "split_post_s": "copy back"}
+    out = f"CPU share {ph['split_cpu_s']:.3f} s"
+    parts = [f"{v} {ph[k]:.3f} s" for k, v in names.items() if k in ph]
+    if parts:
+        out += ", of it " + ", ".join(parts)
+    if "split_wait_s" in ph:
+        out += f"; CPU waited for its inputs {ph['split_wait_s']:.3f} s"
+    return out
