@@ -5,6 +5,7 @@ The call is the split's own (ops/prefill.py AutoPrefill._split): the (token, exp
 [0, n) gathered into P rows of top-1, one kernel call. Factors (each a comma list, every combination timed):
   --share     fraction of the layer's experts on the CPU (0.26: what `auto` gave Qwen3 bf16 pp512)
   --threads   the kernel team's size (16 = every core, the engine's default)
+  --prefetch  the kernel's software prefetch distance in bytes (-1: its default; kernels.tune)
   --register  1: the weights cudaHostRegister'ed, as streaming pins them (ops/stream.register_host)
   --load      none | copy (host→GPU copies from pinned memory on a side stream, as the streamed experts'
               uploads) | spin (a competing busy process on one core) | copy+spin
@@ -84,6 +85,7 @@ def main():
     ap.add_argument("--share", default="1,0.26")
     ap.add_argument("--threads", default=str(torch.get_num_threads()))
     ap.add_argument("--register", default="0,1")
+    ap.add_argument("--prefetch", default="-1")
     ap.add_argument("--load", default="none,copy,spin")
     ap.add_argument("--reps", type=int, default=8)
     ap.add_argument("--copy-gib", type=float, default=1.0)
@@ -102,11 +104,11 @@ def main():
     cuda = torch.cuda.is_available()
     copy = CopyLoad(a.copy_gib) if cuda else None
     res = {"command": " ".join(["python", *sys.argv]), "machine": machine_info(), "caps": kernels.caps(), "rows": []}
-    print(f"{'share':>5} {'thr':>3} {'reg':>3} {'load':>10} | {'kernel ms':>9} {'GB/s':>6} | copies GB/s")
+    print(f"{'share':>5} {'thr':>3} {'pf':>5} {'reg':>3} {'load':>10} | {'kernel ms':>9} {'GB/s':>6} | copies GB/s")
     registered = False
-    for share, threads, reg, load in itertools.product([float(s) for s in a.share.split(",")],
-                                                      [int(t) for t in a.threads.split(",")],
-                                                      [int(r) for r in a.register.split(",")], a.load.split(",")):
+    ints = lambda v: [int(t) for t in v.split(",")]  # noqa: E731
+    for share, threads, pf, reg, load in itertools.product([float(s) for s in a.share.split(",")], ints(a.threads),
+                                                          ints(a.prefetch), ints(a.register), a.load.split(",")):
         if ("copy" in load or reg) and not cuda:
             continue
         if reg and not registered:   # pinned once; rows with register 0 come first in each share/threads group
@@ -123,6 +125,7 @@ def main():
             calls.append((x[tok].contiguous(), e[:, None].to(torch.int64), pw[:, None].to(x.dtype), layers[i % a.layers]))
         outs = [torch.empty_like(c[0]) for c in calls]
         run = kernels.Runner()
+        was = kernels.tune(prefetch=pf)
         call = lambda i: run(lib, calls[i][0], calls[i][1], calls[i][2], calls[i][3], outs[i], threads)  # noqa: E731
         call(0)
         spin = spinner() if "spin" in load else None
@@ -136,17 +139,19 @@ def main():
             call(i)
             ts.append(time.perf_counter() - t0)
         extra = copy.stop() if "copy" in load else {}
+        pf = dict(zip(kernels.KNOBS, kernels.tune()))["prefetch"]
+        kernels.tune(*was)
         if spin:
             spin.kill()
             spin.wait()
         nbytes = statistics.mean(len(torch.unique(c[1])) for c in calls) * per_expert
         kt = statistics.median(ts)
         row = {"format": a.format, "T": T, "share": share, "n_cpu": n, "pairs": calls[0][0].shape[0],
-               "threads": threads, "registered": bool(reg), "load": load, "kernel_ms": kt * 1e3,
+               "threads": threads, "prefetch": pf, "registered": bool(reg), "load": load, "kernel_ms": kt * 1e3,
                "kernel_ms_all": [t * 1e3 for t in ts], "bytes": nbytes, "kernel_GBps": nbytes / kt / 1e9, **extra}
         res["rows"].append(row)
         cp = f"{extra['copy_GBps']:.1f}{'' if extra['copies_outlasted_kernel'] else ' (ended early)'}" if extra else ""
-        print(f"{share:5.2f} {threads:3d} {reg:3d} {load:>10} | {kt * 1e3:9.3f} {row['kernel_GBps']:6.1f} | {cp}",
+        print(f"{share:5.2f} {threads:3d} {pf:5d} {reg:3d} {load:>10} | {kt * 1e3:9.3f} {row['kernel_GBps']:6.1f} | {cp}",
               flush=True)
         if a.out:
             write_atomic(a.out, json.dumps(res, indent=2))

@@ -32,8 +32,9 @@ case $what in
   contention)  # #14: why the split's CPU share runs slower than the kernel alone: one Qwen3-30B layer's CPU share (all
             # experts, and the 26% `auto` gave pp512) alone, beside host→GPU copies, beside a busy process, team of
             # 16 or 15, weights registered or not; then the tiles' prefetch distance
-    python3 benchmarks/contention.py --format ${FORMAT:-bf16} --share 1,0.26 --threads 16,15 --register 0,1 \
-        --load none,copy,spin,copy+spin --out $out/contention-qwen3-30b-shape-${FORMAT:-bf16}.json
+    python3 benchmarks/contention.py --format ${FORMAT:-bf16} --share 1,0.26 --threads ${THREADS:-16,15} \
+        --prefetch=${PREFETCH:--1} --register ${REGISTER:-0,1} --load ${LOADS:-none,copy,spin,copy+spin} \
+        --out $out/contention-qwen3-30b-shape-${FORMAT:-bf16}.json
     python3 benchmarks/cpu_experts.py --hidden 2048 --inter 768 --experts 128 --topk 8 --layers 3 --threads 16 \
         --reps 4 --rounds 2 --batches 512 --formats bf16,int8 --amx 1 --prefetch 2048,4096,8192 --stock-max-t 0 \
         --phases --out $out/cpu-experts-amx-prefetch-qwen3-30b-shape.json ;;

@@ -229,3 +229,5 @@ def test_prefill_line_shows_uploads_splits_and_the_calibration():
     row["prefill_phases"].update(split_gather_s=0.05, split_post_s=0.012, split_wait_s=0.3)   # every phase, since
     assert ("/ split 13 (CPU share 0.594 s, of it gather 0.050 s, the experts 0.412 s, copy back 0.012 s; CPU waited "
             "for its inputs 0.300 s);") in md([row], {})
+    row["prefill_phases"]["cpu_alone_scale"] = {"512": 0.97}
+    assert "T 512-1023: 1.29×; CPU layers' time ÷ probed: T 512-1023: 0.97×" in md([row], {})

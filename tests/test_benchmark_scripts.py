@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end on tiny shapes: cpu_experts.py (both modes, its JSON rows, their
-references, the per-phase timestamps), quant_accuracy.py (the kernel's integer path)."""
+references, the per-phase timestamps), quant_accuracy.py (the kernel's integer path), contention.py (its
+factors, CPU loads only here)."""
 import json
 import os
 import subprocess
@@ -107,3 +108,19 @@ def test_compile_ab_interleaves_both_modes_on_one_engine(tmp_path):
     assert len(r["rounds"]["on"]) == len(r["rounds"]["off"]) == 2
     assert r["compiled_over_eager"] == r["median"]["on"]["tps"] / r["median"]["off"]["tps"] > 0
     assert all(m["rest_ms"] >= 0 for m in r["median"].values())
+
+
+@pytest.mark.skipif(kernels.get() is None, reason="kernel did not build")
+def test_contention_times_every_factor_combination(tmp_path):
+    """contention.py: one row per share × threads × prefetch × load (copy loads and registering need a GPU),
+    the split's pair count and the kernel's prefetch as set."""
+    out = tmp_path / "c.json"
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "contention.py"), "--hidden", "256", "--inter",
+                    "128", "--experts", "8", "--topk", "2", "--tokens", "32", "--layers", "1", "--reps", "2",
+                    "--threads", "2,1", "--prefetch=-1,8192", "--register", "0", "--load", "none,spin",
+                    "--share", "1,0.25", "--out", str(out)], check=True, capture_output=True, text=True, cwd=ROOT)
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 * 2 * 2 * 2 and all(r["kernel_ms"] > 0 and r["kernel_GBps"] > 0 for r in rows)
+    assert {r["prefetch"] for r in rows} >= {8192} and {r["load"] for r in rows} == {"none", "spin"}
+    full, quarter = (next(r for r in rows if r["share"] == s) for s in (1.0, 0.25))
+    assert full["n_cpu"] == 8 and full["pairs"] == 32 * 2 and quarter["n_cpu"] == 2 and quarter["pairs"] < 32 * 2

@@ -212,6 +212,9 @@ def test_split_choice_balances_the_cpu_and_the_copy():
     # a split saving < 10% is not taken; one side missing: the other
     assert choose(1.0, 19.0, 0.0, 64) == {"way": "stream", "n_cpu": 0, "seconds": 1.0}
     assert choose(9.0, 1.0, 0.0, 64)["way"] == "cpu" and choose(math.inf, 1.0, 0.0, 64)["n_cpu"] == 64
+    # a split's CPU share slower than the CPU alone (beside the copies): balanced on its own rate
+    assert choose(1.0, 1.0, 0.0, 64, 3.0) == {"way": "split", "n_cpu": 16, "seconds": 0.75}
+    assert choose(1.0, 0.5, 0.0, 64, 3.0)["way"] == "cpu"
 
 
 def test_split_share_follows_the_cpu_time_the_run_measured(tmp_path, ckpt):
@@ -231,14 +234,19 @@ def test_split_share_follows_the_cpu_time_the_run_measured(tmp_path, ckpt):
     x = torch.randn(T, m.hidden, generator=gen)
     idx, w = routed(T, E, st.top_k, gen)
     op._split(x, idx, w, E // 2)                          # a real split records its measured CPU time …
-    (_, measured, probed), = st._splits
-    assert measured > 0 and probed == pytest.approx(cpu / 2)
-    st._splits = [(T, 3 * probed, probed)]               # … here replaced: the CPU ran 3x slower than probed
+    (way, _, measured, probed), = st._splits
+    assert way == "split" and measured > 0 and probed == pytest.approx(cpu / 2)
+    st._splits = [("split", T, 3 * probed, probed)]      # … here replaced: the CPU ran 3x slower than probed
     st.collect()
-    assert st.cpu_scale == {T.bit_length(): pytest.approx(3.0)} and st.calibration() == {512: pytest.approx(3.0)}
+    assert st.cpu_scale == {("split", T.bit_length()): pytest.approx(3.0)}
+    assert st.calibration() == {512: pytest.approx(3.0)} and st.calibration("cpu") == {}
     assert op.plan(T)["n_cpu"] == E // 4                  # balanced against the measured rate: a quarter
     assert op.plan(T, calibrated=False)["n_cpu"] == E // 2
     assert op.plan(T // 4)["n_cpu"] == op.plan(T // 4, calibrated=False)["n_cpu"]     # another bucket: unchanged
+    st._splits = [("cpu", T, cpu / 2, cpu)]              # a whole layer on the CPU measured half its probe: the
+    st.collect()                                          # split's slowdown does not stand for it
+    assert st.calibration("cpu") == {512: pytest.approx(0.5)} and st.calibration() == {512: pytest.approx(3.0)}
+    assert op.plan(T)["way"] == "cpu"
 
 
 def test_cpu_gemm_rate_follows_the_rows_per_expert():
@@ -321,12 +329,15 @@ def test_long_bf16_chunks_through_the_kernel_match_the_eager_reference(tmp_path,
         assert kernels.take_stats()["calls"] == -(-T // S), T                # the kernel ran, once a slice
 
 
-def test_the_kernel_rate_is_measured_and_chosen_for_long_bf16_chunks_when_faster(tmp_path, ckpt):
+def test_the_kernel_rate_is_measured_and_chosen_for_long_bf16_chunks_when_faster(tmp_path, ckpt, monkeypatch):
+    from ktcli.ops import kernels
     from ktcli.ops.cpu import kernel_path
     layers, st = streamed_model(tmp_path, ckpt, "bf16", "bfloat16")
     m = layers[0]
     if not kernel_path(m, 1):
         pytest.skip("the CPU kernel is not built here")
+    caps = kernels.caps()   # without AMX tiles: a choice (with them long bf16 chunks take the kernel anyway)
+    monkeypatch.setattr(kernels, "caps", lambda: {**caps, "amx_on": False})
     assert st.rates.kernel_flops > 0                           # probed at setup
     fast = PrefillRates(pcie_bps=50e9, cpu_bps=100e9, cpu_flops=1e12, cpu_flops_small=1e11, kernel_flops=1e13)
     slow = PrefillRates(pcie_bps=50e9, cpu_bps=100e9, cpu_flops=1e12, cpu_flops_small=1e11, kernel_flops=1e9)

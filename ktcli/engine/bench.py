@@ -59,8 +59,10 @@ def run_test(engine, kind: str, n: int, reps: int, warmup: int, seed: int = 0, t
         extra["prefill_phases"] = {k: sums.get(k, 0) / len(timed) for k in
                                    ("upload_s", "stall_s", "upload_bytes", "layers_streamed", "layers_cpu",
                                     "layers_split", "split_cpu_s", *PHASES)}
-        if getattr(streamer, "cpu_scale", None):   # measured ÷ probed CPU time of split shares, per length bucket
-            extra["prefill_phases"]["cpu_scale"] = {str(t): v for t, v in streamer.calibration().items()}
+        if getattr(streamer, "cpu_scale", None):   # measured ÷ probed CPU time per way and length bucket
+            for key, way in (("cpu_scale", "split"), ("cpu_alone_scale", "cpu")):
+                if cal := streamer.calibration(way):
+                    extra["prefill_phases"][key] = {str(t): v for t, v in cal.items()}
     calls = sums.get("cpu_layer_calls", 0)
     bd = {"ms_per_token": total * per_tok, "cpu_experts_ms": cpu * per_tok,
           "kernel_ms": sums.get("kernel_s", 0.0) * per_tok, "fixed_us_per_layer": fixed_cost_us(sums),

@@ -226,16 +226,24 @@ class AutoPrefill(DeviceOp):
         p = self.plan(T)
         self.cpu.long_bf16 = p.get("kernel", False)
         if p["way"] == "cpu":
-            self.experts.streamer.stats["layers_cpu"] += 1
-            return self.cpu(x, idx, w)
+            st = self.experts.streamer
+            st.stats["layers_cpu"] += 1
+            if x.is_cuda:   # the inputs ready first, so that the clock times the CPU's work alone
+                torch.cuda.current_stream(x.device).synchronize()
+            t0 = time.perf_counter()
+            y = self.cpu(x, idx, w)
+            st.observe_cpu("cpu", T, time.perf_counter() - t0, p["cpu_s"])
+            return y
         return self.gpu(x, idx, w) if p["n_cpu"] == 0 else self._split(x, idx, w, p["n_cpu"])
 
     def plan(self, T: int, calibrated: bool = True) -> dict:
-        """calibrated: the CPU's cost scaled by what earlier splits of chunks this long measured against the
-        probes (the CPU shares DRAM with the copies; cache-hot probes ran 1.5-2× faster, H200 host 2026-12-05)."""
+        """calibrated: the CPU's cost of each way scaled by what earlier layers of that way and chunk length measured
+        against the probes. Apart, because a split's CPU share runs beside the copies, which slowed it 4× where the
+        whole layer alone ran at its probe (Qwen3-30B pp512, H100 host, 2026-12-05)."""
         st = self.experts.streamer
-        scale = st.cpu_scale.get(T.bit_length(), 1.0) if calibrated else 1.0
-        return split_plan(self.experts, T, st.top_k, st.rates, scale)
+        if not calibrated:
+            return split_plan(self.experts, T, st.top_k, st.rates)
+        return split_plan(self.experts, T, st.top_k, st.rates, st.scale("cpu", T), st.scale("split", T))
 
     def streams(self, T: int) -> bool:
         """True: some of this layer's experts stream for a chunk of T tokens (all, or the GPU's share)."""
@@ -249,26 +257,31 @@ class AutoPrefill(DeviceOp):
         return run_split(self, x, idx, w, n)
 
 
-def split_plan(experts, T: int, K: int, rates: PrefillRates, cpu_scale: float = 1.0) -> dict:
+def split_plan(experts, T: int, K: int, rates: PrefillRates, cpu_scale: float = 1.0,
+               split_scale: float = 1.0) -> dict:
     """{'way': 'stream' | 'cpu' | 'split', 'n_cpu', 'seconds', 'kernel', 'cpu_s'} for one HybridExperts layer and
     T tokens ('kernel': the CPU's share of a long bf16 chunk runs in our kernel rather than torch's GEMMs;
-    'cpu_s': the whole layer on the CPU by the probed rates, before `cpu_scale` multiplies it)."""
+    'cpu_s': the whole layer on the CPU by the probed rates, before the scales multiply it: `cpu_scale` for the
+    whole layer on the CPU, `split_scale` for a split's CPU share)."""
     c = layer_costs(experts, T, K, rates)
     E = experts.num_experts
     floor = used_experts(E, K, T) * experts.stream_src.nbytes() / E / rates.cpu_bps if rates.cpu_bps else 0.0
-    return {**choose(c["stream"], c["cpu"] * cpu_scale, floor, E), "kernel": c["kernel"], "cpu_s": c["cpu"]}
+    return {**choose(c["stream"], c["cpu"] * cpu_scale, floor, E, c["cpu"] * split_scale),
+            "kernel": c["kernel"], "cpu_s": c["cpu"]}
 
 
-def choose(s: float, cpu: float, floor: float, E: int) -> dict:
-    """The fastest of streaming (s), the CPU (cpu) and a split: the CPU takes n of E experts, about cpu·n/E of
-    CPU time against s·(E−n)/E of copying, balanced; both read DRAM, so never under `floor` (the touched bytes ÷
-    the CPU read rate). A split is taken only where it saves ≥ 10%: below that the activation copies and the
-    host sync (about 1 ms a layer against tens of ms of copying) eat the gain."""
+def choose(s: float, cpu: float, floor: float, E: int, split_cpu: float | None = None) -> dict:
+    """The fastest of streaming (s), the CPU (cpu) and a split: the CPU takes n of E experts, about
+    split_cpu·n/E of CPU time (split_cpu: the whole layer's CPU time beside the copies, default `cpu`) against
+    s·(E−n)/E of copying, balanced; both read DRAM, so never under `floor` (the touched bytes ÷ the CPU read
+    rate). A split is taken only where it saves ≥ 10%: below that the activation copies and the host sync (about
+    1 ms a layer against tens of ms of copying) eat the gain."""
     best = {"way": "stream", "n_cpu": 0, "seconds": s} if s <= cpu else {"way": "cpu", "n_cpu": E, "seconds": cpu}
-    if not (math.isfinite(s) and math.isfinite(cpu)) or E < 2:
+    sc = cpu if split_cpu is None else split_cpu
+    if not (math.isfinite(s) and math.isfinite(sc)) or E < 2:
         return best
-    n = min(E - 1, max(1, round(E * s / (s + cpu))))
-    t = max(cpu * n / E, s * (E - n) / E, floor)
+    n = min(E - 1, max(1, round(E * s / (s + sc))))
+    t = max(sc * n / E, s * (E - n) / E, floor)
     if t <= 0.9 * best["seconds"]:
         best = {"way": "split", "n_cpu": n, "seconds": t}
     return best

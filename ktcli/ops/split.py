@@ -68,5 +68,5 @@ def run_split(op, x, idx, w, n: int):
         st.stats[k] = st.stats.get(k, 0.0) + v
     st.stats["layers_split"] += 1
     probed = layer_costs(op.experts, T, st.top_k, st.rates)["cpu"] * n / op.experts.num_experts
-    st.observe_split(T, t4 - t1, probed)
+    st.observe_cpu("split", T, t4 - t1, probed)
     return y

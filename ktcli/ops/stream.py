@@ -52,8 +52,9 @@ class Streamer:
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.rates = PrefillRates()     # measured at setup; pcie raised by every upload timed
         self.top_k = 1
-        self.cpu_scale: dict = {}       # chunk length's bit_length → measured ÷ probed CPU time of split shares
-        self._splits: list = []         # (T, measured s, probed s) of this prefill's split layers
+        self.cpu_scale: dict = {}       # (way, chunk length's bit_length) → measured ÷ probed CPU time, per way:
+                                        # 'split' (a split's CPU share, beside the copies) or 'cpu' (a whole layer)
+        self._splits: list = []         # (way, T, measured s, probed s) of this prefill's CPU layers and shares
         self.reset_stats()
 
     # -- setup -----------------------------------------------------------------------------------------------
@@ -165,26 +166,32 @@ class Streamer:
                       "upload_bytes": 0, "upload_s": 0.0, "stall_s": 0.0}
         self._uploads, self._stalls = [], []
 
-    def observe_split(self, T: int, measured: float, probed: float) -> None:
-        """A split layer's CPU share took `measured` seconds where the probed rates said `probed`."""
-        self.stats["split_cpu_s"] += measured
-        self._splits.append((T, measured, probed))
+    def observe_cpu(self, way: str, T: int, measured: float, probed: float) -> None:
+        """A layer's CPU work ('split': its share of a split layer; 'cpu': the whole layer) took `measured` seconds
+        where the probed rates said `probed`."""
+        if way == "split":
+            self.stats["split_cpu_s"] += measured
+        self._splits.append((way, T, measured, probed))
 
     def _calibrate(self) -> None:
-        """The next chunks of each length plan their splits with the CPU rate this prefill's splits reached
+        """The next chunks of each length plan with the CPU rate this prefill's layers of each way reached
         (replaced, not averaged: the share changes with the scale, and so may the contention)."""
         by = {}
-        for T, m, p in self._splits:
-            a = by.setdefault(T.bit_length(), [0.0, 0.0])
+        for way, T, m, p in self._splits:
+            a = by.setdefault((way, T.bit_length()), [0.0, 0.0])
             a[0], a[1] = a[0] + m, a[1] + p
-        for b, (m, p) in by.items():
+        for key, (m, p) in by.items():
             if p > 0:
-                self.cpu_scale[b] = max(m / p, 0.25)
+                self.cpu_scale[key] = max(m / p, 0.25)
         self._splits = []
 
-    def calibration(self) -> dict:
-        """{shortest chunk length of a bucket: measured ÷ probed CPU time} (a bucket: lengths of one bit_length)."""
-        return {1 << (b - 1): v for b, v in sorted(self.cpu_scale.items())}
+    def scale(self, way: str, T: int) -> float:
+        return self.cpu_scale.get((way, T.bit_length()), 1.0)
+
+    def calibration(self, way: str = "split") -> dict:
+        """{shortest chunk length of a bucket: measured ÷ probed CPU time} of one way (a bucket: lengths of one
+        bit_length)."""
+        return {1 << (b - 1): v for (w, b), v in sorted(self.cpu_scale.items()) if w == way}
 
     def collect(self) -> None:
         """Fold the timed events of finished uploads and stalls into the statistics and the split's CPU

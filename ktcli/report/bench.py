@@ -105,7 +105,9 @@ def md(records: list, meta: dict) -> str:
                     f"{ph['stall_s']:.3f} s, layer-chunks streamed {ph['layers_streamed']:.0f} / CPU {ph['layers_cpu']:.0f}"
                     + (f" / split {ph['layers_split']:.0f} ({split_text(ph)})" if ph.get("layers_split") else "")
                     + ("; split CPU time ÷ probed: " + calibration_text(ph["cpu_scale"])
-                       if ph.get("cpu_scale") else ""))
+                       if ph.get("cpu_scale") else "")
+                    + ("; CPU layers' time ÷ probed: " + calibration_text(ph["cpu_alone_scale"])
+                       if ph.get("cpu_alone_scale") else ""))
     if meta.get("bandwidth"):
         out += "\n\n" + ceiling_line(meta["bandwidth"])
     if meta.get("notes"):
