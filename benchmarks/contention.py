@@ -8,7 +8,9 @@ The call is the split's own (ops/prefill.py AutoPrefill._split): the (token, exp
   --prefetch  the kernel's software prefetch distance in bytes (-1: its default; kernels.tune)
   --register  1: the weights cudaHostRegister'ed, as streaming pins them (ops/stream.register_host)
   --load      none | copy (host→GPU copies from pinned memory on a side stream, as the streamed experts'
-              uploads) | spin (a competing busy process on one core) | copy+spin
+              uploads) | spin (a competing busy process on one core) | torch (the split's gather in torch,
+              untimed, just before each call: its OpenMP team may still spin when the kernel's team starts),
+              or several joined by + (copy+spin)
 Each row: the kernel's median ms and GB/s over the touched experts' bytes, and for copy loads the copies' own rate
 while the kernel ran, and whether they outlasted it (a row whose copies ended early says so).
 
@@ -120,8 +122,10 @@ def main():
             registered = False
         n = max(1, round(E * share))
         calls = []
+        toks = []
         for i, idx in enumerate(idxs):   # the split's call: pairs of experts [0, n) as P rows of top-1
             tok, e, pw = pairs(idx, w, 0, n)
+            toks.append(tok)
             calls.append((x[tok].contiguous(), e[:, None].to(torch.int64), pw[:, None].to(x.dtype), layers[i % a.layers]))
         outs = [torch.empty_like(c[0]) for c in calls]
         run = kernels.Runner()
@@ -135,6 +139,8 @@ def main():
             copy.start(len(calls) * (time.perf_counter() - t0))
         ts = []
         for i in range(len(calls)):
+            if "torch" in load:
+                torch.index_select(x, 0, toks[i], out=calls[i][0])
             t0 = time.perf_counter()
             call(i)
             ts.append(time.perf_counter() - t0)
