@@ -26,12 +26,13 @@ import subprocess
 import sys
 import time
 
+import ktcli  # noqa: F401  (before torch: the engine's OpenMP wait policy, ktcli/__init__.py)
 import torch
 
 from ktcli.engine.provenance import machine_info
 from ktcli.files import write_atomic
 from ktcli.ops import kernels
-from ktcli.ops.prefill import pairs
+from ktcli.ops.split import pairs
 from ktcli.ops.quant import hugepages, pack
 from ktcli.ops.stream import register_host
 

@@ -17,7 +17,7 @@ import torch
 from . import kernels
 from .base import DeviceOp
 from .cpu import CpuExperts, cpu_moe, kernel_path
-from .split import run_split
+from .split import pairs, run_split
 
 
 @dataclass
@@ -179,13 +179,6 @@ class StreamedExperts(DeviceOp):
         return torch.zeros_like(x).index_add_(0, tok, y)
 
 
-def pairs(idx, w, lo: int, hi: int):
-    """The (token, expert, weight) pairs routed to experts [lo, hi), flattened: [P] each (syncs on a GPU)."""
-    K = idx.shape[1]
-    sel = ((idx >= lo) & (idx < hi)).reshape(-1).nonzero().squeeze(1)
-    return sel // K, idx.reshape(-1)[sel], w.reshape(-1)[sel]
-
-
 def grouped_ok(x, fn) -> bool:
     """torch's grouped GEMM (one kernel per matrix for all experts, no host sync): bf16 on a Hopper-class GPU."""
     return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") and hasattr(fn, "full")
@@ -254,7 +247,11 @@ class AutoPrefill(DeviceOp):
 
     def _split(self, x, idx, w, n):
         """Experts [0, n) on the CPU while the GPU computes the rest (ops/split.py)."""
-        return run_split(self, x, idx, w, n)
+        y, took = run_split(self, x, idx, w, n)
+        st = self.experts.streamer
+        probed = layer_costs(self.experts, x.shape[0], st.top_k, st.rates)["cpu"] * n / self.experts.num_experts
+        st.observe_cpu("split", x.shape[0], took, probed)
+        return y
 
 
 def split_plan(experts, T: int, K: int, rates: PrefillRates, cpu_scale: float = 1.0,

@@ -35,6 +35,13 @@ class SplitBuffers:
         return b[:rows]
 
 
+def pairs(idx, w, lo: int, hi: int):
+    """The (token, expert, weight) pairs routed to experts [lo, hi), flattened: [P] each (syncs on a GPU)."""
+    K = idx.shape[1]
+    sel = ((idx >= lo) & (idx < hi)).reshape(-1).nonzero().squeeze(1)
+    return sel // K, idx.reshape(-1)[sel], w.reshape(-1)[sel]
+
+
 def buffers(st) -> SplitBuffers:
     if getattr(st, "split_buffers", None) is None:
         st.split_buffers = SplitBuffers(st.cuda)
@@ -42,8 +49,8 @@ def buffers(st) -> SplitBuffers:
 
 
 def run_split(op, x, idx, w, n: int):
-    """AutoPrefill `op`'s layer with experts [0, n) on the CPU: x [T,H], idx/w [T,K] on the GPU → y [T,H]."""
-    from .prefill import layer_costs, pairs
+    """AutoPrefill `op`'s layer with experts [0, n) on the CPU: x [T,H], idx/w [T,K] on the GPU → (y [T,H], the
+    CPU share's seconds from the host sync to the copy back, for the caller's calibration)."""
     st = op.experts.streamer
     (T, K), H, b = idx.shape, x.shape[1], buffers(st)
     xh, ih, wh = b.get("x", T, (H,), x.dtype), b.get("idx", T, (K,), idx.dtype), b.get("w", T, (K,), w.dtype)
@@ -67,6 +74,4 @@ def run_split(op, x, idx, w, n: int):
     for k, v in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
         st.stats[k] = st.stats.get(k, 0.0) + v
     st.stats["layers_split"] += 1
-    probed = layer_costs(op.experts, T, st.top_k, st.rates)["cpu"] * n / op.experts.num_experts
-    st.observe_cpu("split", T, t4 - t1, probed)
-    return y
+    return y, t4 - t1
