@@ -8,7 +8,7 @@ F.linear). Layers are rotated so that every call reads cold weights (working set
 
 Kernel knobs can be swept (each a comma list): --chunk (rows handed to threads in chunks of this many KiB, 0 = one range per thread), --prefetch
 (software prefetch distance in bytes, 0 = off), --int8-act (int8/int4 weights: 1 = int8 activations with
-integer dot products, 0 = fp32 activations), --pipeline (see kernels.tune); --phases adds where each call's
+integer dot products, 0 = fp32 activations), --pipeline, --amx, --amx-pf (see kernels.tune); --phases adds where each call's
 time goes (kernels.profile). The read bandwidth is probed at the start, before each format and batch, and at the
 end; each row also times the kernel --rounds times, each between two readings of the start probe's best reader.
 The reference (`% ceil`) is the run's ceiling: the largest of every reading of every reader (probes and paired
@@ -22,14 +22,14 @@ own share from its L2. Its GB/s is how fast the kernel can consume weights when 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
 import time
 
+import ktcli  # noqa: F401  (before torch: the engine's OpenMP wait policy, ktcli/__init__.py)
 import torch
-
-import itertools
 
 from ktcli.engine.bandwidth import PROBES, cpu_readings, probe_buffer, stream_reader
 from ktcli.engine.provenance import machine_info
@@ -133,6 +133,8 @@ def main():
     ap.add_argument("--int8-act", default="-1", help="comma list of 0/1; -1 = the kernel's default")
     ap.add_argument("--pipeline", default="-1", help="comma list of 0/1 (two phases / one task list); -1 = default")
     ap.add_argument("--amx", default="-1", help="comma list of 0/1 (bf16/int8 experts with ≥ 8 tokens in AMX tiles); -1 = default")
+    ap.add_argument("--amx-pf", default="-1", help="comma list of 0/1 (the tiles' row prefetch: 0 each row ahead, "
+                    "1 the next block in address order); -1 = default")
     ap.add_argument("--phases", action="store_true", help="per-thread timestamps of --reps calls per row")
     ap.add_argument("--resident", action="store_true", help="compute ceiling: weights L2-resident (see above)")
     ap.add_argument("--resident-mb", type=float, default=13.0)
@@ -207,10 +209,11 @@ def main():
                 if T <= a.stock_max_t else float("nan")
             bw = probe(f"{fmt}-T{T}")
             for knob in itertools.product(ints(a.chunk), ints(a.prefetch), acts, ints(a.pipeline),
-                                          ints(a.amx) if fmt in ("bf16", "int8") else [-1]):
+                                          ints(a.amx) if fmt in ("bf16", "int8") else [-1],
+                                          ints(a.amx_pf) if fmt in ("bf16", "int8") else [-1]):
                 out = torch.empty(T, H, dtype=torch.bfloat16)
                 run = kernels.Runner()
-                was = kernels.tune(*knob[:4], amx=knob[4]) if lib else None
+                was = kernels.tune(*knob[:4], amx=knob[4], amx_pf=knob[5]) if lib else None
                 call = lambda i: run(lib, xs[i % a.layers], idxs[i % len(idxs)], ws[i % a.layers],  # noqa: E731
                                      layers[i % a.layers], out, a.threads)
                 kt, pr, pref = paired(call, nbytes) if lib else (float("nan"),) * 3
@@ -230,7 +233,7 @@ def main():
                        **({"phases_us": phases} if phases else {})}
                 res["rows"].append(row)
                 tag = "/".join(str(knobs.get(k, "-")) for k in kernels.KNOBS)
-                print(f"{fmt:5} {T:3d} {tag:>14} {kt * 1e3:9.3f} {row['kernel_GBps']:7.1f} {100 * row['kernel_ratio']:5.1f}% "
+                print(f"{fmt:5} {T:3d} {tag:>18} {kt * 1e3:9.3f} {row['kernel_GBps']:7.1f} {100 * row['kernel_ratio']:5.1f}% "
                       f"{100 * pr:5.1f}% | "
                       f"{st * 1e3:8.3f} {row['torch_GBps']:7.1f} {100 * row['torch_ratio']:5.1f}% | {err:.1e} {qerr:.1e}"
                       + (f" | {row['kernel_TFLOPs']:.2f} TFLOP/s" if T > kernels.MAX_TOKENS else ""),

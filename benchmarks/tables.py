@@ -78,10 +78,10 @@ def decode(d, kind="tg") -> str:
                     f"{b.get('cpu_experts_ms', 0):.2f}", f"{b.get('ms_per_token', 0):.2f}",
                     _us(b.get("kernel_us_per_layer")), _us(b.get("fixed_us_per_layer"))]
         elif pre:
-            pre, ph = r.get("prefill_roofline"), r.get("prefill_phases") or {}
+            roof, ph = r.get("prefill_roofline"), r.get("prefill_phases") or {}   # none: a CPU-only row
             row += [f"{100 * r['roofline_ratio']:.1f}%" if r.get("roofline_ratio") else "",
-                    f"{pre['best_tps']:.0f}" if pre else "", f"{ph.get('upload_s', 0):.3f}" if pre else "",
-                    f"{ph.get('stall_s', 0):.3f}" if pre else ""]
+                    f"{roof['best_tps']:.0f}" if roof else "", f"{ph.get('upload_s', 0):.3f}" if roof else "",
+                    f"{ph.get('stall_s', 0):.3f}" if roof else ""]
             if split:
                 row += [f"{ph.get('layers_split', 0):.0f} / {ph.get('split_cpu_s', 0):.3f}"]
             if scale:
@@ -117,13 +117,14 @@ def kernel(d) -> str:
         c = {"value": max(rates), "source": "start probe and rows only: the run was cut short, its paired "
                                             "readings were not saved"}
     rows, amx = [], any("amx" in r for r in d["rows"])   # runs since the AMX path: its knob and TFLOP/s shown
+    swept = [k for k in ("chunk", "prefetch", "amx_pf") if len({r.get(k) for r in d["rows"]}) > 1]   # a sweep's knobs
     for r in d["rows"]:
         pct = lambda gbps: 100 * gbps * 1e9 / c["value"]   # noqa: E731
         torch_txt = "" if r["torch_ms"] != r["torch_ms"] else f"{r['torch_GBps']:.1f} ({pct(r['torch_GBps']):.1f}%)"
         extra = [{1: "on", 0: "off"}.get(r.get("amx"), "-"), f"{r.get('kernel_TFLOPs', 0):.2f}"] if amx else []
-        rows.append([r["format"], str(r["T"]), *extra, f"{r['kernel_ms']:.3f}", f"{r['kernel_GBps']:.1f}",
+        rows.append([r["format"], str(r["T"]), *extra, *(str(r.get(k)) for k in swept), f"{r['kernel_ms']:.3f}", f"{r['kernel_GBps']:.1f}",
                      f"{pct(r['kernel_GBps']):.1f}%", torch_txt, f"{r['rel_err_vs_dequant_fp32']:.1e}"])
-    return (_table(["format", "T", *(["AMX", "TFLOP/s"] if amx else []), "kernel ms", "GB/s", "% of ceiling",
+    return (_table(["format", "T", *(["AMX", "TFLOP/s"] if amx else []), *swept, "kernel ms", "GB/s", "% of ceiling",
                     "stock torch GB/s (% of ceiling)", "error vs fp32 ref"], rows)
             + f"\n\nceiling {c['value'] / 1e9:.1f} GB/s ({c['source']})")
 

@@ -97,3 +97,19 @@ def test_a_step_from_embeddings_equals_a_step_from_ids(setup):
     e.set_len(25)
     from_embeds = e.forward(tok, pos, b.model.get_input_embeddings()(tok))
     assert torch.equal(from_ids, from_embeds)
+
+
+def test_openmp_sleeps_unless_the_user_says_otherwise():
+    """ktcli sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP (its spinning threads slowed the CPU expert
+    kernel's team 2.2×); a user's own value is kept, and bench records the one in force."""
+    import os
+    import subprocess
+    import sys
+    code = ("import os, ktcli, torch; from ktcli.engine.provenance import machine_info; "
+            "print(os.environ['OMP_WAIT_POLICY'], machine_info()['omp_wait_policy'])")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["PASSIVE", "PASSIVE"]
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["ACTIVE", "ACTIVE"]

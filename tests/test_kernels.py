@@ -240,11 +240,13 @@ def test_int8_act_env_switch_turns_the_integer_path_off_and_on():
 
 @needs_kernel
 def test_amx_env_switch():
-    """KTCLI_CPU_AMX=0 turns the tiles off where the CPU has them; =2 runs them (the twin here) everywhere."""
-    code = "from ktcli.ops import kernels; kernels.get(); print(kernels.tune()[6], kernels.caps()['amx_on'])"
-    out = lambda v: subprocess.run([sys.executable, "-c", code], env={**os.environ, "KTCLI_CPU_AMX": v},  # noqa: E731
-                                   capture_output=True, text=True).stdout.strip()
-    assert out("0") == "0 False" and out("2") == "2 True"
+    """KTCLI_CPU_AMX=0 turns the tiles off where the CPU has them; =2 runs them (the twin here) everywhere;
+    KTCLI_CPU_AMX_PF picks their row prefetch."""
+    code = "from ktcli.ops import kernels; kernels.get(); print(*kernels.tune()[6:], kernels.caps()['amx_on'])"
+    out = lambda v, pf="0": subprocess.run([sys.executable, "-c", code],  # noqa: E731
+                                           env={**os.environ, "KTCLI_CPU_AMX": v, "KTCLI_CPU_AMX_PF": pf},
+                                           capture_output=True, text=True).stdout.strip()
+    assert out("0") == "0 0 False" and out("2", "1") == "2 1 True"
 
 
 @needs_kernel
@@ -328,7 +330,7 @@ def test_amx_tiles_match_reference_and_row_dots(fmt, E, H, I, K, T):
     """Experts with ≥ 8 pairs through AMX tiles (the CPU's, or the plain-C twin where it has none: the panel
     layout, the 16-row blocks and tails, uneven loads): bf16 on the bf16 dot path (H or I not a multiple of 32
     keeps that matrix on row dots), int8 on the int8-activation path (the same integer sums per block as the row
-    dots). Every schedule; the call is counted as an AMX call only where a matrix qualified."""
+    dots). Every schedule and both prefetch patterns; the call is counted as an AMX call only where a matrix qualified."""
     path = "dpbf16" if fmt == "bf16" else "vnni"
     if not kernels.caps()[path]:
         pytest.skip(f"AMX tiles take the {path} path's activations")
@@ -342,8 +344,8 @@ def test_amx_tiles_match_reference_and_row_dots(fmt, E, H, I, K, T):
     kernels.Runner()(lib, x, idx, w, ew, rows, 2)
     kernels.tune(*was)
     step = 32 if fmt == "bf16" else 128
-    for chunk, pipe in [(256, 1), (256, 0), (0, 0), (1, 1)]:
-        was = kernels.tune(chunk=chunk, pipeline=pipe, int8_act=1, amx=1 if kernels.caps()["amx"] else 2)
+    for chunk, pipe, pf in [(256, 1, 0), (256, 0, 1), (0, 0, 0), (1, 1, 1)]:   # pf: the tiles' prefetch (AMX only)
+        was = kernels.tune(chunk=chunk, pipeline=pipe, int8_act=1, amx=1 if kernels.caps()["amx"] else 2, amx_pf=pf)
         try:
             kernels.take_stats()
             out = torch.full((T, H), float("nan"))

@@ -42,7 +42,8 @@ def machine_info() -> dict:
     import transformers
     info = {"cpu": cpu_model(), "cores": os.cpu_count(), "host": platform.node(), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
-            "git_commit": git_commit(), "kernel": kernel_state()}
+            "git_commit": git_commit(), "kernel": kernel_state(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

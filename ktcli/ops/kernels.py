@@ -137,21 +137,22 @@ def bf16_activations() -> bool:
     return caps()["dpbf16"]
 
 
-KNOBS = ("chunk", "prefetch", "int8_act", "pipeline", "spin_us", "pin", "amx")
+KNOBS = ("chunk", "prefetch", "int8_act", "pipeline", "spin_us", "pin", "amx", "amx_pf")
 
 
 def tune(chunk: int = -1, prefetch: int = -1, int8_act: int = -1, pipeline: int = -1, spin_us: int = -1,
-         pin: int = -1, amx: int = -1) -> tuple:
+         pin: int = -1, amx: int = -1, amx_pf: int = -1) -> tuple:
     """Kernel knobs (benchmarks, tests); -1 keeps a setting. chunk: rows handed to threads in tasks of this many
     KiB of weights (0 = one contiguous range per thread); prefetch: software prefetch distance in bytes (0 = off);
     int8_act: int8 activations for int8/int4 weights (1 on, 0 off); pipeline: one task list over both matrices,
     an expert's down rows waiting only for its own gate/up rows (1), or two phases with a barrier between (0);
     spin_us: how long an idle worker spins before sleeping (KTCLI_CPU_SPIN_US); pin: workers pinned to cores
     (KTCLI_CPU_PIN; a change restarts the team); amx: bf16 experts with ≥ 8 tokens in a call through AMX tiles
-    (0 off, 1 where the CPU has AMX, 2 also the plain-C twin elsewhere: tests). Returns the previous settings, in KNOBS order, which
-    `tune(*was)` restores."""
+    (0 off, 1 where the CPU has AMX, 2 also the plain-C twin elsewhere: tests); amx_pf: how the tiles prefetch
+    weight rows (0 each row's bytes ahead, 1 the next 32-row block swept in address order; amx.h). Returns the
+    previous settings, in KNOBS order, which `tune(*was)` restores."""
     return _tune(get(), chunk=chunk, prefetch=prefetch, int8_act=int8_act, pipeline=pipeline, spin_us=spin_us,
-                 pin=pin, amx=amx)
+                 pin=pin, amx=amx, amx_pf=amx_pf)
 
 
 def _tune(lib, **knobs) -> tuple:

@@ -24,11 +24,13 @@
 #define AMX_MIN 8            /* pairs of an expert from which its rows go through tiles */
 static int amx_hw;           /* the build has AMX and the OS granted the tile state (arch_prctl) */
 static int amx_mode = 1;     /* 0 off, 1 where amx_hw, 2 everywhere (the twin where no AMX: tests) */
+static int amx_pf = 0;       /* how the tiles prefetch weight rows (prefetch_rows below) */
 static __thread int amx_cfg; /* this thread loaded the tile configuration (released at the end of its work) */
 
 __attribute__((constructor)) static void amx_init(void) {
     const char *e = getenv("KTCLI_CPU_AMX");   /* 0 / 1 / 2: the amx knob (A/B runs) */
     if (e) amx_mode = atoi(e);
+    if ((e = getenv("KTCLI_CPU_AMX_PF"))) amx_pf = atoi(e);   /* 0 / 1: the tiles' row prefetch (A/B runs) */
 #if AMX_BUILD
     amx_hw = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
 #endif
@@ -66,23 +68,31 @@ static void amx_config(void) {
     amx_cfg = 1;
 }
 
-/* Weight rows come straight from DRAM into tile loads, 32 rows (streams) at a time: each step prefetches the
- * rows' bytes pd = pf_bytes / 512 steps ahead (4096: 8 steps, 512 bytes a row), running on into the next block's
- * rows (pf; NULL: none) near the end. */
-static inline void prefetch_rows(const char *w, const char *pf, long rb, int kb, int nk, int step) {
+/* Weight rows come straight from DRAM into tile loads, 32 rows (streams) at a time. amx_pf 0: each step prefetches
+ * the rows' bytes pd = pf_bytes / 512 steps ahead (4096: 8 steps, 512 bytes a row), running on into the next
+ * block's rows (pf; NULL: none) near the end. amx_pf 1: the next block, 32 consecutive rows and so one contiguous
+ * region, is swept into L2 in address order, 32 lines a step (one DRAM stream, not 32 strided ones); a block that
+ * no earlier one swept (`cold`: a task's first) also gets the lookahead of mode 0 for itself. */
+static inline void prefetch_rows(const char *w, const char *pf, long rb, int kb, int nk, int step, int cold) {
+    if (amx_pf && pf) {
+        const char *next = pf + (size_t)kb * 32 * step;   /* 32·rb bytes over nk steps: 32 lines a step */
+        for (int i = 0; i < 32; i++) _mm_prefetch(next + i * 64, _MM_HINT_T1);
+        if (!cold) return;
+    }
     int pd = pf_bytes / 512 > 0 ? pf_bytes / 512 : 1;
-    const char *base = kb + pd < nk ? w + (size_t)(kb + pd) * step : pf ? pf + (size_t)(kb + pd - nk) * step : NULL;
+    const char *base = kb + pd < nk ? w + (size_t)(kb + pd) * step
+                     : pf && !amx_pf ? pf + (size_t)(kb + pd - nk) * step : NULL;
     if (base) for (int i = 0; i < 32; i++) _mm_prefetch(base + i * rb, _MM_HINT_T0);
 }
 
 /* c[a·2 + b] = rows [16a, 16a+16) of w · the 16 vectors of group b, over nk steps of 32 inputs; tiles 0-3 hold
  * c, 4-5 the weights, 6-7 the vectors. pf: the next row block (NULL: none). */
 static void tiles_hw(const uint16_t *w, long C, const uint32_t *g0, const uint32_t *g1, int two_r, int nk,
-                     const uint16_t *pf, float c[4][16][16]) {
+                     const uint16_t *pf, int cold, float c[4][16][16]) {
     amx_config();
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     for (int kb = 0; kb < nk; kb++) {
-        if (pf_bytes) prefetch_rows((const char *)w, (const char *)pf, C * 2, kb, nk, 64);
+        if (pf_bytes) prefetch_rows((const char *)w, (const char *)pf, C * 2, kb, nk, 64, cold);
         _tile_loadd(4, w + kb * 32, C * 2);
         _tile_loadd(6, g0 + kb * 256, 64);
         _tile_dpbf16ps(0, 4, 6);
@@ -99,14 +109,14 @@ static void tiles_hw(const uint16_t *w, long C, const uint32_t *g0, const uint32
 /* int8: per block of QB = 128 inputs (two tdpbusd steps of 64) the integer sums are stored and added into c
  * with the block's scale per vector (sc[b] + blk·16: 16 vectors' scales). */
 static void tiles_i8_hw(const uint8_t *w, long C, const uint32_t *g0, const uint32_t *g1, int two_r, int nblk,
-                        const float *const *sc, const uint8_t *pf, float c[4][16][16]) {
+                        const float *const *sc, const uint8_t *pf, int cold, float c[4][16][16]) {
     int32_t d[4][16][16] __attribute__((aligned(64)));
     amx_config();
     memset(c, 0, sizeof(float) * 4 * 16 * 16);
     for (int blk = 0; blk < nblk; blk++) {
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
         for (int kb = 2 * blk; kb < 2 * blk + 2; kb++) {
-            if (pf_bytes) prefetch_rows((const char *)w, (const char *)pf, C, kb, 2 * nblk, 64);
+            if (pf_bytes) prefetch_rows((const char *)w, (const char *)pf, C, kb, 2 * nblk, 64, cold);
             _tile_loadd(4, w + kb * 64, C);
             _tile_loadd(6, g0 + kb * 256, 64);
             _tile_dpbusd(0, 4, 6);
@@ -206,10 +216,11 @@ static void amx_rows(int fmt, const void *we, const float *sw, int R, const Acts
         for (int r = r0; r + 16 <= r1; r += 32) {
             int two_r = r + 32 <= r1;
             const uint8_t *w = (const uint8_t *)we + r * rb, *pf = r + 32 < r1 ? w + 32 * rb : NULL;
-            (void)pf;   /* the hardware tiles' prefetch only */
+            int cold = g == 0 && r == r0;   /* no earlier block of this call swept its rows in */
+            (void)pf, (void)cold;           /* the hardware tiles' prefetch only */
 #if AMX_BUILD
-            if (amx_hw && fmt == 0) tiles_hw((const uint16_t *)w, C, g0, g1, two_r, C / 32, (const uint16_t *)pf, c);
-            else if (amx_hw) tiles_i8_hw(w, C, g0, g1, two_r, nblk, sc, pf, c);
+            if (amx_hw && fmt == 0) tiles_hw((const uint16_t *)w, C, g0, g1, two_r, C / 32, (const uint16_t *)pf, cold, c);
+            else if (amx_hw) tiles_i8_hw(w, C, g0, g1, two_r, nblk, sc, pf, cold, c);
             else
 #endif
             if (fmt == 0) tiles_c((const uint16_t *)w, C, g0, g1, two_r, C / 32, c);

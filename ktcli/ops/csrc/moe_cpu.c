@@ -35,12 +35,12 @@ void moe_shutdown(void) {
     pthread_mutex_unlock(&team_lock);
 }
 
-/* Tuning knobs for benchmarks and tests, in this order: chunk, prefetch, idot, pipelined, spin_us, pin, amx.
- * Writes the settings in force to was[7], then applies set[7] (a negative value keeps a setting). A new pin
+/* Tuning knobs for benchmarks and tests, in this order: chunk, prefetch, idot, pipelined, spin_us, pin, amx, amx_pf.
+ * Writes the settings in force to was[8], then applies set[8] (a negative value keeps a setting). A new pin
  * setting restarts the thread team. */
 void moe_tune(const int *set, int *was) {
-    int *knob[] = {&chunk_kb, &pf_bytes, &int_dot, &pipelined, &spin_us, &pin, &amx_mode};
-    for (int k = 0; k < 7; k++) {
+    int *knob[] = {&chunk_kb, &pf_bytes, &int_dot, &pipelined, &spin_us, &pin, &amx_mode, &amx_pf};
+    for (int k = 0; k < 8; k++) {
         was[k] = *knob[k];
         if (set[k] >= 0) *knob[k] = set[k];
     }
