@@ -38,18 +38,18 @@ case $what in
     python3 benchmarks/cpu_experts.py --hidden 2048 --inter 768 --experts 128 --topk 8 --layers 3 --threads 16 \
         --reps 4 --rounds 2 --batches 512 --formats bf16,int8 --amx 1 --prefetch 2048,4096,8192 --stock-max-t 0 \
         --phases --out $out/cpu-experts-amx-prefetch-qwen3-30b-shape.json ;;
-  passive)  # #14: OpenMP's wait policy and the tiles' row prefetch, each A/B'd on one host: `auto` and the CPU alone at
-            # pp512 (Qwen3-30B bf16) with torch's OpenMP threads spinning (ACTIVE) and asleep (PASSIVE, ktcli's
-            # default), then the kernel alone per prefetch pattern and task size, then the engine with the new pattern
+  passive)  # #14: the tiles' row prefetch per pattern and task size (the kernel alone), then OpenMP's wait policy and
+            # the new pattern A/B'd on one host: `auto` and the CPU alone at pp512 (Qwen3-30B bf16) with torch's
+            # OpenMP threads spinning (ACTIVE) and asleep (PASSIVE, ktcli's default), then PASSIVE with amx_pf 1
+    python3 benchmarks/cpu_experts.py --hidden 2048 --inter 768 --experts 128 --topk 8 --layers 3 --threads 16 \
+        --reps 4 --rounds 2 --batches 512 --formats bf16,int8 --amx 1 --amx-pf 0,1 --chunk 256,1024 \
+        --stock-max-t 0 --out $out/cpu-experts-amx-pf-qwen3-30b-shape.json
     p=profiles/qwen3-30b-a3b-cpu-experts.yaml c=/tmp/qwen3-30b-a3b-cpu-experts-cpu.yaml
     sed -e 's/prefill_device: auto,/prefill_device: cpu,/' -e 's/^\( *\)prefill_device: "auto"/\1prefill_device: "cpu"/' $p > $c
     for w in ACTIVE PASSIVE; do
       OMP_WAIT_POLICY=$w python3 -m ktcli bench $p $c -p ${PP:-512} -n 0 -r 2 -o json \
           --output-file $out/prefill-omp-$(echo $w | tr A-Z a-z)-qwen3-30b-a3b-bf16.json
     done
-    python3 benchmarks/cpu_experts.py --hidden 2048 --inter 768 --experts 128 --topk 8 --layers 3 --threads 16 \
-        --reps 4 --rounds 2 --batches 512 --formats bf16,int8 --amx 1 --amx-pf 0,1 --chunk 256,1024 \
-        --stock-max-t 0 --out $out/cpu-experts-amx-pf-qwen3-30b-shape.json
     KTCLI_CPU_AMX_PF=1 python3 -m ktcli bench $p $c -p ${PP:-512} -n 0 -r 2 -o json \
         --output-file $out/prefill-amx-pf1-qwen3-30b-a3b-bf16.json ;;
   fresh)    # the same decode in three fresh processes (the spread between processes; DESIGN.md's lazily populated
