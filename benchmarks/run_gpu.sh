@@ -42,7 +42,7 @@ case $what in
             # the new pattern A/B'd on one host: `auto` and the CPU alone at pp512 (Qwen3-30B bf16) with torch's
             # OpenMP threads spinning (ACTIVE) and asleep (PASSIVE, ktcli's default), then PASSIVE with amx_pf 1
     python3 benchmarks/cpu_experts.py --hidden 2048 --inter 768 --experts 128 --topk 8 --layers 3 --threads 16 \
-        --reps 4 --rounds 2 --batches 512 --formats bf16,int8 --amx 1 --amx-pf 0,1 --chunk 256,1024 \
+        --reps 4 --rounds 2 --batches 512 --formats bf16,int8 --amx 1 --amx-pf 0,1 --chunk ${CHUNKS:-256,1024} \
         --stock-max-t 0 --out $out/cpu-experts-amx-pf-qwen3-30b-shape.json
     p=profiles/qwen3-30b-a3b-cpu-experts.yaml c=/tmp/qwen3-30b-a3b-cpu-experts-cpu.yaml
     sed -e 's/prefill_device: auto,/prefill_device: cpu,/' -e 's/^\( *\)prefill_device: "auto"/\1prefill_device: "cpu"/' $p > $c
