@@ -99,17 +99,24 @@ def test_a_step_from_embeddings_equals_a_step_from_ids(setup):
     assert torch.equal(from_ids, from_embeds)
 
 
-def test_openmp_sleeps_unless_the_user_says_otherwise():
-    """ktcli sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP (its spinning threads slowed the CPU expert
-    kernel's team 2.2×); a user's own value is kept, and bench records the one in force."""
+def test_openmp_sleeps_beside_a_gpu_unless_the_user_says_otherwise():
+    """OMP_WAIT_POLICY=PASSIVE where a GPU is visible (torch's spinning OpenMP threads slowed the CPU expert
+    kernel's team 2.2×), OpenMP's default without one (torch does the work there); a user's value is kept, and
+    bench records the one in force. Decided before torch loads: a fresh interpreter shows it took effect there."""
     import os
     import subprocess
     import sys
+    from ktcli.openmp import settle
+    gpu, none = (lambda p: p == "/dev/nvidiactl"), (lambda p: False)
+    assert settle({}, gpu) == "PASSIVE" and settle({}, none) == ""
+    assert settle({"OMP_WAIT_POLICY": "ACTIVE"}, gpu) == "ACTIVE"
+    assert settle({"CUDA_VISIBLE_DEVICES": ""}, gpu) == "" and settle({"CUDA_VISIBLE_DEVICES": "0"}, gpu) == "PASSIVE"
     code = ("import os, ktcli, torch; from ktcli.engine.provenance import machine_info; "
-            "print(os.environ['OMP_WAIT_POLICY'], machine_info()['omp_wait_policy'])")
+            "print(os.environ.get('OMP_WAIT_POLICY', '-'), machine_info()['omp_wait_policy'] or '-')")
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    want = "PASSIVE" if (os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/kfd")) else "-"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["PASSIVE", "PASSIVE"]
+    assert out.split() == [want, want]
     env["OMP_WAIT_POLICY"] = "ACTIVE"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["ACTIVE", "ACTIVE"]

@@ -1,7 +1,7 @@
 """The package's import graph follows the data path: no module imports a later stage, and no import loops.
 
 Order (a module may import its own stage or an earlier one):
-  errors, files → profile → ops → model → placement → engine → report → server → commands → cli
+  openmp, errors, files → profile → ops → model → placement → engine → report → server → commands → cli
 ops sits before model and placement because the model is built from operators and placement's checks read
 the operators' declarations; model before placement because the plan is made over the model's meta structure.
 """
@@ -11,7 +11,7 @@ import os
 import pytest
 
 PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ktcli")
-ORDER = [("__init__", "errors", "files"), ("profile",), ("ops",), ("model",), ("placement",), ("engine",),
+ORDER = [("__init__", "openmp", "errors", "files"), ("profile",), ("ops",), ("model",), ("placement",), ("engine",),
          ("report",), ("server",), ("commands",), ("cli", "__main__")]
 RANK = {name: i for i, names in enumerate(ORDER) for name in names}
 
