@@ -231,3 +231,5 @@ def test_prefill_line_shows_uploads_splits_and_the_calibration():
             "for its inputs 0.300 s);") in md([row], {})
     row["prefill_phases"]["cpu_alone_scale"] = {"512": 0.97}
     assert "T 512-1023: 1.29×; CPU layers' time ÷ probed: T 512-1023: 0.97×" in md([row], {})
+    row["prefill_phases"].update(moe_s=1.25, run_s=1.84)   # the CPU thread inside MoE layers, of the run's time
+    assert "T 512-1023: 0.97×; the CPU thread spent 1.250 s of 1.840 s in MoE layers" in md([row], {})

@@ -64,6 +64,7 @@ def test_prefill_logits_match_transformers(tmp_path, ckpt, fmt, group, rules, wa
     stats = b.streamer.take_stats()
     assert (stats["layers_streamed"] > 0) == (way != "cpu") and (stats["layers_cpu"] > 0) == (way == "cpu")
     assert (stats["layers_split"] > 0) == (way == "split")
+    assert stats["moe_s"] >= stats["split_cpu_s"] and stats["moe_s"] > 0   # the CPU thread's time in MoE layers
     with torch.no_grad():
         want = ref(torch.tensor([ids]).cuda()).logits[:, -1]
     tol = 1e-5 if dtype == "float32" and (way == "stream" or fmt == "bf16") else 2e-2   # CPU int: int8 activations
@@ -93,6 +94,8 @@ def test_bench_prints_a_prefill_roofline(tmp_path, ckpt, cli):
     rec = json.load(open(tmp_path / "b.json"))["results"][0]
     assert rec["test"] == "pp512" and 0 < rec["roofline_ratio"]
     assert rec["prefill_roofline"]["rates"]["pcie_GBps"] > 1
+    ph = rec["prefill_phases"]
+    assert 0 < ph["moe_s"] < ph["run_s"] and abs(ph["run_s"] - 512 / rec["tps_mean"]) < 0.5 * ph["run_s"]
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])

@@ -215,6 +215,12 @@ class AutoPrefill(DeviceOp):
     def __call__(self, x, idx, w):
         if x.device.type == "cpu" or getattr(self.experts, "streamer", None) is None:
             return self.cpu(x, idx, w)
+        t0 = time.perf_counter()
+        y = self._route(x, idx, w)
+        self.experts.streamer.stats["moe_s"] += time.perf_counter() - t0   # the CPU thread's time in MoE calls
+        return y
+
+    def _route(self, x, idx, w):
         T = x.shape[0]
         p = self.plan(T)
         self.cpu.long_bf16 = p.get("kernel", False)

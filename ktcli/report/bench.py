@@ -107,7 +107,9 @@ def md(records: list, meta: dict) -> str:
                     + ("; split CPU time ÷ probed: " + calibration_text(ph["cpu_scale"])
                        if ph.get("cpu_scale") else "")
                     + ("; CPU layers' time ÷ probed: " + calibration_text(ph["cpu_alone_scale"])
-                       if ph.get("cpu_alone_scale") else ""))
+                       if ph.get("cpu_alone_scale") else "")
+                    + (f"; the CPU thread spent {ph['moe_s']:.3f} s of {ph['run_s']:.3f} s in MoE layers"
+                       if ph.get("moe_s") and ph.get("run_s") else ""))
     if meta.get("bandwidth"):
         out += "\n\n" + ceiling_line(meta["bandwidth"])
     if meta.get("notes"):
