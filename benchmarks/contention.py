@@ -1,7 +1,7 @@
 """Why a split prefill's CPU share runs slower than the same kernel alone: one layer's CPU experts, timed alone and
 under each load the engine puts beside them, one factor at a time, in one process.
 
-The call is the split's own (ops/prefill.py AutoPrefill._split): the (token, expert) pairs routed to experts
+The call is the split's own (ops/split.py run_split): the (token, expert) pairs routed to experts
 [0, n) gathered into P rows of top-1, one kernel call. Factors (each a comma list, every combination timed):
   --share     fraction of the layer's experts on the CPU (0.26: what `auto` gave Qwen3 bf16 pp512)
   --threads   the kernel team's size (16 = every core, the engine's default)

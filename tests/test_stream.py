@@ -8,7 +8,8 @@ import torch
 
 from conftest import H100
 from ktcli.ops.base import HybridExperts, eager_reference
-from ktcli.ops.prefill import PrefillRates, StreamedExperts, cpu_seconds, layer_costs, used_experts
+from ktcli.ops.costs import PrefillRates, cpu_seconds, layer_costs, used_experts
+from ktcli.ops.prefill import StreamedExperts
 from ktcli.ops.stream import Streamer
 from test_kernel_model import built_on_cpu, with_format
 from tiny import experts_rule, make_checkpoint
@@ -201,7 +202,7 @@ def test_split_layers_match_the_eager_reference_and_copy_only_the_gpu_share(tmp_
 
 
 def test_split_choice_balances_the_cpu_and_the_copy():
-    from ktcli.ops.prefill import choose
+    from ktcli.ops.costs import choose
     # equal costs: half the experts each, half the time
     assert choose(1.0, 1.0, 0.0, 64) == {"way": "split", "n_cpu": 32, "seconds": 0.5}
     # the CPU 3x slower: it takes a quarter
@@ -220,10 +221,12 @@ def test_split_choice_balances_the_cpu_and_the_copy():
 def test_split_share_follows_the_cpu_time_the_run_measured(tmp_path, ckpt):
     """The split's CPU share is planned with the probed rates until a prefill's splits measure the CPU: then with
     what they measured (per chunk-length bucket), and the roofline stays on the probes."""
-    from ktcli.ops.prefill import AutoPrefill, split_plan
+    from ktcli.ops.costs import split_plan
+    from ktcli.ops.prefill import AutoPrefill
     layers, st = streamed_model(tmp_path, ckpt, "bf16")
     m = layers[0]
     op = m.ops["prefill"] = AutoPrefill(m, None, None)
+    op._first = False                                     # not the exploring layer (next test)
     E, T = m.num_experts, 512
     st.rates = PrefillRates(pcie_bps=1e9, cpu_bps=1e9, cpu_flops=1e9)
     s = split_plan(m, T, st.top_k, st.rates)
@@ -249,8 +252,45 @@ def test_split_share_follows_the_cpu_time_the_run_measured(tmp_path, ckpt):
     assert op.plan(T)["way"] == "cpu"
 
 
+def test_the_first_auto_layer_tries_the_cpu_way_the_plan_rejected_until_it_is_measured(tmp_path, ckpt):
+    """A CPU way no layer has measured is run once per chunk-length bucket, by the first `auto` layer only, where
+    its predicted time is within EXPLORE× of the plan's; the pipeline asks the same choice (its upload of the
+    GPU's share follows it), and once measured the plan stands. A plan far worse, or forced, is not explored."""
+    from ktcli.ops.costs import EXPLORE, explore
+    from ktcli.ops.prefill import AutoPrefill
+    layers, st = streamed_model(tmp_path, ckpt, "bf16")
+    ops = [AutoPrefill(m, None, None) for m in layers]
+    for m, op in zip(layers, ops):
+        m.ops["prefill"] = op
+    E, T = layers[0].num_experts, 512
+    st.rates = PrefillRates(pcie_bps=1e9, cpu_bps=1e9, cpu_flops=1e9)
+    cpu = ops[0].plan(T)["cpu_s"]
+    st.rates.pcie_bps = layers[0].stream_src.nbytes() / cpu          # a split at half the experts is best …
+    p = ops[0].plan(T)
+    assert p["way"] == "split" and p["alts"]["cpu"]["seconds"] <= EXPLORE * p["seconds"]   # … the CPU close behind
+    first, rest = ops[0].choice(T), ops[1].choice(T)
+    assert first["way"] == "cpu" and first["explore"] and ops[0].cpu_share(T) == E and not ops[0].streams(T)
+    assert rest == p and ops[1].cpu_share(T) == p["n_cpu"]
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(T, layers[0].hidden, generator=gen)
+    idx, w = routed(T, E, st.top_k, gen)
+    st.take_stats()
+    ops[0]._route(x, idx, w)                                          # runs the whole layer on the CPU, timed
+    assert st.take_stats()["layers_cpu"] == 1 and st.calibration("cpu")
+    if ops[0].choice(T).get("explore"):                               # the CPU measured faster: now cpu is the plan
+        assert ops[0].choice(T)["way"] == "split" == ops[0].plan(T)["alts"]["split"]["way"]   # and the split untried
+        ops[0]._route(x, idx, w)
+        assert st.take_stats()["layers_split"] == 1
+    assert ops[0].choice(T) == ops[0].plan(T)                          # both measured: the plan stands
+    split = {"way": "cpu", "n_cpu": E, "seconds": 1.0, "alts": {"split": {"way": "split", "n_cpu": 3, "seconds": 0.9}}}
+    assert explore(split, lambda way: False)["way"] == "split"        # and the other way round
+    far = {**split, "alts": {"split": {"way": "split", "n_cpu": 3, "seconds": EXPLORE + 0.1}}}
+    assert explore(far, lambda way: False) == far and explore(split, lambda way: True) == split
+    assert explore({"way": "split", "n_cpu": 3, "seconds": 0.0}, lambda way: False)["way"] == "split"   # forced
+
+
 def test_cpu_gemm_rate_follows_the_rows_per_expert():
-    from ktcli.ops.prefill import gemm_rate
+    from ktcli.ops.costs import gemm_rate
     r = PrefillRates(cpu_flops=4e12, cpu_flops_small=0.5e12)
     assert gemm_rate(r, 8) == 0.5e12 and gemm_rate(r, 512) == 4e12
     assert 0.5e12 < gemm_rate(r, 64) < gemm_rate(r, 128) < 4e12

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from ktcli.engine import Engine, GenerationConfig
 from ktcli.ops.base import HybridExperts
-from ktcli.ops.prefill import PrefillRates
+from ktcli.ops.costs import PrefillRates
 from test_hybrid import built, rel
 from test_kernel_model import reference_with_stored_weights, with_format
 from tiny import experts_rule, make_checkpoint

@@ -61,7 +61,7 @@ def prefill_roofline(built, n: int, chunk: int) -> dict | None:
     (and raised by what the run's uploads reached): each streamed or split layer costs max(copy or split time, its
     GPU work) — the copy overlaps the previous layer — each CPU layer its CPU time plus its GPU work. None without a streamer."""
     from ..ops.base import HybridExperts
-    from ..ops.prefill import layer_costs
+    from ..ops.costs import layer_costs
     st = built.streamer
     if st is None:
         return None

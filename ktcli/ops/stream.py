@@ -15,7 +15,7 @@ import torch
 
 from . import dequant_gpu
 from .dequant_gpu import dequantize_fast
-from .prefill import PrefillRates, probe_cpu, probe_gpu, probe_kernel
+from .costs import PrefillRates, probe_cpu, probe_gpu, probe_kernel
 from .split import PHASES
 
 PARTS = ("gu", "gu_s", "dn", "dn_s")       # an ExpertWeights' tensors, in copy order
@@ -184,6 +184,12 @@ class Streamer:
             if p > 0:
                 self.cpu_scale[key] = max(m / p, 0.25)
         self._splits = []
+
+    def observed(self, way: str, T: int) -> bool:
+        """Whether layers of this way and chunk-length bucket have measured the CPU, in an earlier prefill or in
+        this one (whose measurements replace the scale only after it)."""
+        b = T.bit_length()
+        return (way, b) in self.cpu_scale or any(w == way and t.bit_length() == b for w, t, _, _ in self._splits)
 
     def scale(self, way: str, T: int) -> float:
         return self.cpu_scale.get((way, T.bit_length()), 1.0)

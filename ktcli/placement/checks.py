@@ -246,7 +246,7 @@ def check_graphs(profile, plan) -> list:
 def check_prefill(profile, plan, model, rates=None) -> list:
     """What `auto` prefill will do: per range of chunk lengths, the CPU, a split or streaming, and a layer's copy time,
     at assumed rates (the run measures its own at load and decides per chunk from those)."""
-    from ..ops.prefill import PrefillRates, choose, cpu_seconds, stream_seconds, used_experts
+    from ..ops.costs import PrefillRates, choose, cpu_seconds, stream_seconds, used_experts
     from .fit import Rates
     r = rates or Rates()
     pr = PrefillRates(pcie_bps=r.pcie_bw, cpu_bps=r.cpu_bw, cpu_flops=r.cpu_prefill_flops, gpu_flops=r.gpu_flops)

@@ -196,8 +196,8 @@ def predict(out: Fit, model, plan, prof) -> None:
     """Decode: bytes per token at each device's rate (CPU experts at the kernel's measured share of it and its cost
     per expert) plus the measured per-layer cost; the roofline without either. Prefill (a prompt of
     rates.prefill_tokens): a CPU-resident layer costs its CPU time, its upload, or with `auto` the least of the
-    two and a split of its experts between them (ops/prefill's model); a GPU-resident one its FLOPs."""
-    from ..ops.prefill import PrefillRates, choose, cpu_seconds, stream_seconds, used_experts
+    two and a split of its experts between them (ops/costs' model); a GPU-resident one its FLOPs."""
+    from ..ops.costs import PrefillRates, choose, cpu_seconds, stream_seconds, used_experts
     cfg, db = model.config, DTYPE_BYTES[prof.dtype]
     k, r = cfg.num_experts_per_tok, out.rates
     T = r.prefill_tokens

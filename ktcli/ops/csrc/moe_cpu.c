@@ -64,10 +64,13 @@ static int path_for(int fmt, int C, int G) {
     return FLOAT;
 }
 
-/* Rows per task: about chunk_kb KiB of one matrix's weights, within one expert. */
+/* Rows per task: about chunk_kb KiB of one matrix's weights, within one expert; AMX_TASK× that in tiles, whose
+ * long calls have tasks to spare (Qwen3 layer at T=512, H100 host: 1 MiB tasks 8% faster than 256 KiB for bf16,
+ * 6% for int8; benchmarks/results/2026-12-05-h100-cpu-experts-amx-chunks-qwen3-30b-shape.json). */
+#define AMX_TASK 4
 static long rows_per_task(const Mat *m, int R, int C) {
     size_t row_bytes = m->fmt == 0 ? (size_t)C * 2 : m->fmt == 1 ? (size_t)C : (size_t)C / 2;
-    long rpb = (long)(chunk_kb * 1024 / row_bytes);
+    long rpb = (long)(chunk_kb * (m->amx ? AMX_TASK : 1) * 1024L / row_bytes);
     if (m->amx && rpb >= 16) rpb -= rpb % 16;   /* whole tiles of 16 rows */
     return rpb < 1 ? 1 : rpb > R ? R : rpb;
 }
