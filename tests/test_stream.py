@@ -135,7 +135,7 @@ def test_streaming_gpu_resident_experts_is_refused(cli, tmp_path, ckpt):
 def test_grouped_gemm_path_matches_the_eager_reference(T):
     """The GPU's one-kernel-per-matrix path (torch._grouped_mm; CPU here) against the eager loop, uneven loads."""
     from ktcli.ops.prefill import grouped
-    from ktcli.ops.stream import Resident
+    from ktcli.ops.slots import Resident
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("this torch has no _grouped_mm")
     gen = torch.Generator().manual_seed(T)
@@ -151,7 +151,7 @@ def test_grouped_gemm_path_matches_the_eager_reference(T):
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_block_dequantization_equals_per_expert(fmt):
     from ktcli.ops.quant import pack
-    from ktcli.ops.stream import BlockDequant
+    from ktcli.ops.slots import BlockDequant
     gen = torch.Generator().manual_seed(2)
     pk = pack(fmt, torch.randn(7, 32, 48, generator=gen), torch.randn(7, 48, 16, generator=gen), 16)
     bd = BlockDequant(pk, {p: getattr(pk, p) for p in ("gu", "gu_s", "dn", "dn_s")}, torch.float32)
@@ -301,7 +301,7 @@ def test_cpu_gemm_rate_follows_the_rows_per_expert():
 def test_grouped_gemm_skips_the_cpu_share(first):
     """Experts [first, E) only, the weights given from `first` on (a split layer's slot)."""
     from ktcli.ops.prefill import grouped
-    from ktcli.ops.stream import Resident
+    from ktcli.ops.slots import Resident
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("this torch has no _grouped_mm")
     gen = torch.Generator().manual_seed(first)
