@@ -268,6 +268,7 @@ def test_the_first_auto_layer_tries_the_cpu_way_the_plan_rejected_until_it_is_me
     st.rates.pcie_bps = layers[0].stream_src.nbytes() / cpu          # a split at half the experts is best …
     p = ops[0].plan(T)
     assert p["way"] == "split" and p["alts"]["cpu"]["seconds"] <= EXPLORE * p["seconds"]   # … the CPU close behind
+    assert p["alts"]["split"] == {k: p[k] for k in ("way", "n_cpu", "seconds")}       # the plan is its own alt
     first, rest = ops[0].choice(T), ops[1].choice(T)
     assert first["way"] == "cpu" and first["explore"] and ops[0].cpu_share(T) == E and not ops[0].streams(T)
     assert rest == p and ops[1].cpu_share(T) == p["n_cpu"]
