@@ -106,7 +106,7 @@ def test_openmp_sleeps_beside_a_gpu_unless_the_user_says_otherwise():
     import os
     import subprocess
     import sys
-    from ktcli.openmp import settle
+    from ktcli.openmp import gpu_visible, settle
     gpu, none = (lambda p: p == "/dev/nvidiactl"), (lambda p: False)
     assert settle({}, gpu) == "PASSIVE" and settle({}, none) == ""
     assert settle({"OMP_WAIT_POLICY": "ACTIVE"}, gpu) == "ACTIVE"
@@ -114,7 +114,7 @@ def test_openmp_sleeps_beside_a_gpu_unless_the_user_says_otherwise():
     code = ("import os, ktcli, torch; from ktcli.engine.provenance import machine_info; "
             "print(os.environ.get('OMP_WAIT_POLICY', '-'), machine_info()['omp_wait_policy'] or '-')")
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    want = "PASSIVE" if (os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/kfd")) else "-"
+    want = "PASSIVE" if gpu_visible(env) else "-"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == [want, want]
     env["OMP_WAIT_POLICY"] = "ACTIVE"

@@ -90,7 +90,7 @@ class AutoPrefill(DeviceOp):
             y = self.cpu(x, idx, w)
             st.observe_cpu("cpu", T, time.perf_counter() - t0, p["cpu_s"])
             return y
-        return self.gpu(x, idx, w) if p["n_cpu"] == 0 else self._split(x, idx, w, p["n_cpu"])
+        return self.gpu(x, idx, w) if p["n_cpu"] == 0 else self._split(x, idx, w, p["n_cpu"], p.get("cpu_s"))
 
     def plan(self, T: int, calibrated: bool = True) -> dict:
         """calibrated: the CPU's cost of each way scaled by what earlier layers of that way and chunk length measured
@@ -117,10 +117,12 @@ class AutoPrefill(DeviceOp):
     def cpu_share(self, T: int) -> int:
         return self.choice(T)["n_cpu"]
 
-    def _split(self, x, idx, w, n):
-        """Experts [0, n) on the CPU while the GPU computes the rest (ops/split.py)."""
+    def _split(self, x, idx, w, n, cpu_s=None):
+        """Experts [0, n) on the CPU while the GPU computes the rest (ops/split.py); cpu_s: the plan's probed time of
+        the whole layer on the CPU (computed here for a forced plan without one)."""
         y, took = run_split(self, x, idx, w, n)
         st = self.experts.streamer
-        probed = layer_costs(self.experts, x.shape[0], st.top_k, st.rates)["cpu"] * n / self.experts.num_experts
-        st.observe_cpu("split", x.shape[0], took, probed)
+        if cpu_s is None:
+            cpu_s = layer_costs(self.experts, x.shape[0], st.top_k, st.rates)["cpu"]
+        st.observe_cpu("split", x.shape[0], took, cpu_s * n / self.experts.num_experts)
         return y
