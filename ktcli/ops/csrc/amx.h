@@ -30,7 +30,7 @@ static __thread int amx_cfg; /* this thread loaded the tile configuration (relea
 __attribute__((constructor)) static void amx_init(void) {
     const char *e = getenv("KTCLI_CPU_AMX");   /* 0 / 1 / 2: the amx knob (A/B runs) */
     if (e) amx_mode = atoi(e);
-    if ((e = getenv("KTCLI_CPU_AMX_PF"))) amx_pf = atoi(e);   /* 0 / 1: the tiles' row prefetch (A/B runs) */
+    if ((e = getenv("KTCLI_CPU_AMX_PF"))) amx_pf = atoi(e);   /* 0 / 1 / 2: the tiles' row prefetch (A/B runs) */
 #if AMX_BUILD
     amx_hw = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
 #endif
@@ -72,17 +72,19 @@ static void amx_config(void) {
  * the rows' bytes pd = pf_bytes / 512 steps ahead (4096: 8 steps, 512 bytes a row), running on into the next
  * block's rows (pf; NULL: none) near the end. amx_pf 1: the next block, 32 consecutive rows and so one contiguous
  * region, is swept into L2 in address order, 32 lines a step (one DRAM stream, not 32 strided ones); a block that
- * no earlier one swept (`cold`: a task's first) also gets the lookahead of mode 0 for itself. */
+ * no earlier one swept (`cold`: a task's first) also gets the lookahead of mode 0 for itself. amx_pf 2: mode 0's
+ * lookahead into L2 only (T1), where the core's 16 line-fill buffers do not bound the lines in flight. */
 static inline void prefetch_rows(const char *w, const char *pf, long rb, int kb, int nk, int step, int cold) {
-    if (amx_pf && pf) {
+    if (amx_pf == 1 && pf) {
         const char *next = pf + (size_t)kb * 32 * step;   /* 32·rb bytes over nk steps: 32 lines a step */
         for (int i = 0; i < 32; i++) _mm_prefetch(next + i * 64, _MM_HINT_T1);
         if (!cold) return;
     }
     int pd = pf_bytes / 512 > 0 ? pf_bytes / 512 : 1;
     const char *base = kb + pd < nk ? w + (size_t)(kb + pd) * step
-                     : pf && !amx_pf ? pf + (size_t)(kb + pd - nk) * step : NULL;
-    if (base) for (int i = 0; i < 32; i++) _mm_prefetch(base + i * rb, _MM_HINT_T0);
+                     : pf && amx_pf != 1 ? pf + (size_t)(kb + pd - nk) * step : NULL;
+    if (base && amx_pf == 2) for (int i = 0; i < 32; i++) _mm_prefetch(base + i * rb, _MM_HINT_T1);
+    else if (base) for (int i = 0; i < 32; i++) _mm_prefetch(base + i * rb, _MM_HINT_T0);
 }
 
 /* c[a·2 + b] = rows [16a, 16a+16) of w · the 16 vectors of group b, over nk steps of 32 inputs; tiles 0-3 hold
@@ -106,8 +108,21 @@ static void tiles_hw(const uint16_t *w, long C, const uint32_t *g0, const uint32
     _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64); _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64);
 }
 
-/* int8: per block of QB = 128 inputs (two tdpbusd steps of 64) the integer sums are stored and added into c
- * with the block's scale per vector (sc[b] + blk·16: 16 vectors' scales). */
+/* Block blk's integer sums d (tiles as stored) into c, each scaled per vector (sc[b] + blk·16: 16 vectors' scales). */
+static inline void rescale_i8(float c[4][16][16], int32_t d[4][16][16], const float *const *sc, int blk, int g1,
+                              int two_r) {
+    for (int t = 0; t < 4; t++) {
+        if ((t & 1 && !g1) || (t >= 2 && !two_r)) continue;
+        __m512 s = _mm512_loadu_ps(sc[t & 1] + blk * 16);
+        for (int i = 0; i < 16; i++)
+            _mm512_store_ps(c[t][i], _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(d[t][i])), s,
+                                                     _mm512_load_ps(c[t][i])));
+    }
+}
+
+/* int8: per block of QB = 128 inputs (two tdpbusd steps of 64) the integer sums are stored and added into c with
+ * the block's scale per vector. The previous block's rescale is issued after this block's tile products, so the
+ * vector units scale while the tile unit multiplies (in the other order each waited for the other). */
 static void tiles_i8_hw(const uint8_t *w, long C, const uint32_t *g0, const uint32_t *g1, int two_r, int nblk,
                         const float *const *sc, const uint8_t *pf, int cold, float c[4][16][16]) {
     int32_t d[4][16][16] __attribute__((aligned(64)));
@@ -127,15 +142,10 @@ static void tiles_i8_hw(const uint8_t *w, long C, const uint32_t *g0, const uint
                 if (g1) _tile_dpbusd(3, 5, 7);
             }
         }
+        if (blk) rescale_i8(c, d, sc, blk - 1, g1 != NULL, two_r);
         _tile_stored(0, d[0], 64); _tile_stored(1, d[1], 64); _tile_stored(2, d[2], 64); _tile_stored(3, d[3], 64);
-        for (int t = 0; t < 4; t++) {
-            if ((t & 1 && !g1) || (t >= 2 && !two_r)) continue;
-            __m512 s = _mm512_loadu_ps(sc[t & 1] + blk * 16);
-            for (int i = 0; i < 16; i++)
-                _mm512_store_ps(c[t][i], _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(d[t][i])), s,
-                                                         _mm512_load_ps(c[t][i])));
-        }
     }
+    rescale_i8(c, d, sc, nblk - 1, g1 != NULL, two_r);
 }
 #endif
 
