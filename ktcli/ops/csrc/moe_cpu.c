@@ -198,7 +198,7 @@ typedef struct {
     int gu_claimed[MAXT], dn_claimed[MAXT];   /* chunk_kb = 0: ranges taken */
 } Layer;
 
-#define SUM_CHUNK 1024   /* outputs per task of the weighted sum */
+#define SUM_CHUNK 256    /* outputs per task of the weighted sum (decode: H / 256 members share it) */
 
 static void layer_member(void *arg, int id, int n) {
     Layer *L = arg;
