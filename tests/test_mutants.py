@@ -33,8 +33,8 @@ MUTANTS = {
     "kernel reads past the experts": ("ktcli/ops/csrc/moe_cpu.c", "if (idx[p] < 0 || idx[p] >= E) return -1;",
                                       "if (idx[p] < 0 || idx[p] >= 4096) return -1;",
                                       "tests/test_kernels.py::test_kernel_groups_pairs_by_expert_and_rejects_ids_it_cannot_index"),
-    "kernel drops the routing weight": ("ktcli/ops/csrc/moe_cpu.c", "acc += (L->io ? bf16f(wb[t * K + kk]) : wf[t * K + kk]) *",
-                                        "acc += 1.0f *", "tests/test_kernel_model.py::test_kernel_in_the_model_matches_transformers"),
+    "kernel drops the routing weight": ("ktcli/ops/csrc/moe_cpu.c", "float wk = L->io ? bf16f(wb[t * K + kk]) : wf[t * K + kk];",
+                                        "float wk = 1.0f;", "tests/test_kernel_model.py::test_kernel_in_the_model_matches_transformers"),
 }
 
 
