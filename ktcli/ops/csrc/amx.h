@@ -122,7 +122,8 @@ static inline void rescale_i8(float c[4][16][16], int32_t d[4][16][16], const fl
 
 /* int8: per block of QB = 128 inputs (two tdpbusd steps of 64) the integer sums are stored and added into c with
  * the block's scale per vector. The previous block's rescale is issued after this block's tile products, so the
- * vector units scale while the tile unit multiplies (in the other order each waited for the other). */
+ * vector units may scale while the tile unit multiplies (measured no faster at T=512: the rescale is not int8's
+ * bound there; benchmarks/HISTORY.md, 2026-12-06). */
 static void tiles_i8_hw(const uint8_t *w, long C, const uint32_t *g0, const uint32_t *g1, int two_r, int nblk,
                         const float *const *sc, const uint8_t *pf, int cold, float c[4][16][16]) {
     int32_t d[4][16][16] __attribute__((aligned(64)));
