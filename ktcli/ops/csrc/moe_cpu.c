@@ -68,9 +68,14 @@ static int path_for(int fmt, int C, int G) {
  * long calls have tasks to spare (Qwen3 layer at T=512, H100 host: 1 MiB tasks 8% faster than 256 KiB for bf16,
  * 6% for int8; benchmarks/results/2026-12-05-h100-cpu-experts-amx-chunks-qwen3-30b-shape.json). */
 #define AMX_TASK 4
+/* At least BAL tasks a member: int4 decode's down rows were 24 tasks of 256 KiB for 16 members, and the members
+ * with a second task set the call's end (down phase spread 22 µs of a 168 µs call, H100 host). */
+#define BAL 3
 static long rows_per_task(const Mat *m, int R, int C) {
     size_t row_bytes = m->fmt == 0 ? (size_t)C * 2 : m->fmt == 1 ? (size_t)C : (size_t)C / 2;
     long rpb = (long)(chunk_kb * (m->amx ? AMX_TASK : 1) * 1024L / row_bytes);
+    long few = ((long)m->U * R + BAL * m->n - 1) / (BAL * m->n);   /* rows for BAL tasks a member */
+    if (few < rpb) rpb = few;
     if (m->amx && rpb >= 16) rpb -= rpb % 16;   /* whole tiles of 16 rows */
     return rpb < 1 ? 1 : rpb > R ? R : rpb;
 }
@@ -193,75 +198,84 @@ typedef struct {
     const void *x, *wts;
     void *out;
     int ngroups, grp[512];   /* AMX gate/up panel groups: expert u << 16 | group within the expert */
-    long pan_next, pan_fin;
-    long prep_next, prep_fin, gu_next, gu_fin, act_next, act_fin, dn_next, dn_fin, sum_next, sum_fin;
+    Phase pan, prep, gu, act, dn, sum;
     int gu_claimed[MAXT], dn_claimed[MAXT];   /* chunk_kb = 0: ranges taken */
 } Layer;
 
 #define SUM_CHUNK 256    /* outputs per task of the weighted sum (decode: H / 256 members share it) */
 
+/* Chunk c of the weighted sum over the K experts of each token: SUM_CHUNK outputs of one token (a loop over j
+ * that the compiler vectorizes; per element the same order of additions as one scalar sum over kk). */
+static void sum_chunk(const Layer *L, long c) {
+    int K = L->K, H = L->H;
+    const uint16_t *wb = L->wts;
+    const float *wf = L->wts;
+    long per = (H + SUM_CHUNK - 1) / SUM_CHUNK;
+    int t = (int)(c / per), j0 = (int)(c % per) * SUM_CHUNK, nj = H - j0 < SUM_CHUNK ? H - j0 : SUM_CHUNK;
+    float acc[SUM_CHUNK];
+    for (int j = 0; j < nj; j++) acc[j] = 0.f;
+    for (int kk = 0; kk < K; kk++) {
+        float wk = L->io ? bf16f(wb[t * K + kk]) : wf[t * K + kk];
+        const float *y = L->s->y + (size_t)(t * K + kk) * H + j0;
+        for (int j = 0; j < nj; j++) acc[j] += wk * y[j];
+    }
+    size_t o = (size_t)t * H + j0;
+    if (L->io) for (int j = 0; j < nj; j++) ((uint16_t *)L->out)[o + j] = f2bf16(acc[j]);
+    else for (int j = 0; j < nj; j++) ((float *)L->out)[o + j] = acc[j];
+}
+
 static void layer_member(void *arg, int id, int n) {
     Layer *L = arg;
     Scratch *s = L->s;
     int T = L->T, K = L->K, H = L->H, I = L->I, P = T * K;
-    const uint16_t *xb = L->x, *wb = L->wts;
-    const float *xf = L->x, *wf = L->wts;
+    const uint16_t *xb = L->x;
+    const float *xf = L->x;
     STAMP(id, T_START);
     /* the input in fp32, prepared for the gate/up rows' dot path, in pieces of QB inputs */
-    long pieces = (H + QB - 1) / QB, np = T * pieces;
-    for (long k; (k = claim(&L->prep_next, np)) >= 0; done(&L->prep_fin, 1)) {
-        int t = (int)(k / pieces), j0 = (int)(k % pieces) * QB, j1 = j0 + QB < H ? j0 + QB : H;
-        for (size_t j = (size_t)t * H + j0; j < (size_t)t * H + j1; j++) s->x32[j] = L->io ? bf16f(xb[j]) : xf[j];
-        prep(&s->xa, t, j0, j1);
-    }
-    await_count(&L->prep_fin, np);
+    long pieces = (H + QB - 1) / QB, np = T * pieces, gp = grain(np, n), tp = (np + gp - 1) / gp;
+    for (long c; (c = claim(&L->prep.next, tp)) >= 0; done(&L->prep.fin, 1))
+        for (long k = c * gp; k < (c + 1) * gp && k < np; k++) {
+            int t = (int)(k / pieces), j0 = (int)(k % pieces) * QB, j1 = j0 + QB < H ? j0 + QB : H;
+            for (size_t j = (size_t)t * H + j0; j < (size_t)t * H + j1; j++) s->x32[j] = L->io ? bf16f(xb[j]) : xf[j];
+            prep(&s->xa, t, j0, j1);
+        }
+    await_count(&L->prep.fin, tp);
     /* AMX: the gate/up panels, a group of 16 vectors per task (one writer per cache line) */
-    for (long g; L->mg->amx && (g = claim(&L->pan_next, L->ngroups)) >= 0; done(&L->pan_fin, 1)) {
+    for (long g; L->mg->amx && (g = claim(&L->pan.next, L->ngroups)) >= 0; done(&L->pan.fin, 1)) {
         int u = L->grp[g] >> 16, g0 = (L->grp[g] & 0xFFFF) * 16, n = L->start[u + 1] - L->start[u], nd = 0, m = 0;
         const uint32_t *src[16];
         for (; m < 16 && g0 + m < n; m++) src[m] = panel_src(&s->xa, L->order[L->start[u] + g0 + m] / K, &nd);
         panel_group(s->gpanel + ((size_t)L->mg->ubase[u] + g0) / 16 * (nd * 16), src, m, nd);
     }
-    if (L->mg->amx) await_count(&L->pan_fin, L->ngroups);
+    if (L->mg->amx) await_count(&L->pan.fin, L->ngroups);
     STAMP(id, T_PREP);
     long nd;   /* down-row tasks: the weighted sum waits for them */
     if (L->pipe) {
         long rd = rows_per_task(L->md, H, I);
         nd = L->U * ((H + rd - 1) / rd);
-        pipelined_rows(s->pipe, L->mg, L->md, s, L->U, H, I, L->uniq, L->start, L->order, K, id, &L->dn_fin);
+        pipelined_rows(s->pipe, L->mg, L->md, s, L->U, H, I, L->uniq, L->start, L->order, K, id, &L->dn.fin);
     } else {
         long ng = matrix_tasks(L->mg, 2 * I, &s->xa, L->U, n);
         nd = matrix_tasks(L->md, H, &s->ha, L->U, n);
-        matrix_rows(L->mg, 2 * I, &s->xa, L->U, L->uniq, L->start, L->order, K, 1, s->gu_out, &L->gu_next,
-                    &L->gu_fin, L->gu_claimed, id, n);
+        matrix_rows(L->mg, 2 * I, &s->xa, L->U, L->uniq, L->start, L->order, K, 1, s->gu_out, &L->gu.next,
+                    &L->gu.fin, L->gu_claimed, id, n);
         STAMP(id, T_GATE_UP);
-        await_count(&L->gu_fin, ng);
-        for (long p; (p = claim(&L->act_next, P)) >= 0; done(&L->act_fin, 1)) act_pair(s, (int)p, I, 1);
-        await_count(&L->act_fin, P);
-        matrix_rows(L->md, H, &s->ha, L->U, L->uniq, L->start, L->order, K, 0, s->y, &L->dn_next, &L->dn_fin,
+        await_count(&L->gu.fin, ng);
+        long ga = grain(P, n), ta = (P + ga - 1) / ga;
+        for (long c; (c = claim(&L->act.next, ta)) >= 0; done(&L->act.fin, 1))
+            for (long p = c * ga; p < (c + 1) * ga && p < P; p++) act_pair(s, (int)p, I, 1);
+        await_count(&L->act.fin, ta);
+        matrix_rows(L->md, H, &s->ha, L->U, L->uniq, L->start, L->order, K, 0, s->y, &L->dn.next, &L->dn.fin,
                     L->dn_claimed, id, n);
     }
     STAMP(id, T_DOWN);
-    await_count(&L->dn_fin, nd);
-    /* weighted sum over the K experts of each token, SUM_CHUNK outputs of one token a task (a loop over j that
-     * the compiler vectorizes; per element the same order of additions as one scalar sum over kk) */
-    long per = (H + SUM_CHUNK - 1) / SUM_CHUNK, ns = (long)T * per;
-    for (long c; (c = claim(&L->sum_next, ns)) >= 0; done(&L->sum_fin, 1)) {
-        int t = (int)(c / per), j0 = (int)(c % per) * SUM_CHUNK, nj = H - j0 < SUM_CHUNK ? H - j0 : SUM_CHUNK;
-        float acc[SUM_CHUNK];
-        for (int j = 0; j < nj; j++) acc[j] = 0.f;
-        for (int kk = 0; kk < K; kk++) {
-            float wk = L->io ? bf16f(wb[t * K + kk]) : wf[t * K + kk];
-            const float *y = s->y + (size_t)(t * K + kk) * H + j0;
-            for (int j = 0; j < nj; j++) acc[j] += wk * y[j];
-        }
-        size_t o = (size_t)t * H + j0;
-        if (L->io) for (int j = 0; j < nj; j++) ((uint16_t *)L->out)[o + j] = f2bf16(acc[j]);
-        else for (int j = 0; j < nj; j++) ((float *)L->out)[o + j] = acc[j];
-    }
+    await_count(&L->dn.fin, nd);
+    long per = (H + SUM_CHUNK - 1) / SUM_CHUNK, ns = (long)T * per, gs = grain(ns, n), ts = (ns + gs - 1) / gs;
+    for (long b; (b = claim(&L->sum.next, ts)) >= 0; done(&L->sum.fin, 1))
+        for (long c = b * gs; c < (b + 1) * gs && c < ns; c++) sum_chunk(L, c);
     amx_release();
     STAMP(id, T_END);
-    if (id == 0) await_count(&L->sum_fin, ns);   /* the caller returns when the output is complete */
+    if (id == 0) await_count(&L->sum.fin, ts);   /* the caller returns when the output is complete */
 }
 
 #include "stats.h"
@@ -278,6 +292,7 @@ int moe_forward(int T, int K, int H, int I, int E, const void *x, const int64_t 
     int P = T * K;
     if (T < 1 || K < 1 || P > 4096 || E < 1 || E > 4096 || (fmt == 2 && (G % 2 || H % G || I % G))) return -1;
     Mat mg = {fmt, G, path_for(fmt, H, G), gu, gu_s}, md = {fmt, G, path_for(fmt, I, G), dn, dn_s};
+    mg.n = md.n = threads < 1 ? 1 : threads;
     /* AMX: bf16 on the bf16 dot path (inputs a multiple of 32), int8 on the int8-activation path (of QB) */
     int tiles = amx_active() && P >= AMX_MIN && fmt < 2;
     mg.amx = tiles && (fmt == 0 ? mg.path == DPBF16 && H % 32 == 0 : mg.path == IDOT);
@@ -296,6 +311,7 @@ int moe_forward(int T, int K, int H, int I, int E, const void *x, const int64_t 
     int next[4096];
     memcpy(next, start, U * sizeof(int));
     for (int p = 0; p < P; p++) order[next[slot[idx[p]]]++] = p;
+    mg.U = md.U = U;
     Scratch s;
     layout(&s, (char *)scratch, T, K, H, I, mg.path, md.path, fmt);
     int ubase[4096];   /* AMX: experts with ≥ AMX_MIN pairs get panel columns, 16 a group */

@@ -178,6 +178,13 @@ static inline void split(long N, int id, int n, long *lo, long *hi) {
 
 static inline void done(long *count, long k) { __atomic_add_fetch(count, k, __ATOMIC_RELEASE); }
 
+/* A phase's task counter and finished count, each on its own cache line: 16 members claim and count at once. */
+typedef struct { _Alignas(64) long next; _Alignas(64) long fin; } Phase;
+
+/* Items per task when N small items (an input piece, a chunk of the sum) go to n members: about 8 tasks a member,
+ * so a contended counter is claimed ~8n times, not N (T=512: 8,192 pieces one by one, the prep phase 1.4 ms). */
+static inline long grain(long N, int n) { long g = N / (8L * (n < 1 ? 1 : n)); return g < 1 ? 1 : g; }
+
 static void team_after_fork(void) {   /* a forked child has no workers: start a new team on first use */
     team.n = team.pinned = team.stop = 0;
     pthread_mutex_init(&team_lock, NULL);
