@@ -133,8 +133,8 @@ def main():
     ap.add_argument("--int8-act", default="-1", help="comma list of 0/1; -1 = the kernel's default")
     ap.add_argument("--pipeline", default="-1", help="comma list of 0/1 (two phases / one task list); -1 = default")
     ap.add_argument("--amx", default="-1", help="comma list of 0/1 (bf16/int8 experts with ≥ 8 tokens in AMX tiles); -1 = default")
-    ap.add_argument("--amx-pf", default="-1", help="comma list of 0-3 (the tiles' row feed: 0 each row ahead, "
-                    "1 the next block in address order, 2 as 0 into L2, 3 rows packed in tile order); -1 = default")
+    ap.add_argument("--amx-pf", default="-1", help="comma list of 0/1/2 (the tiles' row prefetch: 0 each row "
+                    "ahead, 1 the next block in address order, 2 as 0 into L2); -1 = default")
     ap.add_argument("--phases", action="store_true", help="per-thread timestamps of --reps calls per row")
     ap.add_argument("--resident", action="store_true", help="compute ceiling: weights L2-resident (see above)")
     ap.add_argument("--resident-mb", type=float, default=13.0)

@@ -149,8 +149,7 @@ def tune(chunk: int = -1, prefetch: int = -1, int8_act: int = -1, pipeline: int 
     spin_us: how long an idle worker spins before sleeping (KTCLI_CPU_SPIN_US); pin: workers pinned to cores
     (KTCLI_CPU_PIN; a change restarts the team); amx: bf16 experts with ≥ 8 tokens in a call through AMX tiles
     (0 off, 1 where the CPU has AMX, 2 also the plain-C twin elsewhere: tests); amx_pf: how the tiles prefetch
-    weight rows (0 each row's bytes ahead, 1 the next 32-row block swept in address order, 2 as 0 into L2, 3 each
-    32-row block copied row by row into a tile-ordered buffer first; amx.h).
+    weight rows (0 each row's bytes ahead, 1 the next 32-row block swept in address order, 2 as 0 into L2; amx.h).
     Returns the previous settings, in KNOBS order, which `tune(*was)` restores."""
     return _tune(get(), chunk=chunk, prefetch=prefetch, int8_act=int8_act, pipeline=pipeline, spin_us=spin_us,
                  pin=pin, amx=amx, amx_pf=amx_pf)

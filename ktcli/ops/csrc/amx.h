@@ -73,8 +73,7 @@ static void amx_config(void) {
  * block's rows (pf; NULL: none) near the end. amx_pf 1: the next block, 32 consecutive rows and so one contiguous
  * region, is swept into L2 in address order, 32 lines a step (one DRAM stream, not 32 strided ones); a block that
  * no earlier one swept (`cold`: a task's first) also gets the lookahead of mode 0 for itself. amx_pf 2: mode 0's
- * lookahead into L2 only (T1), where the core's 16 line-fill buffers do not bound the lines in flight. amx_pf 3
- * packs the rows first (pack_rows) and prefetches nothing here. */
+ * lookahead into L2 only (T1), where the core's 16 line-fill buffers do not bound the lines in flight. */
 static inline void prefetch_rows(const char *w, const char *pf, long rb, int kb, int nk, int step, int cold) {
     if (amx_pf == 1 && pf) {
         const char *next = pf + (size_t)kb * 32 * step;   /* 32·rb bytes over nk steps: 32 lines a step */
@@ -89,22 +88,19 @@ static inline void prefetch_rows(const char *w, const char *pf, long rb, int kb,
 }
 
 /* c[a·2 + b] = rows [16a, 16a+16) of w · the 16 vectors of group b, over nk steps of 32 inputs; tiles 0-3 hold
- * c, 4-5 the weights, 6-7 the vectors. Where the rows lie (Where): row stride ws bytes, step kb at kb·ks bytes,
- * rows 16-31 at o16 bytes (rows as stored, or the packed copy of pack_rows). pf: the next row block (NULL: none). */
-typedef struct { long ws, ks, o16; } Where;
-
-static void tiles_hw(const char *w, Where at, const uint32_t *g0, const uint32_t *g1, int two_r, int nk,
-                     const char *pf, int cold, float c[4][16][16]) {
+ * c, 4-5 the weights, 6-7 the vectors. pf: the next row block (NULL: none). */
+static void tiles_hw(const uint16_t *w, long C, const uint32_t *g0, const uint32_t *g1, int two_r, int nk,
+                     const uint16_t *pf, int cold, float c[4][16][16]) {
     amx_config();
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     for (int kb = 0; kb < nk; kb++) {
-        if (pf_bytes && amx_pf != 3) prefetch_rows(w, pf, at.ws, kb, nk, 64, cold);
-        _tile_loadd(4, w + kb * at.ks, at.ws);
+        if (pf_bytes) prefetch_rows((const char *)w, (const char *)pf, C * 2, kb, nk, 64, cold);
+        _tile_loadd(4, w + kb * 32, C * 2);
         _tile_loadd(6, g0 + kb * 256, 64);
         _tile_dpbf16ps(0, 4, 6);
         if (g1) { _tile_loadd(7, g1 + kb * 256, 64); _tile_dpbf16ps(1, 4, 7); }
         if (two_r) {
-            _tile_loadd(5, w + at.o16 + kb * at.ks, at.ws);
+            _tile_loadd(5, w + 16 * C + kb * 32, C * 2);
             _tile_dpbf16ps(2, 5, 6);
             if (g1) _tile_dpbf16ps(3, 5, 7);
         }
@@ -128,21 +124,21 @@ static inline void rescale_i8(float c[4][16][16], int32_t d[4][16][16], const fl
  * the block's scale per vector. The previous block's rescale is issued after this block's tile products, so the
  * vector units may scale while the tile unit multiplies (measured no faster at T=512: the rescale is not int8's
  * bound there; benchmarks/HISTORY.md, 2026-12-06). */
-static void tiles_i8_hw(const char *w, Where at, const uint32_t *g0, const uint32_t *g1, int two_r, int nblk,
-                        const float *const *sc, const char *pf, int cold, float c[4][16][16]) {
+static void tiles_i8_hw(const uint8_t *w, long C, const uint32_t *g0, const uint32_t *g1, int two_r, int nblk,
+                        const float *const *sc, const uint8_t *pf, int cold, float c[4][16][16]) {
     int32_t d[4][16][16] __attribute__((aligned(64)));
     amx_config();
     memset(c, 0, sizeof(float) * 4 * 16 * 16);
     for (int blk = 0; blk < nblk; blk++) {
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
         for (int kb = 2 * blk; kb < 2 * blk + 2; kb++) {
-            if (pf_bytes && amx_pf != 3) prefetch_rows(w, pf, at.ws, kb, 2 * nblk, 64, cold);
-            _tile_loadd(4, w + kb * at.ks, at.ws);
+            if (pf_bytes) prefetch_rows((const char *)w, (const char *)pf, C, kb, 2 * nblk, 64, cold);
+            _tile_loadd(4, w + kb * 64, C);
             _tile_loadd(6, g0 + kb * 256, 64);
             _tile_dpbusd(0, 4, 6);
             if (g1) { _tile_loadd(7, g1 + kb * 256, 64); _tile_dpbusd(1, 4, 7); }
             if (two_r) {
-                _tile_loadd(5, w + at.o16 + kb * at.ks, at.ws);
+                _tile_loadd(5, w + 16 * C + kb * 64, C);
                 _tile_dpbusd(2, 5, 6);
                 if (g1) _tile_dpbusd(3, 5, 7);
             }
@@ -151,23 +147,6 @@ static void tiles_i8_hw(const char *w, Where at, const uint32_t *g0, const uint3
         _tile_stored(0, d[0], 64); _tile_stored(1, d[1], 64); _tile_stored(2, d[2], 64); _tile_stored(3, d[3], 64);
     }
     rescale_i8(c, d, sc, nblk - 1, g1 != NULL, two_r);
-}
-
-/* amx_pf 3: the block's nr rows (rb bytes each) copied row by row into buf in tile order, [step][row][64 bytes],
- * so each tile load reads 1 KiB in a row. Why: rows as stored sit rb bytes apart (a multiple of 2 KiB), so a tile
- * load's 16 lines and their lookahead fall into one or two L1 sets, and 32 interleaved streams feed the cores at
- * ~4 GB/s each (Qwen3 layer at T=512); a row read whole is one stream the hardware prefetcher follows. */
-#define PACK_MAX (32 * 16384)   /* bytes of a packed block: rows up to 16 KiB (bf16 H ≤ 8192) */
-static Where pack_rows(char *buf, const char *w, long rb, int nr, const char *next) {
-    int steps = (int)(rb / 64);
-    for (int i = 0; i < nr; i++) {
-        const char *row = w + (size_t)i * rb, *ahead = i + 1 < nr ? row + rb : next;   /* the next row's lines */
-        for (int kb = 0; kb < steps; kb++) {
-            if (ahead) _mm_prefetch(ahead + kb * 64, _MM_HINT_T0);
-            _mm512_store_si512(buf + ((size_t)kb * 32 + i) * 64, _mm512_loadu_si512(row + kb * 64));
-        }
-    }
-    return (Where){64, 32 * 64, 16 * 64};
 }
 #endif
 
@@ -230,10 +209,6 @@ static void amx_rows(int fmt, const void *we, const float *sw, int R, const Acts
                      const int *pairs, int by_token, int K, int r0, int r1, float *out) {
     float c[4][16][16] __attribute__((aligned(64)));
     int C = a->n, nblk = C / QB;
-#if AMX_BUILD
-    static __thread char *pk;   /* amx_pf 3: this thread's packed rows, kept for the thread's life */
-    if (amx_hw && amx_pf == 3 && !pk && !(pk = aligned_alloc(64, PACK_MAX))) amx_pf = 0;
-#endif
     size_t rb = fmt == 0 ? (size_t)C * 2 : (size_t)C, gsz = rb / 4 * 16;   /* row bytes, panel group dwords */
     float scl[2][MAXB * 16] __attribute__((aligned(64)));   /* int8: [block][16 vectors] scales of two groups */
     float off[2][16];                                        /* int8: Σ_c z, the storage offset's share */
@@ -255,12 +230,8 @@ static void amx_rows(int fmt, const void *we, const float *sw, int R, const Acts
             int cold = g == 0 && r == r0;   /* no earlier block of this call swept its rows in */
             (void)pf, (void)cold;           /* the hardware tiles' prefetch only */
 #if AMX_BUILD
-            Where at = {(long)rb, 64, 16 * (long)rb};
-            const char *src = (const char *)w;
-            if (amx_hw && amx_pf == 3 && 32 * rb <= PACK_MAX)
-                src = pk, at = pack_rows(pk, (const char *)w, (long)rb, two_r ? 32 : 16, (const char *)pf);
-            if (amx_hw && fmt == 0) tiles_hw(src, at, g0, g1, two_r, C / 32, (const char *)pf, cold, c);
-            else if (amx_hw) tiles_i8_hw(src, at, g0, g1, two_r, nblk, sc, (const char *)pf, cold, c);
+            if (amx_hw && fmt == 0) tiles_hw((const uint16_t *)w, C, g0, g1, two_r, C / 32, (const uint16_t *)pf, cold, c);
+            else if (amx_hw) tiles_i8_hw(w, C, g0, g1, two_r, nblk, sc, pf, cold, c);
             else
 #endif
             if (fmt == 0) tiles_c((const uint16_t *)w, C, g0, g1, two_r, C / 32, c);

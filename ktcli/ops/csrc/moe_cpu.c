@@ -43,14 +43,9 @@ static int path_for(int fmt, int C, int G) {
  * long calls have tasks to spare (Qwen3 layer at T=512, H100 host: 1 MiB tasks 8% faster than 256 KiB for bf16,
  * 6% for int8; benchmarks/results/2026-12-05-h100-cpu-experts-amx-chunks-qwen3-30b-shape.json). */
 #define AMX_TASK 4
-/* At least BAL tasks a member: int4 decode's down rows were 24 tasks of 256 KiB for 16 members, and the members
- * with a second task set the call's end (down phase spread 22 µs of a 168 µs call, H100 host). */
-#define BAL 3
 static long rows_per_task(const Mat *m, int R, int C) {
     size_t row_bytes = m->fmt == 0 ? (size_t)C * 2 : m->fmt == 1 ? (size_t)C : (size_t)C / 2;
     long rpb = (long)(chunk_kb * (m->amx ? AMX_TASK : 1) * 1024L / row_bytes);
-    long few = ((long)m->U * R + BAL * m->n - 1) / (BAL * m->n);   /* rows for BAL tasks a member */
-    if (few < rpb) rpb = few;
     if (m->amx && rpb >= 16) rpb -= rpb % 16;   /* whole tiles of 16 rows */
     return rpb < 1 ? 1 : rpb > R ? R : rpb;
 }
@@ -267,7 +262,6 @@ int moe_forward(int T, int K, int H, int I, int E, const void *x, const int64_t 
     int P = T * K;
     if (T < 1 || K < 1 || P > 4096 || E < 1 || E > 4096 || (fmt == 2 && (G % 2 || H % G || I % G))) return -1;
     Mat mg = {fmt, G, path_for(fmt, H, G), gu, gu_s}, md = {fmt, G, path_for(fmt, I, G), dn, dn_s};
-    mg.n = md.n = threads < 1 ? 1 : threads;
     /* AMX: bf16 on the bf16 dot path (inputs a multiple of 32), int8 on the int8-activation path (of QB) */
     int tiles = amx_active() && P >= AMX_MIN && fmt < 2;
     mg.amx = tiles && (fmt == 0 ? mg.path == DPBF16 && H % 32 == 0 : mg.path == IDOT);
@@ -286,7 +280,6 @@ int moe_forward(int T, int K, int H, int I, int E, const void *x, const int64_t 
     int next[4096];
     memcpy(next, start, U * sizeof(int));
     for (int p = 0; p < P; p++) order[next[slot[idx[p]]]++] = p;
-    mg.U = md.U = U;
     Scratch s;
     layout(&s, (char *)scratch, T, K, H, I, mg.path, md.path, fmt);
     int ubase[4096];   /* AMX: experts with ≥ AMX_MIN pairs get panel columns, 16 a group */

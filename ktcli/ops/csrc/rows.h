@@ -8,7 +8,6 @@ typedef struct {
     int amx;             /* experts with a panel column base (ubase ≥ 0) go through AMX tiles (amx.h) */
     const uint32_t *panel;
     const int *ubase;    /* [U] the expert's first panel column (a multiple of 16), or -1 */
-    int U, n;            /* experts in the call, team members: small calls cut their tasks finer */
 } Mat;
 
 /* Rows r0..r1 of expert e (R rows of C inputs) dotted with input vectors v[0..nt), nt ≤ NT: out[p[t] * R + r].
