@@ -24,7 +24,13 @@ class StreamedExperts(DeviceOp):
         """Experts [0, n) of this layer that the CPU computes while the rest stream (0: all stream)."""
         return 0
 
-    def __call__(self, x, idx, w, first: int = 0):
+    def __call__(self, x, idx, w):
+        t0 = time.perf_counter()
+        y = self.run(x, idx, w)
+        self.experts.streamer.stats["moe_s"] += time.perf_counter() - t0   # the CPU thread's time in MoE calls
+        return y
+
+    def run(self, x, idx, w, first: int = 0):
         """Experts [first, E) on the GPU; pairs routed below `first` contribute nothing here."""
         fn = self.experts.streamer.weights(self.experts, x.shape[0])
         if grouped_ok(x, fn):
@@ -90,7 +96,7 @@ class AutoPrefill(DeviceOp):
             y = self.cpu(x, idx, w)
             st.observe_cpu("cpu", T, time.perf_counter() - t0, p["cpu_s"])
             return y
-        return self.gpu(x, idx, w) if p["n_cpu"] == 0 else self._split(x, idx, w, p["n_cpu"], p.get("cpu_s"))
+        return self.gpu.run(x, idx, w) if p["n_cpu"] == 0 else self._split(x, idx, w, p["n_cpu"], p.get("cpu_s"))
 
     def plan(self, T: int, calibrated: bool = True) -> dict:
         """calibrated: the CPU's cost of each way scaled by what earlier layers of that way and chunk length measured

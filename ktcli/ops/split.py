@@ -57,7 +57,7 @@ def run_split(op, x, idx, w, n: int):
     for h, t in ((xh, x), (ih, idx), (wh, w)):
         h.copy_(t, non_blocking=True)
     ready = torch.cuda.current_stream(x.device).record_event() if x.is_cuda else None
-    y = op.gpu(x, idx, w, first=n)                      # queued: runs while the CPU computes below
+    y = op.gpu.run(x, idx, w, first=n)                  # queued: runs while the CPU computes below
     t0 = time.perf_counter()
     if ready is not None:
         ready.synchronize()
