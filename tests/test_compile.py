@@ -76,3 +76,16 @@ def test_the_switch_runs_the_wrapped_modules_eagerly():
     finally:
         comp.ENABLED = True
     assert torch.equal(m(torch.ones(1, 1, 4)), torch.full((1, 1, 4), 2.0)) and compiled_graphs() == before + 1
+
+
+def test_a_compiling_run_says_so_before_its_first_decode(monkeypatch):
+    """The first decode step compiles ~a second a layer (48 s for Qwen3-30B): chat and bench say so first."""
+    from types import SimpleNamespace as NS
+
+    from ktcli.report import progress
+    said = []
+    monkeypatch.setattr(progress, "notice", said.append)
+    for mode, comp in (("full", True), ("off", True), ("full", False)):
+        with progress.preparing(NS(mode=mode, built=NS(profile=NS(runtime=NS(compile=comp))))):
+            pass
+    assert len(said) == 2 and all("runtime.compile" in s for s in said)

@@ -41,7 +41,9 @@ def load_engine(flags: dict, fit: bool):
         prof = o.apply_fit(prof, machine)
     v, built = load(prof, machine, need_tokenizer=True)
     engine = Engine(built)
-    engine.prepare()
+    from ..report.progress import preparing
+    with preparing(engine):
+        engine.prepare()
     return v, built, engine
 
 

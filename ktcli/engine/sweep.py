@@ -15,6 +15,7 @@ from ..errors import KtcliError
 from ..ops import kernels
 from ..ops.clocks import KernelRate
 from ..placement.checks import check_graphs
+from ..report.progress import preparing
 from .bandwidth import Bandwidths, bandwidths
 from .roofline import cpu_expert_bytes, decode_bytes, roofline
 
@@ -127,7 +128,8 @@ def run(sw: Sweep, tick=None, saved=None) -> list:
                     prof_mode = replace(prof, runtime=replace(prof.runtime, graph_mode=mode))
                     replace(v, findings=check_graphs(prof_mode, v.plan)).refuse_if_failing()
                     engine = Engine(built, graph_mode=mode)
-                    engine.prepare()
+                    with preparing(engine):
+                        engine.prepare()
                 except (KtcliError, RuntimeError) as e:
                     err = getattr(e, "message", None) or str(e).splitlines()[0]
             for kind, n in sw.tests:

@@ -57,3 +57,14 @@ def status(label: str):
 
 def notice(text: str) -> None:
     stderr.print(f"[yellow]note:[/] {text}", highlight=False, markup=True)
+
+
+def preparing(engine):
+    """Around Engine.prepare(): with graphs on it runs a warm-up and captures the decode step. With runtime.compile
+    the first one-token forward (that warm-up, or the first decoded token with graphs off) compiles each layer's
+    attention, norms and router: about a second a layer, long enough that a silent wait looks like a hang."""
+    if engine.built.profile.runtime.compile:
+        notice("runtime.compile: the first decode step compiles each layer's attention, norms and router "
+               "(about a second a layer, once per run)")
+    return status("capturing the decode graph" if engine.mode != "off" else "preparing")
+
