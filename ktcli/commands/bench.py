@@ -46,7 +46,7 @@ def bench(profiles: Annotated[Optional[list[str]], typer.Argument(help="Profiles
     from ..profile.schema import GRAPH_MODES
     from ..report.bench import add_baseline_ratios, finish, llama_fields, render
     from ..files import write_atomic
-    from ..report.progress import steps_progress
+    from ..report.progress import preparing, steps_progress
     if output not in FORMATS:
         raise UsageError(f"-o must be one of {', '.join(FORMATS)}, got {output!r}", "md prints a table; json keeps every sample")
     o.check_output_file(output_file)
@@ -101,7 +101,7 @@ def bench(profiles: Annotated[Optional[list[str]], typer.Argument(help="Profiles
             write_atomic(output_file, report(records)[1])
 
     with steps_progress("bench", sweep.count_steps(sw)) as tick:
-        records, text = report(sweep.run(sw, tick, saved))
+        records, text = report(sweep.run(sw, tick, saved, lambda e: preparing(e, spinner=False)))
     if output_file:
         write_atomic(output_file, text)
     else:

@@ -6,6 +6,7 @@ when the results are written, after every rate the run reached has been offered 
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 from dataclasses import dataclass, replace
 
@@ -15,7 +16,6 @@ from ..errors import KtcliError
 from ..ops import kernels
 from ..ops.clocks import KernelRate
 from ..placement.checks import check_graphs
-from ..report.progress import preparing
 from .bandwidth import Bandwidths, bandwidths
 from .roofline import cpu_expert_bytes, decode_bytes, roofline
 
@@ -84,8 +84,9 @@ def rooflines(sw: Sweep, records: list) -> None:
             rec["roofline"] = roofline(rec["bytes_per_token"], sw.bw.rates())
 
 
-def run(sw: Sweep, tick=None, saved=None) -> list:
-    """`saved(records)` is called after every row, so a long sweep cut short keeps what it measured."""
+def run(sw: Sweep, tick=None, saved=None, preparing=None) -> list:
+    """`saved(records)` is called after every row, so a long sweep cut short keeps what it measured;
+    `preparing(engine)`: a context around each engine's graph capture (the command's notice)."""
     from ..model.build import build
     from ..placement.validate import validate
     from .generate import Engine
@@ -128,7 +129,7 @@ def run(sw: Sweep, tick=None, saved=None) -> list:
                     prof_mode = replace(prof, runtime=replace(prof.runtime, graph_mode=mode))
                     replace(v, findings=check_graphs(prof_mode, v.plan)).refuse_if_failing()
                     engine = Engine(built, graph_mode=mode)
-                    with preparing(engine):
+                    with preparing(engine) if preparing else contextlib.nullcontext():
                         engine.prepare()
                 except (KtcliError, RuntimeError) as e:
                     err = getattr(e, "message", None) or str(e).splitlines()[0]

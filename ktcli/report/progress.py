@@ -59,12 +59,14 @@ def notice(text: str) -> None:
     stderr.print(f"[yellow]note:[/] {text}", highlight=False, markup=True)
 
 
-def preparing(engine):
+def preparing(engine, spinner: bool = True):
     """Around Engine.prepare(): with graphs on it runs a warm-up and captures the decode step. With runtime.compile
     the first one-token forward (that warm-up, or the first decoded token with graphs off) compiles each layer's
     attention, norms and router: about a second a layer, long enough that a silent wait looks like a hang."""
     if engine.built.profile.runtime.compile:
         notice("runtime.compile: the first decode step compiles each layer's attention, norms and router "
                "(about a second a layer, once per run)")
+    if not spinner:   # inside another live display (bench's progress bar): rich allows one at a time
+        return contextlib.nullcontext()
     return status("capturing the decode graph" if engine.mode != "off" else "preparing")
 
