@@ -125,6 +125,22 @@ def test_roofline_ratio_is_the_measured_rate_over_the_ceilings_roofline(cli):
     assert all(n / rep["s"] <= roof["best_tps"] for n, rep in zip([4] * 3, tg["reps"]))
 
 
+def test_a_cpu_only_prefill_row_has_its_roofline_too(cli):
+    """No layer streams (CPU only): the pp row's roofline comes from the CPU's probed rates, once per model, and is
+    said under the table; its ratio is the measured rate over it."""
+    r = bench(cli, "-p", "32,64", "-n", "0", "-r", "2", "-o", "json")
+    assert r.exit_code == 0, r
+    rows = json.loads(r.stdout)["results"]
+    for pp in rows:
+        pre = pp["prefill_roofline"]
+        assert pre["rates"]["cpu_GBps"] > 0 and pre["rates"]["cpu_TFLOPs"] > 0 and pre["rates"]["pcie_GBps"] == 0
+        assert pre["layer_chunks"]["cpu"] > 0 and pre["layer_chunks"]["stream"] == 0
+        assert abs(pp["roofline_ratio"] - pp["tps_mean"] / pre["best_tps"]) < 1e-12 and 0 < pp["roofline_ratio"] < 1
+    assert rows[0]["prefill_roofline"]["rates"] == rows[1]["prefill_roofline"]["rates"]   # probed once
+    md = bench(cli, "-p", "32", "-n", "0", "-r", "1")
+    assert "prefill roofline (pp32, chunks of" in md.stdout and "→ best" in md.stdout
+
+
 def test_ceiling_is_raised_to_a_faster_rate_the_run_reached():
     from ktcli.engine.bandwidth import Ceiling
     c = Ceiling({"torch-sum": [5e9, 7e9], "stream": [6e9]})

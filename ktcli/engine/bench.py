@@ -53,9 +53,10 @@ def run_test(engine, kind: str, n: int, reps: int, warmup: int, seed: int = 0, t
     total, cpu, gpu = sums.get("s", 0.0), sums.get("cpu_experts_s", 0.0), sums.get("gpu_wait_s", 0.0)
     per_tok = 1e3 / (n * len(timed)) if timed else 0.0
     extra = {}
-    if kind == "pp" and streamer is not None and timed:
+    if kind == "pp" and timed:
         from .roofline import prefill_roofline
         extra["prefill_roofline"] = prefill_roofline(engine.built, n, engine.chunk)
+    if kind == "pp" and streamer is not None and timed:
         extra["prefill_phases"] = {k: sums.get(k, 0) / len(timed) for k in
                                    ("upload_s", "stall_s", "upload_bytes", "layers_streamed", "layers_cpu",
                                     "layers_split", "split_cpu_s", *PHASES, "moe_s")}

@@ -56,18 +56,38 @@ def roofline(bytes_per_token: dict, bw: dict) -> dict:
             "best_s_per_token": t, "best_tps": 1.0 / t if t else 0.0}
 
 
+def prefill_rates(built, experts: list):
+    """The streamer's rates (measured at load, raised by the run's uploads), or where no layer streams, rates probed
+    once on first use: the CPU's read and GEMM rates and the kernel's on the first CPU-resident layer, the GPU's
+    GEMM rate where the model's main device is a GPU."""
+    if built.streamer is not None:
+        return built.streamer.rates
+    if built.prefill_rates is None:
+        from ..ops.costs import PrefillRates, probe_cpu, probe_gpu, probe_kernel
+        r, cpu = PrefillRates(), [m for m in experts if m.home.type == "cpu"]
+        threads = built.profile.runtime.cpu_threads or 0
+        if cpu:
+            r.cpu_bps, r.cpu_flops, r.cpu_flops_small = probe_cpu(cpu[0], threads)
+            r.kernel_flops = probe_kernel(cpu[0], built.model.config.num_experts_per_tok, threads, r)
+        if built.main_device.type == "cuda":
+            r.gpu_flops = probe_gpu(built.main_device)
+        built.prefill_rates = r
+    return built.prefill_rates
+
+
 def prefill_roofline(built, n: int, chunk: int) -> dict | None:
-    """The best per-layer plan for prefilling n tokens in chunks of `chunk`, from the rates measured at load
-    (and raised by what the run's uploads reached): each streamed or split layer costs max(copy or split time, its
-    GPU work) — the copy overlaps the previous layer — each CPU layer its CPU time plus its GPU work. None without a streamer."""
+    """The best per-layer plan for prefilling n tokens in chunks of `chunk`, from the measured rates
+    (prefill_rates): each streamed or split layer costs max(copy or split time, its GPU work) — the copy overlaps
+    the previous layer — each CPU layer its CPU time plus its attention's work (on the CPU's GEMM rate where the
+    model runs on the CPU). None where no rate for the attention's device was measured."""
     from ..ops.base import HybridExperts
     from ..ops.costs import layer_costs
-    st = built.streamer
-    if st is None:
-        return None
-    r, cfg = st.rates, built.model.config
-    K, L = cfg.num_experts_per_tok, cfg.num_hidden_layers
     experts = [m for m in built.model.modules() if isinstance(m, HybridExperts)]
+    r, cfg = prefill_rates(built, experts), built.model.config
+    flops = r.gpu_flops if built.main_device.type == "cuda" else r.cpu_flops
+    if not flops:
+        return None
+    K, L = cfg.num_experts_per_tok, cfg.num_hidden_layers
     ids = {id(p) for m in experts for p in m.parameters(recurse=False)}
     other = sum(p.numel() for p in built.model.parameters() if id(p) not in ids and p.ndim > 1) / L
     heads = cfg.num_attention_heads
@@ -79,7 +99,7 @@ def prefill_roofline(built, n: int, chunk: int) -> dict | None:
         attn = 4 * T * (done + T / 2) * heads * hd          # QK^T and PV over the context so far
         done += T
         for m in experts:
-            gpu = (2 * T * other + attn) / r.gpu_flops
+            gpu = (2 * T * other + attn) / flops
             if m.streamer is not None:       # the operator's own choice (auto: the fastest; stream: always)
                 op = m.ops["prefill"]
                 p = (op.plan(T, calibrated=False) if hasattr(op, "plan")     # the probes' bound, not the run's
@@ -91,7 +111,7 @@ def prefill_roofline(built, n: int, chunk: int) -> dict | None:
                 total += layer_costs(m, T, K, r)["cpu"] + gpu
             else:
                 way = "gpu"
-                total += gpu + 2 * 3 * T * K * m.hidden * m.inter / r.gpu_flops
+                total += gpu + 2 * 3 * T * K * m.hidden * m.inter / flops
             parts[way] += 1
     return {"best_s": total, "best_tps": n / total if total else 0.0, "chunk": chunk, "layer_chunks": parts,
             "rates": r.as_dict()}

@@ -30,6 +30,7 @@ class Built:
     timings: dict = field(default_factory=dict)   # stage → seconds
     weight_bytes: dict = field(default_factory=dict)   # device → bytes of weights resident
     streamer: object = None                            # ops.stream.Streamer when prefill streams experts
+    prefill_rates: object = None                       # ops.costs.PrefillRates probed for a roofline without one
 
 
 def _device_of(name: str, plan, experts_devices: dict) -> str:

@@ -110,6 +110,13 @@ def md(records: list, meta: dict) -> str:
                        if ph.get("cpu_alone_scale") else "")
                     + (f"; the CPU thread spent {ph['moe_s']:.3f} s of {ph['run_s']:.3f} s in MoE layers"
                        if ph.get("moe_s") and ph.get("run_s") else ""))
+        elif pre:   # no layer streams: the CPU's rates (and the GPU's, for attention on one)
+            rt = pre["rates"]
+            out += (f"\n\nprefill roofline ({r['test']}, chunks of {pre['chunk']}): layer-chunks "
+                    + ", ".join(f"{k} {v}" for k, v in pre["layer_chunks"].items() if v)
+                    + f" at CPU {rt['cpu_GBps']:.1f} GB/s / {rt['cpu_TFLOPs']:.2f} TFLOP/s"
+                    + (f", GPU {rt['gpu_TFLOPs']:.0f} TFLOP/s" if rt.get("gpu_TFLOPs") else "")
+                    + f" → best {pre['best_tps']:.0f} t/s")
     if meta.get("bandwidth"):
         out += "\n\n" + ceiling_line(meta["bandwidth"])
     if meta.get("notes"):
