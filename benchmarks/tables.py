@@ -180,12 +180,10 @@ def serve(d) -> str:
 
 def compile_ab(d) -> str:
     """compile_ab.py: one engine, a compiled and an eager decode graph, rounds alternated ABBA; medians."""
-    med = d["median"]
     rows = [[os.path.basename(d["profile"]), d["graphs"], which, str(len(d["rounds"][which])), f"{m['tps']:.2f}",
-             f"{m['ms_per_token']:.2f}", f"{m['cpu_experts_ms']:.2f}", f"{m['rest_ms']:.2f}"]
-            for which, m in (("off", med["off"]), ("on", med["on"]))]
-    rows[1].append(f"{d['compiled_over_eager']:.3f}")
-    rows[0].append("")
+             f"{m['ms_per_token']:.2f}", f"{m['cpu_experts_ms']:.2f}", f"{m['rest_ms']:.2f}",
+             f"{d['compiled_over_eager']:.3f}" if which == "on" else ""]
+            for which, m in ((w, d["median"][w]) for w in ("off", "on"))]
     return _table(["profile", "graphs", "compile", "rounds", "tg t/s (median)", "token ms", "CPU experts ms",
                    "rest ms", "on ÷ off"], rows)
 

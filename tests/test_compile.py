@@ -79,7 +79,7 @@ def test_the_switch_runs_the_wrapped_modules_eagerly():
 
 
 def test_a_compiling_run_says_so_before_its_first_decode(monkeypatch):
-    """The first decode step compiles ~a second a layer (48 s for Qwen3-30B): chat and bench say so first."""
+    """The first decode step compiles every layer (long on a 48-layer model): chat and bench say so first."""
     from types import SimpleNamespace as NS
 
     from ktcli.report import progress

@@ -69,4 +69,3 @@ def preparing(engine, spinner: bool = True):
     if not spinner:   # inside another live display (bench's progress bar): rich allows one at a time
         return contextlib.nullcontext()
     return status("capturing the decode graph" if engine.mode != "off" else "preparing")
-

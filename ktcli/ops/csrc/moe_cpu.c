@@ -202,14 +202,14 @@ static void layer_member(void *arg, int id, int n) {
     const float *xf = L->x;
     STAMP(id, T_START);
     /* the input in fp32, prepared for the gate/up rows' dot path, in pieces of QB inputs */
-    long pieces = (H + QB - 1) / QB, np = T * pieces, gp = grain(np, n), tp = (np + gp - 1) / gp;
-    for (long c; (c = claim(&L->prep.next, tp)) >= 0; done(&L->prep.fin, 1))
-        for (long k = c * gp; k < (c + 1) * gp && k < np; k++) {
+    long pieces = (H + QB - 1) / QB, np = T * pieces;
+    for (long lo, hi; claim_grain(&L->prep.next, np, grain(np, n), &lo, &hi); done(&L->prep.fin, hi - lo))
+        for (long k = lo; k < hi; k++) {
             int t = (int)(k / pieces), j0 = (int)(k % pieces) * QB, j1 = j0 + QB < H ? j0 + QB : H;
             for (size_t j = (size_t)t * H + j0; j < (size_t)t * H + j1; j++) s->x32[j] = L->io ? bf16f(xb[j]) : xf[j];
             prep(&s->xa, t, j0, j1);
         }
-    await_count(&L->prep.fin, tp);
+    await_count(&L->prep.fin, np);
     /* AMX: the gate/up panels, a group of 16 vectors per task (one writer per cache line) */
     for (long g; L->mg->amx && (g = claim(&L->pan.next, L->ngroups)) >= 0; done(&L->pan.fin, 1)) {
         int u = L->grp[g] >> 16, g0 = (L->grp[g] & 0xFFFF) * 16, n = L->start[u + 1] - L->start[u], nd = 0, m = 0;
@@ -231,21 +231,20 @@ static void layer_member(void *arg, int id, int n) {
                     &L->gu.fin, L->gu_claimed, id, n);
         STAMP(id, T_GATE_UP);
         await_count(&L->gu.fin, ng);
-        long ga = grain(P, n), ta = (P + ga - 1) / ga;
-        for (long c; (c = claim(&L->act.next, ta)) >= 0; done(&L->act.fin, 1))
-            for (long p = c * ga; p < (c + 1) * ga && p < P; p++) act_pair(s, (int)p, I, 1);
-        await_count(&L->act.fin, ta);
+        for (long lo, hi; claim_grain(&L->act.next, P, grain(P, n), &lo, &hi); done(&L->act.fin, hi - lo))
+            for (long p = lo; p < hi; p++) act_pair(s, (int)p, I, 1);
+        await_count(&L->act.fin, P);
         matrix_rows(L->md, H, &s->ha, L->U, L->uniq, L->start, L->order, K, 0, s->y, &L->dn.next, &L->dn.fin,
                     L->dn_claimed, id, n);
     }
     STAMP(id, T_DOWN);
     await_count(&L->dn.fin, nd);
-    long per = (H + SUM_CHUNK - 1) / SUM_CHUNK, ns = (long)T * per, gs = grain(ns, n), ts = (ns + gs - 1) / gs;
-    for (long b; (b = claim(&L->sum.next, ts)) >= 0; done(&L->sum.fin, 1))
-        for (long c = b * gs; c < (b + 1) * gs && c < ns; c++) sum_chunk(L, c);
+    long ns = (long)T * ((H + SUM_CHUNK - 1) / SUM_CHUNK);   /* chunks of the weighted sum */
+    for (long lo, hi; claim_grain(&L->sum.next, ns, grain(ns, n), &lo, &hi); done(&L->sum.fin, hi - lo))
+        for (long c = lo; c < hi; c++) sum_chunk(L, c);
     amx_release();
     STAMP(id, T_END);
-    if (id == 0) await_count(&L->sum.fin, ts);   /* the caller returns when the output is complete */
+    if (id == 0) await_count(&L->sum.fin, ns);   /* the caller returns when the output is complete */
 }
 
 #include "stats.h"

@@ -185,6 +185,15 @@ typedef struct { _Alignas(64) long next; _Alignas(64) long fin; } Phase;
  * so a contended counter is claimed ~8n times, not N (T=512: 8,192 pieces one by one, the prep phase 1.4 ms). */
 static inline long grain(long N, int n) { long g = N / (8L * (n < 1 ? 1 : n)); return g < 1 ? 1 : g; }
 
+/* Claims the next g of a phase's N items, [*lo, *hi); 0 when none are left. The caller counts the items it did
+ * (done(&fin, hi − lo)), so the phase waits for fin = N whatever the grain. */
+static inline int claim_grain(long *next, long N, long g, long *lo, long *hi) {
+    long c = claim(next, (N + g - 1) / g);
+    if (c < 0) return 0;
+    *lo = c * g, *hi = *lo + g < N ? *lo + g : N;
+    return 1;
+}
+
 static void team_after_fork(void) {   /* a forked child has no workers: start a new team on first use */
     team.n = team.pinned = team.stop = 0;
     pthread_mutex_init(&team_lock, NULL);
