@@ -216,6 +216,23 @@ def test_split_choice_balances_the_cpu_and_the_copy():
     # a split's CPU share slower than the CPU alone (beside the copies): balanced on its own rate
     assert choose(1.0, 1.0, 0.0, 64, 3.0) == {"way": "split", "n_cpu": 16, "seconds": 0.75}
     assert choose(1.0, 0.5, 0.0, 64, 3.0)["way"] == "cpu"
+    # a split layer's wait for its inputs runs before the CPU's share: the CPU takes fewer experts, and where the
+    # wait eats the gain the layer streams (int8 pp2048, 2026-12-06: split 2,836 t/s against streaming's ~3,800)
+    c = choose(1.0, 1.0, 0.0, 64, None, 0.2)
+    assert c["way"] == "split" and c["n_cpu"] == round(64 * 0.8 / 2) and c["seconds"] == pytest.approx(0.6, abs=0.01)
+    assert choose(1.0, 1.2, 0.0, 64, None, 0.8)["way"] == "stream"
+    assert choose(1.0, 1.0, 0.0, 64, None, 1.0)["way"] == "stream"
+
+
+def test_a_layer_keeps_its_shortest_wait_per_chunk_bucket():
+    from ktcli.ops.stream import Streamer
+    st = Streamer.__new__(Streamer)
+    st.waits = {}
+    assert st.wait("split", 512) == 0.0
+    for s in (0.004, 0.002, 0.003):
+        st.observe_wait("split", 600, s)
+    st.observe_wait("cpu", 600, 0.01)
+    assert st.wait("split", 512) == 0.002 and st.wait("split", 1024) == 0.0 and st.wait("cpu", 1000) == 0.01
 
 
 def test_split_share_follows_the_cpu_time_the_run_measured(tmp_path, ckpt):

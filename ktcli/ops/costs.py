@@ -157,37 +157,42 @@ def probe_gpu(device) -> float:
 
 
 def split_plan(experts, T: int, K: int, rates: PrefillRates, cpu_scale: float = 1.0,
-               split_scale: float = 1.0) -> dict:
+               split_scale: float = 1.0, waits: tuple = (0.0, 0.0)) -> dict:
     """{'way': 'stream' | 'cpu' | 'split', 'n_cpu', 'seconds', 'kernel', 'cpu_s', 'alts'} for one HybridExperts
     layer and T tokens ('kernel': the CPU's share of a long bf16 chunk runs in our kernel rather than torch's GEMMs;
     'cpu_s': the whole layer on the CPU by the probed rates, before the scales multiply it: `cpu_scale` for the
-    whole layer on the CPU, `split_scale` for a split's CPU share; 'alts': the two CPU ways' own best plans)."""
+    whole layer on the CPU, `split_scale` for a split's CPU share; waits: the seconds a layer of the CPU way and a
+    split layer measured waiting for its inputs, in series with the CPU's work; 'alts': the two CPU ways' own best
+    plans)."""
     c = layer_costs(experts, T, K, rates)
     E = experts.num_experts
     floor = used_experts(E, K, T) * experts.stream_src.nbytes() / E / rates.cpu_bps if rates.cpu_bps else 0.0
-    cpu, sc = c["cpu"] * cpu_scale, c["cpu"] * split_scale
+    cpu, sc = c["cpu"] * cpu_scale + waits[0], c["cpu"] * split_scale
     alts = {"cpu": {"way": "cpu", "n_cpu": E, "seconds": cpu}}
-    if (at := split_at(c["stream"], sc, floor, E)) is not None:
+    if (at := split_at(c["stream"], sc, floor, E, waits[1])) is not None:
         alts["split"] = {"way": "split", "n_cpu": at[0], "seconds": at[1]}
-    return {**choose(c["stream"], cpu, floor, E, sc), "kernel": c["kernel"], "cpu_s": c["cpu"], "alts": alts}
+    return {**choose(c["stream"], cpu, floor, E, sc, waits[1]), "kernel": c["kernel"], "cpu_s": c["cpu"],
+            "alts": alts}
 
 
-def split_at(s: float, sc: float, floor: float, E: int) -> tuple | None:
-    """(n, seconds) of the balanced split: the CPU takes n of E experts, about sc·n/E of CPU time, against
-    s·(E−n)/E of copying; both read DRAM, so never under `floor`. None where either side is missing."""
-    if not (math.isfinite(s) and math.isfinite(sc)) or E < 2:
+def split_at(s: float, sc: float, floor: float, E: int, wait: float = 0.0) -> tuple | None:
+    """(n, seconds) of the balanced split: the CPU takes n of E experts, about sc·n/E of CPU time after `wait`
+    (its inputs: the GPU's work before the layer, which a split cannot overlap), against s·(E−n)/E of copying;
+    both read DRAM, so never under `floor`. None where either side is missing or the wait alone outlasts the
+    copies."""
+    if not (math.isfinite(s) and math.isfinite(sc)) or E < 2 or wait >= s:
         return None
-    n = min(E - 1, max(1, round(E * s / (s + sc))))
-    return n, max(sc * n / E, s * (E - n) / E, floor)
+    n = min(E - 1, max(1, round(E * (s - wait) / (s + sc))))
+    return n, max(sc * n / E + wait, s * (E - n) / E, floor)
 
 
-def choose(s: float, cpu: float, floor: float, E: int, split_cpu: float | None = None) -> dict:
+def choose(s: float, cpu: float, floor: float, E: int, split_cpu: float | None = None, wait: float = 0.0) -> dict:
     """The fastest of streaming (s), the CPU (cpu) and a split (split_at; split_cpu: the whole layer's CPU time
-    beside the copies, default `cpu`; floor: the touched bytes ÷ the CPU read rate). A split is taken only where
-    it saves ≥ 10%: below that the activation copies and the host sync (about 1 ms a layer against tens of ms of
-    copying) eat the gain."""
+    beside the copies, default `cpu`; wait: a split layer's measured wait for its inputs; floor: the touched
+    bytes ÷ the CPU read rate). A split is taken only where it saves ≥ 10%: below that the activation copies and
+    the host sync (about 1 ms a layer against tens of ms of copying) eat the gain."""
     best = {"way": "stream", "n_cpu": 0, "seconds": s} if s <= cpu else {"way": "cpu", "n_cpu": E, "seconds": cpu}
-    at = split_at(s, cpu if split_cpu is None else split_cpu, floor, E)
+    at = split_at(s, cpu if split_cpu is None else split_cpu, floor, E, wait)
     if at is not None and at[1] <= 0.9 * best["seconds"]:
         best = {"way": "split", "n_cpu": at[0], "seconds": at[1]}
     return best

@@ -90,8 +90,10 @@ class AutoPrefill(DeviceOp):
         if p["way"] == "cpu":
             st = self.experts.streamer
             st.stats["layers_cpu"] += 1
+            t0 = time.perf_counter()
             if x.is_cuda:   # the inputs ready first, so that the clock times the CPU's work alone
                 torch.cuda.current_stream(x.device).synchronize()
+                st.observe_wait("cpu", T, time.perf_counter() - t0)
             t0 = time.perf_counter()
             y = self.cpu(x, idx, w)
             st.observe_cpu("cpu", T, time.perf_counter() - t0, p["cpu_s"])
@@ -105,7 +107,8 @@ class AutoPrefill(DeviceOp):
         st = self.experts.streamer
         if not calibrated:
             return split_plan(self.experts, T, st.top_k, st.rates)
-        return split_plan(self.experts, T, st.top_k, st.rates, st.scale("cpu", T), st.scale("split", T))
+        return split_plan(self.experts, T, st.top_k, st.rates, st.scale("cpu", T), st.scale("split", T),
+                          (st.wait("cpu", T), st.wait("split", T)))
 
     def choice(self, T: int) -> dict:
         """The plan this layer runs: the calibrated plan, except that the first `auto` layer tries once per

@@ -74,4 +74,6 @@ def run_split(op, x, idx, w, n: int):
     for k, v in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
         st.stats[k] = st.stats.get(k, 0.0) + v
     st.stats["layers_split"] += 1
+    if ready is not None:
+        st.observe_wait("split", T, t1 - t0)
     return y, t4 - t1

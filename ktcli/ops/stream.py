@@ -54,6 +54,7 @@ class Streamer:
         self.cpu_scale: dict = {}       # (way, chunk length's bit_length) → measured ÷ probed CPU time, per way:
                                         # 'split' (a split's CPU share, beside the copies) or 'cpu' (a whole layer)
         self._splits: list = []         # (way, T, measured s, probed s) of this prefill's CPU layers and shares
+        self.waits: dict = {}           # (way, bucket) → the shortest wait a layer of that way had for its inputs
         self.reset_stats()
 
     # -- setup -----------------------------------------------------------------------------------------------
@@ -183,6 +184,17 @@ class Streamer:
             if p > 0:
                 self.cpu_scale[key] = max(m / p, 0.25)
         self._splits = []
+
+    def observe_wait(self, way: str, T: int, seconds: float) -> None:
+        """A CPU-way or split layer waited `seconds` for its inputs: the GPU's work before it, which that way runs
+        in series with the CPU's (streaming overlaps it with the copies). The shortest wait per bucket is kept: a
+        longer one also holds the previous layer's GPU share where that was the slower side (2026-12-06, H100 host:
+        the waits were why int8 pp2048 split ran 2,836 t/s against 3,800 streaming)."""
+        key = (way, T.bit_length())
+        self.waits[key] = min(self.waits.get(key, seconds), seconds)
+
+    def wait(self, way: str, T: int) -> float:
+        return self.waits.get((way, T.bit_length()), 0.0)
 
     def observed(self, way: str, T: int) -> bool:
         """Whether layers of this way and chunk-length bucket have measured the CPU, in an earlier prefill or in
