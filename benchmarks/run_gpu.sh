@@ -114,6 +114,15 @@ case $what in
       python3 benchmarks/compile_ab.py $p --tokens ${TOKENS:-128} --rounds ${ROUNDS:-6} \
           --out $out/decode-compile-ab-$(basename $p .yaml).json
     done ;;
+  fused)    # #15: runtime.compile's fused q/k/v GEMM and unsorted top-k (model/fused.py) off against on: the GPU's
+            # share of a replay per layer (decode_timeline, 16 layers, fresh process each), then tg128 with them on
+    python3 -m pytest -v -p no:cacheprovider tests/test_compile_gpu.py tests/test_fused.py 2>&1 | tee $out/gpu-tests-fused.log | tail -3
+    for f in 0 1; do
+      KTCLI_FUSED=$f python3 benchmarks/decode_timeline.py profiles/qwen3-30b-a3b-cpu-experts.yaml --num-layers 16 \
+          --out $out/decode-timeline-fused$f.json
+    done
+    python3 -m ktcli bench ${PROFILES:-profiles/qwen3-30b-a3b-cpu-experts.yaml profiles/qwen3-30b-a3b-cpu-experts-int4.yaml} \
+        -p 0 -n 128 -r 3 --graph-mode full -o json --output-file $out/decode-qwen3-30b-a3b-fused.json ;;
   multigpu) # #19's proof on a machine with two GPUs: the two-GPU tests, then decode tg128 with layers split over two GPUs
             # against the same CPU experts on one GPU, in one process (same machine, same run)
     python3 -m pytest -v -p no:cacheprovider tests/test_multigpu_gpu.py 2>&1 | tee $out/gpu-tests-multigpu.log | tail -3
@@ -123,5 +132,5 @@ case $what in
         -p 512 -n 128 -r 3 --graph-mode full -o json --output-file $out/multigpu-qwen2-57b-a14b.json
     python3 benchmarks/graph_parity.py profiles/qwen3-30b-a3b-2gpu-cpu-experts.yaml --tokens 64 \
         --out $out/parity-multigpu-qwen3-30b.json ;;
-  *) echo "stages: tests amx contention passive kernel decode fresh prefill prefill-ab serve plan parity baselines compile multigpu"; exit 2 ;;
+  *) echo "stages: tests amx contention passive kernel decode fresh prefill prefill-ab serve plan parity baselines compile fused multigpu"; exit 2 ;;
 esac

@@ -142,6 +142,8 @@ def build(validation, progress=None) -> Built:
     devices.install(model, plan)     # layers, norm or lm_head on other GPUs: the hidden state follows them
     if prof.runtime.compile:
         from .compile import compile_decode
+        from .fused import fuse_decode
+        fuse_decode(model)           # one q/k/v GEMM, unsorted top-k (GPU modules); before the wrappers take forward
         compile_decode(model)        # compiled at the first one-token forward (graph warm-up or first decode)
     weight_bytes = {}
     for p in model.parameters():
