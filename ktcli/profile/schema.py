@@ -29,7 +29,8 @@ RUNTIME_FIELDS = {
     "prefill_chunk": "tokens per prefill step; also sizes the pinned staging buffers (default 512); when experts "
                      "stream to the GPU, steps are as long as free GPU memory allows (the copy is paid per step)",
     "compile": "torch.compile each layer's attention, norms and router for one-token decode: a few fused kernels "
-               "instead of ~70 small ones a layer (default false; the first decode compiles, about a second a layer)",
+               "instead of ~70 small ones a layer, and on the GPU one GEMM for q, k and v and an unsorted router "
+               "top-k (default false; the first decode compiles, about a second a layer)",
 }
 KWARG_FIELDS = {
     "generate_device": "where decode computes this module (experts: where their weights live)",
