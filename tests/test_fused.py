@@ -43,6 +43,13 @@ def test_only_modules_on_the_given_devices_are_fused(tmp_path_factory):
     assert not hasattr(model.model.layers[0].self_attn, "qkv_weight")
 
 
+def test_the_switch_leaves_every_module_unfused(tmp_path_factory, monkeypatch):
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("fused"), "qwen3_moe", layers=2)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    monkeypatch.setenv("KTCLI_FUSED", "0")
+    assert fuse_decode(model, device_types=("cpu",)) == []
+
+
 def test_an_unknown_attention_class_keeps_its_forward():
     class OtherAttention(torch.nn.Module):
         def __init__(self):

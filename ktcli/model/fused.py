@@ -85,8 +85,8 @@ def fuse_decode(model: nn.Module, device_types=("cuda",)) -> list:
         return done
     for name, m in model.named_modules():
         kind = type(m).__name__
-        params = list(m.parameters())
-        if not params or params[0].device.type not in device_types:
+        first = next(m.parameters(), None)
+        if first is None or first.device.type not in device_types:
             continue
         if kind in ATTENTION and _takes_cache(type(m)) and all(
                 isinstance(getattr(m, p, None), nn.Linear) for p in ("q_proj", "k_proj", "v_proj")):
