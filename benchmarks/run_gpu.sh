@@ -29,6 +29,14 @@ case $what in
     mv $out/prefill-ab-qwen3-30b-a3b-cpu-experts.json $out/prefill-ab-amx-qwen3-30b-a3b-bf16.json
     KTCLI_CPU_AMX=0 MODEL=qwen3 PP=${PP:-512,2048} bash $0 prefill-ab $out
     mv $out/prefill-ab-qwen3-30b-a3b-cpu-experts.json $out/prefill-ab-noamx-qwen3-30b-a3b-bf16.json ;;
+  int4amx)  # #14: int4 experts through AMX tiles (nibbles unpacked to bytes, amx.h): the kernel tests on hardware tiles,
+            # the kernel at T=512 with AMX off and on beside int8 (Qwen3-30B expert shape), then Qwen3-30B int4 prefill
+            # `auto` against streaming and the CPU alone
+    python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k amx 2>&1 | tee $out/gpu-tests-int4amx.log | tail -3
+    python3 benchmarks/cpu_experts.py --hidden 2048 --inter 768 --experts 128 --topk 8 --layers 3 --threads 16 \
+        --reps 4 --rounds 2 --batches 512 --formats int4,int8 --amx 0,1 --stock-max-t 0 --phases \
+        --out $out/cpu-experts-amx-int4-qwen3-30b-shape.json
+    FORMAT=int4 MODEL=qwen3 PP=${PP:-512,2048} bash $0 prefill-ab $out ;;
   contention)  # #14: why the split's CPU share runs slower than the kernel alone: one Qwen3-30B layer's CPU share (all
             # experts, and the 26% `auto` gave pp512) alone, beside host→GPU copies, beside a busy process, team of
             # 16 or 15, weights registered or not; then the tiles' prefetch distance

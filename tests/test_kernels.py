@@ -325,19 +325,23 @@ def uneven(E, K, T, seed):
                                            ("bf16", 32, 128, 96, 8, 512), ("bf16", 8, 64, 40, 2, 64),
                                            ("bf16", 8, 80, 64, 2, 40), ("int8", 8, 128, 128, 3, 17),
                                            ("int8", 16, 256, 128, 4, 64), ("int8", 32, 128, 256, 8, 512),
-                                           ("int8", 8, 128, 96, 2, 64)])
+                                           ("int8", 8, 128, 96, 2, 64), ("int4", 8, 128, 128, 3, 17),
+                                           ("int4", 16, 256, 128, 4, 64), ("int4", 32, 128, 256, 8, 512),
+                                           ("int4/256", 8, 256, 512, 2, 64)])
 def test_amx_tiles_match_reference_and_row_dots(fmt, E, H, I, K, T):
     """Experts with ≥ 8 pairs through AMX tiles (the CPU's, or the plain-C twin where it has none: the panel
     layout, the 16-row blocks and tails, uneven loads): bf16 on the bf16 dot path (H or I not a multiple of 32
     keeps that matrix on row dots), int8 on the int8-activation path (the same integer sums per block as the row
-    dots). Every schedule and every prefetch pattern; the call is counted as an AMX call only where a matrix qualified."""
+    dots), int4 unpacked to nibble bytes on that path too (group scales per 128 inputs, or per 256: "int4/256").
+    Every schedule and every prefetch pattern; the call is counted as an AMX call only where a matrix qualified."""
+    fmt, group = (fmt.split("/") + ["128"])[:2]
     path = "dpbf16" if fmt == "bf16" else "vnni"
     if not kernels.caps()[path]:
         pytest.skip(f"AMX tiles take the {path} path's activations")
     seed = torch.randint(0, 2**30, ()).item()
     gu, dn, x, _, w = case(E, H, I, K, T, seed)
     idx = uneven(E, K, T, seed)
-    ew = pack(fmt, gu.bfloat16() if fmt == "bf16" else gu, dn.bfloat16() if fmt == "bf16" else dn)
+    ew = pack(fmt, gu.bfloat16() if fmt == "bf16" else gu, dn.bfloat16() if fmt == "bf16" else dn, int(group))
     want = reference(ew, x, idx, w, E)
     rows = torch.empty(T, H)
     was = kernels.tune(amx=0, int8_act=1)

@@ -261,8 +261,9 @@ int moe_forward(int T, int K, int H, int I, int E, const void *x, const int64_t 
     int P = T * K;
     if (T < 1 || K < 1 || P > 4096 || E < 1 || E > 4096 || (fmt == 2 && (G % 2 || H % G || I % G))) return -1;
     Mat mg = {fmt, G, path_for(fmt, H, G), gu, gu_s}, md = {fmt, G, path_for(fmt, I, G), dn, dn_s};
-    /* AMX: bf16 on the bf16 dot path (inputs a multiple of 32), int8 on the int8-activation path (of QB) */
-    int tiles = amx_active() && P >= AMX_MIN && fmt < 2;
+    /* AMX: bf16 on the bf16 dot path (inputs a multiple of 32), int8 and int4 (unpacked to nibble bytes) on the
+     * int8-activation path (of QB) */
+    int tiles = amx_active() && P >= AMX_MIN;
     mg.amx = tiles && (fmt == 0 ? mg.path == DPBF16 && H % 32 == 0 : mg.path == IDOT);
     md.amx = tiles && (fmt == 0 ? md.path == DPBF16 && I % 32 == 0 : md.path == IDOT);
     /* group pairs by expert, in O(P): order[] lists pair ids, expert by expert (experts in order of first use) */

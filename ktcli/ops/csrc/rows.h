@@ -73,11 +73,16 @@ static void rows_block(const Mat *m, int e, int r0, int r1, int R, const Acts *a
 static void expert_rows(const Mat *m, int R, const Acts *a, int u, int r0, int r1, const int *uniq, const int *start,
                         const int *order, int K, int by_token, float *out) {
     if (m->amx && m->ubase[u] >= 0) {   /* whole blocks of 16 rows in tiles, a tail of fewer below */
-        size_t rb = m->fmt == 0 ? (size_t)a->n * 2 : (size_t)a->n;   /* bytes a row */
-        int r16 = r0 + (r1 - r0) / 16 * 16;
-        amx_rows(m->fmt, (const char *)m->w + uniq[u] * R * rb, m->fmt == 1 ? m->scale + (size_t)uniq[u] * R : NULL, R, a,
-                 m->panel + m->ubase[u] / 16 * (rb / 4 * 16), start[u + 1] - start[u], order + start[u], by_token, K,
-                 r0, r16, out);
+        size_t C = a->n, rb = m->fmt == 0 ? C * 2 : m->fmt == 1 ? C : C / 2;   /* weight bytes a row */
+        const uint32_t *panel = m->panel + m->ubase[u] / 16 * ((m->fmt == 0 ? C * 2 : C) / 4 * 16);
+        const char *we = (const char *)m->w + uniq[u] * R * rb;
+        int r16 = r0 + (r1 - r0) / 16 * 16, n = start[u + 1] - start[u];
+        if (m->fmt == 2)
+            amx_rows_i4((const uint8_t *)we, m->scale + (size_t)uniq[u] * R * (C / m->G), m->G, R, a, panel, n,
+                        order + start[u], by_token, K, r0, r16, out);
+        else
+            amx_rows(m->fmt, we, m->fmt == 1 ? m->scale + (size_t)uniq[u] * R : NULL, R, a, panel, n, order + start[u],
+                     by_token, K, r0, r16, out);
         if (r16 == r1) return;
         r0 = r16;
     }
