@@ -11,6 +11,10 @@ The call is the split's own (ops/split.py run_split): the (token, expert) pairs 
               uploads) | spin (a competing busy process on one core) | torch (the split's gather in torch,
               untimed, just before each call: its OpenMP team may still spin when the kernel's team starts),
               or several joined by + (copy+spin)
+  --routing   uniform, or skewed:H:F (experts [E−H, E) take a fraction F of each token's picks, the rest share
+              the others: the synthetic checkpoints route so, 2026-12-06); the CPU's experts [0, n) are then the
+              cold ones, as the routing-aware split gives them; a share of 1 is the whole layer as one top-K call
+--phases adds where the median call's time goes (per-member timestamps, cpu_experts.phase_times).
 Each row: the kernel's median ms and GB/s over the touched experts' bytes, and for copy loads the copies' own rate
 while the kernel ran, and whether they outlasted it (a row whose copies ended early says so).
 
@@ -35,6 +39,7 @@ from ktcli.ops import kernels
 from ktcli.ops.split import pairs
 from ktcli.ops.quant import hugepages, pack
 from ktcli.ops.stream import register_host
+from cpu_experts import phase_times
 
 
 def layer(fmt, E, H, I, g):
@@ -72,6 +77,16 @@ class CopyLoad:
         return {"copy_GBps": self.n * self.src.numel() / s / 1e9, "copies_outlasted_kernel": outlasted}
 
 
+def route(spec: str, T: int, E: int, K: int, g) -> torch.Tensor:
+    """idx [T,K]: K distinct experts a token, uniform or skewed:H:F (see the module's help)."""
+    if spec == "uniform":
+        return torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    hot, frac = int(spec.split(":")[1]), float(spec.split(":")[2])
+    p = torch.full((E,), (1 - frac) / (E - hot))
+    p[E - hot:] = frac / hot
+    return torch.multinomial(p.expand(T, E), K, generator=g)
+
+
 def spinner():
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
@@ -92,6 +107,8 @@ def main():
     ap.add_argument("--load", default="none,copy,spin")
     ap.add_argument("--reps", type=int, default=8)
     ap.add_argument("--copy-gib", type=float, default=1.0)
+    ap.add_argument("--routing", default="uniform")
+    ap.add_argument("--phases", action="store_true")
     ap.add_argument("--out")
     a = ap.parse_args()
     lib = kernels.get()
@@ -103,7 +120,7 @@ def main():
     per_expert = layers[0].nbytes() / E
     x = torch.randn(T, H, generator=g).to(torch.bfloat16)
     w = torch.rand(T, K, generator=g).softmax(-1).to(torch.bfloat16)
-    idxs = [torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) for _ in range(a.layers * a.reps)]
+    idxs = [route(a.routing, T, E, K, g) for _ in range(a.layers * a.reps)]
     cuda = torch.cuda.is_available()
     copy = CopyLoad(a.copy_gib) if cuda else None
     res = {"command": " ".join(["python", *sys.argv]), "machine": machine_info(), "caps": kernels.caps(), "rows": []}
@@ -127,8 +144,12 @@ def main():
         for i, idx in enumerate(idxs):   # the split's call: pairs of experts [0, n) as P rows of top-1
             tok, e, pw = pairs(idx, w, 0, n)
             toks.append(tok)
+            if share >= 1:                # the whole layer: the CPU way's own call, top-K per token
+                calls.append((x, idx.contiguous(), w, layers[i % a.layers]))
+                continue
             calls.append((x[tok].contiguous(), e[:, None].to(torch.int64), pw[:, None].to(x.dtype), layers[i % a.layers]))
         outs = [torch.empty_like(c[0]) for c in calls]
+        expert_pairs = [torch.bincount(c[1].reshape(-1), minlength=E) for c in calls]
         run = kernels.Runner()
         was = kernels.tune(prefetch=pf)
         call = lambda i: run(lib, calls[i][0], calls[i][1], calls[i][2], calls[i][3], outs[i], threads)  # noqa: E731
@@ -146,6 +167,8 @@ def main():
             call(i)
             ts.append(time.perf_counter() - t0)
         extra = copy.stop() if "copy" in load else {}
+        if a.phases:
+            extra["phases_us"] = phase_times(call, len(calls), threads)
         pf = dict(zip(kernels.KNOBS, kernels.tune()))["prefetch"]
         kernels.tune(*was)
         if spin:
@@ -153,13 +176,17 @@ def main():
             spin.wait()
         nbytes = statistics.mean(len(torch.unique(c[1])) for c in calls) * per_expert
         kt = statistics.median(ts)
-        row = {"format": a.format, "T": T, "share": share, "n_cpu": n, "pairs": calls[0][0].shape[0],
+        c0 = expert_pairs[0]
+        row = {"format": a.format, "T": T, "share": share, "n_cpu": n, "pairs": int(c0.sum()),
+               "experts_touched": int((c0 > 0).sum()), "experts_under_8": int(((c0 > 0) & (c0 < 8)).sum()),
                "threads": threads, "prefetch": pf, "registered": bool(reg), "load": load, "kernel_ms": kt * 1e3,
                "kernel_ms_all": [t * 1e3 for t in ts], "bytes": nbytes, "kernel_GBps": nbytes / kt / 1e9, **extra}
         res["rows"].append(row)
-        cp = f"{extra['copy_GBps']:.1f}{'' if extra['copies_outlasted_kernel'] else ' (ended early)'}" if extra else ""
-        print(f"{share:5.2f} {threads:3d} {pf:5d} {reg:3d} {load:>10} | {kt * 1e3:9.3f} {row['kernel_GBps']:6.1f} | {cp}",
-              flush=True)
+        cp = f"{extra['copy_GBps']:.1f}{'' if extra['copies_outlasted_kernel'] else ' (ended early)'}" if 'copy_GBps' in extra else ""
+        print(f"{share:5.2f} {threads:3d} {pf:5d} {reg:3d} {load:>10} | {kt * 1e3:9.3f} {row['kernel_GBps']:6.1f} | {cp}"
+              f"  pairs {row['pairs']} touched {row['experts_touched']} (<8: {row['experts_under_8']})", flush=True)
+        if a.phases:
+            print("      µs: " + ", ".join(f"{k} {v:.0f}" for k, v in extra["phases_us"].items()), flush=True)
         if a.out:
             write_atomic(a.out, json.dumps(res, indent=2))
 
