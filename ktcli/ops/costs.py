@@ -157,100 +157,42 @@ def probe_gpu(device) -> float:
 
 
 def split_plan(experts, T: int, K: int, rates: PrefillRates, cpu_scale: float = 1.0,
-               split_scale: float = 1.0, waits: tuple = (0.0, 0.0), pop=None) -> dict:
+               split_scale: float = 1.0, waits: tuple = (0.0, 0.0)) -> dict:
     """{'way': 'stream' | 'cpu' | 'split', 'n_cpu', 'seconds', 'kernel', 'cpu_s', 'alts'} for one HybridExperts
-    layer and T tokens, and for a split 'gpu' (the experts the GPU takes, ascending) and 'cpu_frac' (the CPU's
-    share of the layer's CPU work). 'kernel': the CPU's share of a long bf16 chunk runs in our kernel rather than
-    torch's GEMMs; 'cpu_s': the whole layer on the CPU by the probed rates, before the scales multiply it:
-    `cpu_scale` for the whole layer on the CPU, `split_scale` for a split's CPU share; waits: the seconds a layer
-    of the CPU way and a split layer measured waiting for its inputs, in series with the CPU's work; pop: the
-    layer's routing measured so far, pairs per token of each expert (None: uniform); 'alts': the two CPU ways'
-    own best plans)."""
+    layer and T tokens ('kernel': the CPU's share of a long bf16 chunk runs in our kernel rather than torch's GEMMs;
+    'cpu_s': the whole layer on the CPU by the probed rates, before the scales multiply it: `cpu_scale` for the
+    whole layer on the CPU, `split_scale` for a split's CPU share; waits: the seconds a layer of the CPU way and a
+    split layer measured waiting for its inputs, in series with the CPU's work; 'alts': the two CPU ways' own best
+    plans)."""
     c = layer_costs(experts, T, K, rates)
     E = experts.num_experts
-    per = experts.stream_src.nbytes() / E
-    used = used_experts(E, K, T) if pop is None else sum(1 - math.exp(-float(p) * T) for p in pop)
-    floor = used * per / rates.cpu_bps if rates.cpu_bps else 0.0
-    order, work = split_order(experts, T, K, rates, pop, c["kernel"])
-    total = c["cpu"] if pop is None else work[0]       # the CPU's probed seconds before the GPU takes any
-    fracs = work if pop is None else [v / total if total else 0.0 for v in work]
-    cpu, sc = c["cpu"] * cpu_scale + waits[0], total * split_scale
-    alts = {"cpu": {"way": "cpu", "n_cpu": E, "seconds": cpu, "gpu": ()}}
-    at = split_at(c["stream"], sc, floor, E, waits[1], fracs)
-    if at is not None:
-        alts["split"] = _split_dict(at, order, fracs, total)
-    best = choose(c["stream"], cpu, floor, E, sc, waits[1], fracs)
-    best = {"split": lambda: _split_dict((best["n_cpu"], best["seconds"]), order, fracs, total),
-            "cpu": lambda: {**best, "gpu": ()}, "stream": lambda: {**best, "gpu": None}}[best["way"]]()
-    return {**best, "kernel": c["kernel"], "cpu_s": c["cpu"], "alts": alts}
+    floor = used_experts(E, K, T) * experts.stream_src.nbytes() / E / rates.cpu_bps if rates.cpu_bps else 0.0
+    cpu, sc = c["cpu"] * cpu_scale + waits[0], c["cpu"] * split_scale
+    alts = {"cpu": {"way": "cpu", "n_cpu": E, "seconds": cpu}}
+    if (at := split_at(c["stream"], sc, floor, E, waits[1])) is not None:
+        alts["split"] = {"way": "split", "n_cpu": at[0], "seconds": at[1]}
+    return {**choose(c["stream"], cpu, floor, E, sc, waits[1]), "kernel": c["kernel"], "cpu_s": c["cpu"],
+            "alts": alts}
 
 
-def _split_dict(at: tuple, order: list, fracs: list, total: float) -> dict:
-    """'gpu': the experts the GPU takes (the first j of `order`, ascending); 'share_s': the CPU's probed seconds
-    for the rest, the calibration's reference."""
-    j = len(order) - at[0]
-    return {"way": "split", "n_cpu": at[0], "seconds": at[1], "gpu": tuple(sorted(order[:j])),
-            "share_s": total * fracs[j]}
-
-
-def split_order(experts, T: int, K: int, rates: PrefillRates, pop, long_bf16: bool = False) -> tuple:
-    """(order, work): the experts in the order the GPU should take them, and work[j] = the CPU's probed seconds
-    for the experts left when the GPU takes the first j. Every expert costs the copies the same, so the GPU takes
-    those the CPU would spend longest on: the most routed (a touched expert's bytes, its pairs' FLOPs). Uniform
-    routing (pop None): experts [n, E) to the GPU, work[j] = (E − j) / E (a fraction of the layer's). Why: routing is seldom uniform (the
-    synthetic Qwen3-30B: layers past the first touch 36-58 of 128 experts at pp512, 8 of them take 67-75% of the
-    pairs), and a CPU share holding a hot expert ran 3.5-5× its uniform estimate (2026-12-06)."""
-    E = experts.num_experts
-    if pop is None:
-        return list(range(E - 1, -1, -1)), [(E - j) / E for j in range(E + 1)]
-    work = share_seconds(experts, T, K, rates, [float(p) * T for p in pop], long_bf16)
-    order = sorted(range(E), key=lambda e: (-work[e], -e))   # ties: the highest numbers first, as uniform
-    left, out = sum(work), [sum(work)]
-    for e in order:
-        left -= work[e]
-        out.append(max(left, 0.0))
-    return order, out
-
-
-def share_seconds(experts, T: int, K: int, rates: PrefillRates, pairs: list, long_bf16: bool = False,
-                  counted: bool = False) -> list:
-    """Each expert's probed CPU seconds for a chunk of T tokens that routes it `pairs[e]` (token, expert) pairs
-    (expected, or `counted`): its bytes read once if touched (expected: 1 − e^−pairs), its FLOPs at the kernel's
-    rate (torch's GEMM rate where the chunk takes torch's path)."""
-    E = experts.num_experts
-    per = experts.stream_src.nbytes() / E
-    rate = (rates.kernel_flops or rates.cpu_flops) if kernel_path(experts, T, long_bf16=long_bf16) \
-        else gemm_rate(rates, T * K / E)
-    fpp = 2 * 3 * experts.hidden * experts.inter
-    touched = [float(p > 0) if counted else 1 - math.exp(-p) for p in pairs]
-    return [u * per / max(rates.cpu_bps, 1.0) + p * fpp / max(rate, 1.0) for u, p in zip(touched, pairs)]
-
-
-def split_at(s: float, sc: float, floor: float, E: int, wait: float = 0.0, fracs: list | None = None) -> tuple | None:
-    """(n, seconds) of the balanced split: the GPU takes j = E − n experts, s·j/E of copying, while the CPU does
-    fracs[j] of its work (uniform: (E − j)/E), sc·fracs[j] of CPU time after `wait` (its inputs: the GPU's work
-    before the layer, which a split cannot overlap); both read DRAM, so never under `floor`. The fastest j, ties
-    to the most even. None where either side is missing or the wait alone outlasts the copies."""
+def split_at(s: float, sc: float, floor: float, E: int, wait: float = 0.0) -> tuple | None:
+    """(n, seconds) of the balanced split: the CPU takes n of E experts, about sc·n/E of CPU time after `wait`
+    (its inputs: the GPU's work before the layer, which a split cannot overlap), against s·(E−n)/E of copying;
+    both read DRAM, so never under `floor`. None where either side is missing or the wait alone outlasts the
+    copies."""
     if not (math.isfinite(s) and math.isfinite(sc)) or E < 2 or wait >= s:
         return None
-    fracs = fracs or [(E - j) / E for j in range(E + 1)]
-    best = None
-    for j in range(1, E):
-        cpu, gpu = sc * fracs[j] + wait, s * j / E
-        key = (max(cpu, gpu, floor), abs(cpu - gpu))
-        if best is None or key < best[0]:
-            best = (key, j)
-    return E - best[1], best[0][0]
+    n = min(E - 1, max(1, round(E * (s - wait) / (s + sc))))
+    return n, max(sc * n / E + wait, s * (E - n) / E, floor)
 
 
-def choose(s: float, cpu: float, floor: float, E: int, split_cpu: float | None = None, wait: float = 0.0,
-           fracs: list | None = None) -> dict:
+def choose(s: float, cpu: float, floor: float, E: int, split_cpu: float | None = None, wait: float = 0.0) -> dict:
     """The fastest of streaming (s), the CPU (cpu) and a split (split_at; split_cpu: the whole layer's CPU time
     beside the copies, default `cpu`; wait: a split layer's measured wait for its inputs; floor: the touched
-    bytes ÷ the CPU read rate; fracs: split_order's). A split is taken only where it saves ≥ 10%: below that the
-    activation copies and the host sync (about 1 ms a layer against tens of ms of copying) eat the gain."""
+    bytes ÷ the CPU read rate). A split is taken only where it saves ≥ 10%: below that the activation copies and
+    the host sync (about 1 ms a layer against tens of ms of copying) eat the gain."""
     best = {"way": "stream", "n_cpu": 0, "seconds": s} if s <= cpu else {"way": "cpu", "n_cpu": E, "seconds": cpu}
-    at = split_at(s, cpu if split_cpu is None else split_cpu, floor, E, wait, fracs)
+    at = split_at(s, cpu if split_cpu is None else split_cpu, floor, E, wait)
     if at is not None and at[1] <= 0.9 * best["seconds"]:
         best = {"way": "split", "n_cpu": at[0], "seconds": at[1]}
     return best

@@ -9,7 +9,7 @@ import time
 import torch
 
 from .base import DeviceOp
-from .costs import explore, share_seconds, split_plan
+from .costs import explore, layer_costs, split_plan
 from .cpu import CpuExperts, cpu_moe
 from .split import pairs, run_split
 
@@ -21,12 +21,8 @@ class StreamedExperts(DeviceOp):
         return True
 
     def cpu_share(self, T: int) -> int:
-        """How many of this layer's experts the CPU computes while the rest stream (0: all stream)."""
+        """Experts [0, n) of this layer that the CPU computes while the rest stream (0: all stream)."""
         return 0
-
-    def gpu_set(self, T: int):
-        """The experts whose weights cross for a chunk of T tokens, ascending (None: all of them)."""
-        return None
 
     def __call__(self, x, idx, w):
         t0 = time.perf_counter()
@@ -34,17 +30,13 @@ class StreamedExperts(DeviceOp):
         self.experts.streamer.stats["moe_s"] += time.perf_counter() - t0   # the CPU thread's time in MoE calls
         return y
 
-    def run(self, x, idx, w, gpu=None):
-        """The experts in `gpu` (ascending; None: all) on the GPU, slot j holding gpu[j]; pairs routed to the
-        others contribute nothing here."""
+    def run(self, x, idx, w, first: int = 0):
+        """Experts [first, E) on the GPU; pairs routed below `first` contribute nothing here."""
         fn = self.experts.streamer.weights(self.experts, x.shape[0])
-        E = self.experts.num_experts
-        lut = None if gpu is None else slot_lut(self.experts, gpu, x.device)   # [E] expert → its slot, or -1
-        n = E if gpu is None else len(gpu)
         if grouped_ok(x, fn):
-            return grouped(x, idx, w, fn, n, self.experts.act_fn, lut)
-        tok, e, pw = pairs(idx if lut is None else lut[idx], w, 0, n)
-        y = cpu_moe(x[tok], e[:, None], pw[:, None], None, None, self.experts.act_fn,
+            return grouped(x, idx, w, fn, self.experts.num_experts - first, self.experts.act_fn, first)
+        tok, e, pw = pairs(idx, w, first, self.experts.num_experts)
+        y = cpu_moe(x[tok], e[:, None] - first, pw[:, None], None, None, self.experts.act_fn,
                     torch.empty(tok.numel(), x.shape[1], dtype=x.dtype, device=x.device), weights=fn)
         return torch.zeros_like(x).index_add_(0, tok, y)
 
@@ -55,27 +47,13 @@ def grouped_ok(x, fn) -> bool:
             and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 
-def slot_lut(experts, gpu: tuple, device) -> torch.Tensor:
-    """[E] int64 on `device`: expert gpu[j] → j, every other expert → -1; the last few sets kept per layer."""
-    cache = experts.__dict__.setdefault("_slot_luts", {})
-    if (gpu, device) not in cache:
-        lut = torch.full((experts.num_experts,), -1, dtype=torch.int64)
-        lut[list(gpu)] = torch.arange(len(gpu))
-        if len(cache) >= 4:
-            cache.pop(next(iter(cache)))
-        cache[(gpu, device)] = lut.to(device)
-    return cache[(gpu, device)]
-
-
-def grouped(x, idx, w, fn, E, act, lut=None):
-    """x [T,H], idx/w [T,K] → [T,H]: pairs sorted by expert, two grouped GEMMs over the slot's E experts
-    (gate_up [E,2I,H], down [E,H,I]; lut [E_layer]: each expert's slot or -1, None: slot = expert), weighted,
-    summed back per token. Pairs of experts not in the slot (the CPU's share of a split layer) sort last, past
-    every group, and are masked out."""
+def grouped(x, idx, w, fn, E, act, first: int = 0):
+    """x [T,H], idx/w [T,K] → [T,H]: pairs sorted by expert, two grouped GEMMs over the layer's weights for
+    experts [first, first+E) (gate_up [E,2I,H], down [E,H,I]), weighted, summed back per token. Pairs routed
+    below `first` (the CPU's share of a split layer) sort last, past every group, and are masked out."""
     gu, dn = fn.full()
     T, K = idx.shape
-    key = idx.reshape(-1) if lut is None else lut[idx.reshape(-1)]
-    key = key.masked_fill(key < 0, E)                                           # [P] CPU pairs → E
+    key = (idx.reshape(-1) - first).masked_fill(idx.reshape(-1) < first, E)     # [P] CPU pairs → E
     order = torch.argsort(key, stable=True)                                     # [P] pairs grouped by expert
     counts = torch.zeros(E + 1, dtype=torch.int64, device=x.device).index_add_(0, key, torch.ones_like(key))
     offs = torch.cumsum(counts[:E], 0).to(torch.int32)                          # [E] group ends (bincount syncs)
@@ -101,7 +79,6 @@ class AutoPrefill(DeviceOp):
         if x.device.type == "cpu" or getattr(self.experts, "streamer", None) is None:
             return self.cpu(x, idx, w)
         t0 = time.perf_counter()
-        self.experts.streamer.observe_routing(self.experts, idx)
         y = self._route(x, idx, w)
         self.experts.streamer.stats["moe_s"] += time.perf_counter() - t0   # the CPU thread's time in MoE calls
         return y
@@ -121,20 +98,17 @@ class AutoPrefill(DeviceOp):
             y = self.cpu(x, idx, w)
             st.observe_cpu("cpu", T, time.perf_counter() - t0, p["cpu_s"])
             return y
-        if p["n_cpu"] == 0:
-            return self.gpu.run(x, idx, w)
-        return self._split(x, idx, w, self.gpu_set(T), p.get("kernel", False))
+        return self.gpu.run(x, idx, w) if p["n_cpu"] == 0 else self._split(x, idx, w, p["n_cpu"], p.get("cpu_s"))
 
     def plan(self, T: int, calibrated: bool = True) -> dict:
         """calibrated: the CPU's cost of each way scaled by what earlier layers of that way and chunk length measured
         against the probes. Apart, because a split's CPU share runs beside the copies, which slowed it 4× where the
         whole layer alone ran at its probe (Qwen3-30B pp512, H100 host, 2026-12-05)."""
         st = self.experts.streamer
-        pop = st.popularity(self.experts)   # routing, not calibration: the roofline plans with it too
         if not calibrated:
-            return split_plan(self.experts, T, st.top_k, st.rates, pop=pop)
+            return split_plan(self.experts, T, st.top_k, st.rates)
         return split_plan(self.experts, T, st.top_k, st.rates, st.scale("cpu", T), st.scale("split", T),
-                          (st.wait("cpu", T), st.wait("split", T)), pop)
+                          (st.wait("cpu", T), st.wait("split", T)))
 
     def choice(self, T: int) -> dict:
         """The plan this layer runs: the calibrated plan, except that the first `auto` layer tries once per
@@ -152,17 +126,12 @@ class AutoPrefill(DeviceOp):
     def cpu_share(self, T: int) -> int:
         return self.choice(T)["n_cpu"]
 
-    def gpu_set(self, T: int):
-        p = self.choice(T)
-        E = self.experts.num_experts
-        return None if p["way"] == "stream" else p.get("gpu", tuple(range(p["n_cpu"], E)))
-
-    def _split(self, x, idx, w, gpu: tuple, long_bf16: bool = False):
-        """The experts in `gpu` on the GPU while the CPU computes the rest (ops/split.py). The CPU's time is
-        calibrated against the probed seconds of the pairs it got (share_seconds): what the routing put in its
-        share is known by then, so the scale measures the CPU's speed beside the copies, not the routing."""
-        y, took, counts = run_split(self, x, idx, w, gpu)
-        st, T = self.experts.streamer, x.shape[0]
-        probed = sum(share_seconds(self.experts, T, st.top_k, st.rates, counts.tolist(), long_bf16, True))
-        st.observe_cpu("split", T, took, probed)
+    def _split(self, x, idx, w, n, cpu_s=None):
+        """Experts [0, n) on the CPU while the GPU computes the rest (ops/split.py); cpu_s: the plan's probed time of
+        the whole layer on the CPU (computed here for a forced plan without one)."""
+        y, took = run_split(self, x, idx, w, n)
+        st = self.experts.streamer
+        if cpu_s is None:
+            cpu_s = layer_costs(self.experts, x.shape[0], st.top_k, st.rates)["cpu"]
+        st.observe_cpu("split", x.shape[0], took, cpu_s * n / self.experts.num_experts)
         return y

@@ -1,5 +1,4 @@
-"""A split prefill layer (`auto`): the GPU computes the experts the plan gave it (their weights streamed in) while
-the CPU computes the rest.
+"""A split prefill layer (`auto`): the CPU computes experts [0, n) while experts [n, E) stream to the GPU.
 
 Per layer: the hidden states and routing cross to pinned host buffers (on the compute stream), the GPU's share is
 queued, the CPU waits for its inputs, gathers its (token, expert) pairs as rows of top-1, runs the kernel into a
@@ -36,12 +35,10 @@ class SplitBuffers:
         return b[:rows]
 
 
-def pairs(idx, w, lo: int, hi: int, mask=None):
-    """The (token, expert, weight) pairs routed to experts [lo, hi) (mask [E] bool: to the experts it marks
-    instead), flattened: [P] each (syncs on a GPU)."""
+def pairs(idx, w, lo: int, hi: int):
+    """The (token, expert, weight) pairs routed to experts [lo, hi), flattened: [P] each (syncs on a GPU)."""
     K = idx.shape[1]
-    keep = mask[idx] if mask is not None else (idx >= lo) & (idx < hi)
-    sel = keep.reshape(-1).nonzero().squeeze(1)
+    sel = ((idx >= lo) & (idx < hi)).reshape(-1).nonzero().squeeze(1)
     return sel // K, idx.reshape(-1)[sel], w.reshape(-1)[sel]
 
 
@@ -51,24 +48,21 @@ def buffers(st) -> SplitBuffers:
     return st.split_buffers
 
 
-def run_split(op, x, idx, w, gpu: tuple):
-    """AutoPrefill `op`'s layer with the experts in `gpu` on the GPU and the rest on the CPU: x [T,H], idx/w [T,K]
-    on the GPU → (y [T,H], the CPU share's seconds from the host sync to the copy back, its pairs per expert [E]:
-    both for the calibration)."""
+def run_split(op, x, idx, w, n: int):
+    """AutoPrefill `op`'s layer with experts [0, n) on the CPU: x [T,H], idx/w [T,K] on the GPU → (y [T,H], the
+    CPU share's seconds from the host sync to the copy back, for the caller's calibration)."""
     st = op.experts.streamer
     (T, K), H, b = idx.shape, x.shape[1], buffers(st)
     xh, ih, wh = b.get("x", T, (H,), x.dtype), b.get("idx", T, (K,), idx.dtype), b.get("w", T, (K,), w.dtype)
     for h, t in ((xh, x), (ih, idx), (wh, w)):
         h.copy_(t, non_blocking=True)
     ready = torch.cuda.current_stream(x.device).record_event() if x.is_cuda else None
-    y = op.gpu.run(x, idx, w, gpu)                      # queued: runs while the CPU computes below
+    y = op.gpu.run(x, idx, w, first=n)                  # queued: runs while the CPU computes below
     t0 = time.perf_counter()
     if ready is not None:
         ready.synchronize()
     t1 = time.perf_counter()
-    on_cpu = torch.ones(op.experts.num_experts, dtype=torch.bool)
-    on_cpu[list(gpu)] = False
-    tok, e, pw = pairs(ih, wh, 0, 0, on_cpu)            # [P] each
+    tok, e, pw = pairs(ih, wh, 0, n)                    # [P] each
     P = tok.numel()
     xs = torch.index_select(xh, 0, tok, out=b.get("rows", P, (H,), x.dtype, pinned=False))    # [P,H]
     th = b.get("tok", P, (), torch.int64).copy_(tok)
@@ -82,4 +76,4 @@ def run_split(op, x, idx, w, gpu: tuple):
     st.stats["layers_split"] += 1
     if ready is not None:
         st.observe_wait("split", T, t1 - t0)
-    return y, t4 - t1, torch.bincount(e, minlength=op.experts.num_experts)
+    return y, t4 - t1

@@ -18,7 +18,6 @@ from .slots import BlockDequant, Resident
 from .split import PHASES
 
 PARTS = ("gu", "gu_s", "dn", "dn_s")       # an ExpertWeights' tensors, in copy order
-PRIOR = 64                                  # tokens of uniform routing mixed into a layer's measured routing
 
 
 def register_host(t: torch.Tensor) -> bool:
@@ -56,8 +55,6 @@ class Streamer:
                                         # 'split' (a split's CPU share, beside the copies) or 'cpu' (a whole layer)
         self._splits: list = []         # (way, T, measured s, probed s) of this prefill's CPU layers and shares
         self.waits: dict = {}           # (way, bucket) → the shortest wait a layer of that way had for its inputs
-        self._routed: dict = {}         # layer position → [pairs per expert (on the GPU, this prefill), tokens]
-        self.routing: dict = {}         # layer position → [pairs per expert, tokens] of earlier prefills (host)
         self.reset_stats()
 
     # -- setup -----------------------------------------------------------------------------------------------
@@ -110,44 +107,35 @@ class Streamer:
         for its upload (started earlier when possible) and starts the next streamed layer's."""
         pos = experts.stream_pos
         s = pos % 2
-        gpu = experts.ops["prefill"].gpu_set(T)         # a split layer streams the GPU's experts only
+        first = experts.ops["prefill"].cpu_share(T)     # a split layer streams experts [first, E) only
         cur = torch.cuda.current_stream(self.device) if self.cuda else None
         prev = (pos - 1) % 2
         if self.cuda:   # everything queued so far includes the previous layer's compute on the other slot
             self.free[prev] = cur.record_event()
-        if self.holds[s] != (pos, gpu):
-            self._upload(pos, gpu)
+        if self.holds[s] != (pos, first):
+            self._upload(pos, first)
         nxt = next((m for m in self.layers[pos + 1:] if m.ops["prefill"].streams(T)), None)
         if nxt is not None and nxt.stream_pos % 2 != s:
-            ngpu = nxt.ops["prefill"].gpu_set(T)
-            if self.holds[1 - s] != (nxt.stream_pos, ngpu):
-                self._upload(nxt.stream_pos, ngpu)
+            nfirst = nxt.ops["prefill"].cpu_share(T)
+            if self.holds[1 - s] != (nxt.stream_pos, nfirst):
+                self._upload(nxt.stream_pos, nfirst)
         if self.cuda:
             t0 = cur.record_event(torch.cuda.Event(enable_timing=True))
             cur.wait_event(self.ready[s])
             self._stalls.append((t0, cur.record_event(torch.cuda.Event(enable_timing=True))))
         self.stats["layers_streamed"] += 1
-        return self._views(experts, s, experts.num_experts if gpu is None else len(gpu))
+        return self._views(experts, s, first)
 
-    def _upload(self, pos: int, gpu=None) -> None:
-        """Layer `pos`'s experts in `gpu` (ascending; None: all) into its slot, in that order: one copy per part
-        and run of consecutive experts (every part is [E, …])."""
+    def _upload(self, pos: int, first: int = 0) -> None:
+        """Layer `pos`'s experts [first, E) into its slot (every part is [E, …]: a contiguous tail)."""
         m, s = self.layers[pos], pos % 2
         src = m.stream_src
-        self.holds[s] = (pos, gpu)
-        copies = []   # (part, slot offset, source bytes)
-        for p in PARTS:
-            if (t := getattr(src, p)) is None:
-                continue
-            at = 0
-            for a, b in runs(gpu, t.shape[0]):
-                v = _bytes_view(t[a:b])
-                copies.append((p, at, v))
-                at += v.numel()
-        nbytes = sum(v.numel() for _, _, v in copies)
+        self.holds[s] = (pos, first)
+        parts = {p: _bytes_view(t[first:]) for p in PARTS if (t := getattr(src, p)) is not None}
+        nbytes = sum(t.numel() for t in parts.values())
         if not self.cuda:
-            for p, at, v in copies:
-                self.slots[s][p][at: at + v.numel()].copy_(v)
+            for p, t in parts.items():
+                self.slots[s][p][: t.numel()].copy_(t)
             self.stats["upload_bytes"] += nbytes
             return
         cs = self.copy_stream
@@ -155,16 +143,16 @@ class Streamer:
             cs.wait_event(self.free[s])      # the layer that used this slot is done with it
         a = cs.record_event(torch.cuda.Event(enable_timing=True))
         with torch.cuda.stream(cs):
-            for p, at, v in copies:
-                self.slots[s][p][at: at + v.numel()].copy_(v, non_blocking=True)
+            for p, t in parts.items():
+                self.slots[s][p][: t.numel()].copy_(t, non_blocking=True)
         b = cs.record_event(torch.cuda.Event(enable_timing=True))
         self.ready[s] = b
         self._uploads.append((a, b, nbytes))
 
-    def _views(self, experts, s, n: int):
-        """The slot's first n experts of each part (index j: the j-th expert uploaded)."""
+    def _views(self, experts, s, first: int = 0):
+        """The slot as experts [first, E) of each part (index 0 = expert `first`)."""
         pk, slot = experts.stream_src, self.slots[s]
-        v = {p: slot[p][: _nbytes(t[:n])].view(t.dtype).view(t[:n].shape) for p in PARTS
+        v = {p: slot[p][: _nbytes(t[first:])].view(t.dtype).view(t[first:].shape) for p in PARTS
              if (t := getattr(pk, p)) is not None}
         dtype = experts.gate_up_proj.dtype
         if pk.fmt == "bf16":
@@ -197,29 +185,6 @@ class Streamer:
                 self.cpu_scale[key] = max(m / p, 0.25)
         self._splits = []
 
-    def observe_routing(self, experts, idx) -> None:
-        """Count a prefill chunk's (token, expert) pairs per expert (idx [T,K]; on the GPU, no sync): the split
-        plan of later chunks gives the GPU the most routed experts (costs.split_order)."""
-        c = self._routed.setdefault(experts.stream_pos, [0, 0])
-        c[0] = c[0] + torch.bincount(idx.reshape(-1), minlength=experts.num_experts)
-        c[1] += idx.shape[0]
-
-    def popularity(self, experts):
-        """Pairs per token of each expert in this layer's earlier prefills, or None before any: counts halved
-        at each prefill (routing drifts with the text), with PRIOR tokens of uniform routing so that a short
-        prompt's few pairs do not mark the other experts as never used."""
-        r = self.routing.get(experts.stream_pos)
-        if r is None:
-            return None
-        E, K = experts.num_experts, self.top_k
-        return [(c + PRIOR * K / E) / (r[1] + PRIOR) for c in r[0]]
-
-    def _fold_routing(self) -> None:
-        for pos, (c, n) in self._routed.items():
-            old = self.routing.get(pos, [[0.0] * len(c), 0])
-            self.routing[pos] = [[o / 2 + v for o, v in zip(old[0], c.tolist())], old[1] / 2 + n]
-        self._routed = {}
-
     def observe_wait(self, way: str, T: int, seconds: float) -> None:
         """A CPU-way or split layer waited `seconds` for its inputs: the GPU's work before it, which that way runs
         in series with the CPU's (streaming overlaps it with the copies). The shortest wait per bucket is kept: a
@@ -249,7 +214,6 @@ class Streamer:
         """Fold the timed events of finished uploads and stalls into the statistics and the split's CPU
         calibration (synchronizes: the engine calls it after each prefill, so the event lists never grow)."""
         self._calibrate()
-        self._fold_routing()
         if self.cuda and (self._uploads or self._stalls):
             torch.cuda.synchronize(self.device)
             for a, b, n in self._uploads:
@@ -267,19 +231,6 @@ class Streamer:
         out = dict(self.stats)
         self.reset_stats()
         return out
-
-
-def runs(gpu, E: int) -> list:
-    """[(a, b), …]: `gpu` (ascending expert ids; None: all E) as ranges of consecutive experts."""
-    if gpu is None:
-        return [(0, E)]
-    out = []
-    for e in gpu:
-        if out and out[-1][1] == e:
-            out[-1] = (out[-1][0], e + 1)
-        else:
-            out.append((e, e + 1))
-    return out
 
 
 def _nbytes(t) -> int:
