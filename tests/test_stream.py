@@ -402,3 +402,33 @@ def test_the_kernel_rate_is_measured_and_chosen_for_long_bf16_chunks_when_faster
     assert layer_costs(m, 512, st.top_k, fast)["kernel"] and not layer_costs(m, 512, st.top_k, slow)["kernel"]
     assert layer_costs(m, 512, st.top_k, fast)["cpu"] < layer_costs(m, 512, st.top_k, slow)["cpu"]
     assert not layer_costs(m, 8, st.top_k, fast)["kernel"]     # decode sizes take the kernel anyway
+
+
+def test_the_split_calibration_fits_a_fixed_part_once_two_shares_were_measured(tmp_path, ckpt):
+    """measured = fixed + scale × probed: one share size gives a scale alone; a second prefill at another share
+    separates the fixed part, which the plan then adds in series with the CPU's work (a smaller split, or none)."""
+    from ktcli.ops.prefill import AutoPrefill
+    from ktcli.ops.stream import fit_fixed
+    assert fit_fixed([(1.0, 2.0), (1.2, 2.2)]) is None                          # < 1.5× apart: no fit
+    assert fit_fixed([(1.0, 3.0), (2.0, 4.0), (4.0, 6.0)]) == pytest.approx((2.0, 1.0))
+    assert fit_fixed([(1.0, 0.1), (4.0, 0.1)]) == pytest.approx((0.0, 0.25))    # clamped: scale ≥ 0.25, fixed ≥ 0
+    layers, st = streamed_model(tmp_path, ckpt, "bf16")
+    m = layers[0]
+    op = m.ops["prefill"] = AutoPrefill(m, None, None)
+    op._first = False
+    E, T = m.num_experts, 512
+    st.rates = PrefillRates(pcie_bps=1e9, cpu_bps=1e9, cpu_flops=1e9)
+    cpu = op.plan(T)["cpu_s"]
+    st.rates.pcie_bps = m.stream_src.nbytes() / cpu                # half each by the probes
+    first = op.plan(T)
+    assert first["n_cpu"] == E // 2
+    fixed = 0.3 * cpu
+    st._splits = [("split", T, fixed + p, p) for p in (cpu / 2,) * 3]            # one share: a scale only
+    st.collect()
+    assert st.fixed("split", T) == 0.0 and st.scale("split", T) == pytest.approx(1.6)
+    st._splits = [("split", T, fixed + p, p) for p in (cpu / 8,) * 3]            # another share: the fit
+    st.collect()
+    assert st.fixed("split", T) == pytest.approx(fixed) and st.scale("split", T) == pytest.approx(1.0)
+    p = op.plan(T)
+    assert p["way"] == "stream" or p["n_cpu"] < first["n_cpu"]
+    assert p["seconds"] >= min(first["seconds"] + fixed / 2, cpu)              # the fixed part is charged

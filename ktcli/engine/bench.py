@@ -65,6 +65,8 @@ def run_test(engine, kind: str, n: int, reps: int, warmup: int, seed: int = 0, t
             for key, way in (("cpu_scale", "split"), ("cpu_alone_scale", "cpu")):
                 if cal := streamer.calibration(way):
                     extra["prefill_phases"][key] = {str(t): v for t, v in cal.items()}
+                    extra["prefill_phases"][key.replace("scale", "fixed_ms")] = {
+                        str(t): 1e3 * streamer.fixed(way, t) for t in cal}
     calls = sums.get("cpu_layer_calls", 0)
     bd = {"ms_per_token": total * per_tok, "cpu_experts_ms": cpu * per_tok,
           "kernel_ms": sums.get("kernel_s", 0.0) * per_tok, "fixed_us_per_layer": fixed_cost_us(sums),

@@ -102,13 +102,13 @@ class AutoPrefill(DeviceOp):
 
     def plan(self, T: int, calibrated: bool = True) -> dict:
         """calibrated: the CPU's cost of each way scaled by what earlier layers of that way and chunk length measured
-        against the probes. Apart, because a split's CPU share runs beside the copies, which slowed it 4× where the
+        against the probes, its fitted fixed part added in series with the CPU's work, as the measured wait is. Apart, because a split's CPU share runs beside the copies, which slowed it 4× where the
         whole layer alone ran at its probe (Qwen3-30B pp512, H100 host, 2026-12-05)."""
         st = self.experts.streamer
         if not calibrated:
             return split_plan(self.experts, T, st.top_k, st.rates)
         return split_plan(self.experts, T, st.top_k, st.rates, st.scale("cpu", T), st.scale("split", T),
-                          (st.wait("cpu", T), st.wait("split", T)))
+                          (st.wait("cpu", T) + st.fixed("cpu", T), st.wait("split", T) + st.fixed("split", T)))
 
     def choice(self, T: int) -> dict:
         """The plan this layer runs: the calibrated plan, except that the first `auto` layer tries once per

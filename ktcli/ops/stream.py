@@ -54,6 +54,8 @@ class Streamer:
         self.cpu_scale: dict = {}       # (way, chunk length's bit_length) → measured ÷ probed CPU time, per way:
                                         # 'split' (a split's CPU share, beside the copies) or 'cpu' (a whole layer)
         self._splits: list = []         # (way, T, measured s, probed s) of this prefill's CPU layers and shares
+        self._obs: dict = {}            # (way, bucket) → [(probed, measured)] of the last prefill that measured it
+        self.cpu_fixed: dict = {}       # (way, bucket) → the fitted fixed seconds of a layer's CPU work
         self.waits: dict = {}           # (way, bucket) → the shortest wait a layer of that way had for its inputs
         self.reset_stats()
 
@@ -174,15 +176,22 @@ class Streamer:
         self._splits.append((way, T, measured, probed))
 
     def _calibrate(self) -> None:
-        """The next chunks of each length plan with the CPU rate this prefill's layers of each way reached
-        (replaced, not averaged: the share changes with the scale, and so may the contention)."""
+        """The next chunks of each length plan with the CPU time this prefill's layers of each way measured:
+        measured = fixed + scale × probed, fitted over this prefill's and the previous one's layers where their
+        probed times differ (a split's share changes with the scale), else a scale alone from this prefill's
+        (replaced, not averaged: the share changes with the scale, and so may the contention). Why the fixed
+        part: a split's CPU time is not proportional to its share (int8 pp2048, 2026-12-06: 3.5× its probe at the
+        smaller share, 1× at the larger), so one scale learnt at one share misplans the next."""
         by = {}
         for way, T, m, p in self._splits:
-            a = by.setdefault((way, T.bit_length()), [0.0, 0.0])
-            a[0], a[1] = a[0] + m, a[1] + p
-        for key, (m, p) in by.items():
-            if p > 0:
-                self.cpu_scale[key] = max(m / p, 0.25)
+            by.setdefault((way, T.bit_length()), []).append((p, m))
+        for key, obs in by.items():
+            fit = fit_fixed(self._obs.get(key, []) + obs)
+            if fit is not None:
+                self.cpu_fixed[key], self.cpu_scale[key] = fit
+            elif (p := sum(o[0] for o in obs)) > 0:
+                self.cpu_fixed[key], self.cpu_scale[key] = 0.0, max(sum(o[1] for o in obs) / p, 0.25)
+            self._obs[key] = obs
         self._splits = []
 
     def observe_wait(self, way: str, T: int, seconds: float) -> None:
@@ -204,6 +213,10 @@ class Streamer:
 
     def scale(self, way: str, T: int) -> float:
         return self.cpu_scale.get((way, T.bit_length()), 1.0)
+
+    def fixed(self, way: str, T: int) -> float:
+        """Seconds a layer of that way spends on the CPU whatever its share (_calibrate's fit; 0 before one)."""
+        return self.cpu_fixed.get((way, T.bit_length()), 0.0)
 
     def calibration(self, way: str = "split") -> dict:
         """{shortest chunk length of a bucket: measured ÷ probed CPU time} of one way (a bucket: lengths of one
@@ -231,6 +244,23 @@ class Streamer:
         out = dict(self.stats)
         self.reset_stats()
         return out
+
+
+def fit_fixed(obs: list, spread: float = 1.5):
+    """(fixed, scale) of measured = fixed + scale × probed by least squares over [(probed, measured)], or None
+    where the probed times span less than `spread`× (too little to tell a fixed part from the scale). The scale
+    stays ≥ 0.25 and the fixed part ≥ 0 (the fit is then redone for the other)."""
+    ps = [p for p, _ in obs if p > 0]
+    if len(ps) < 2 or max(ps) < spread * min(ps):
+        return None
+    n = len(obs)
+    mp, mm = sum(p for p, _ in obs) / n, sum(m for _, m in obs) / n
+    var = sum((p - mp) ** 2 for p, _ in obs)
+    b = max(sum((p - mp) * (m - mm) for p, m in obs) / var, 0.25)
+    a = mm - b * mp
+    if a < 0:
+        a, b = 0.0, max(sum(m for _, m in obs) / sum(p for p, _ in obs), 0.25)
+    return a, b
 
 
 def _nbytes(t) -> int:
