@@ -132,7 +132,7 @@ def main():
     ap.add_argument("--prefetch", default="-1", help="comma list of bytes; -1 = the kernel's default")
     ap.add_argument("--int8-act", default="-1", help="comma list of 0/1; -1 = the kernel's default")
     ap.add_argument("--pipeline", default="-1", help="comma list of 0/1 (two phases / one task list); -1 = default")
-    ap.add_argument("--amx", default="-1", help="comma list of 0/1 (bf16/int8 experts with ≥ 8 tokens in AMX tiles); -1 = default")
+    ap.add_argument("--amx", default="-1", help="comma list of 0/1 (experts with ≥ 8 tokens in AMX tiles); -1 = default")
     ap.add_argument("--amx-pf", default="-1", help="comma list of 0/1/2 (the tiles' row prefetch: 0 each row "
                     "ahead, 1 the next block in address order, 2 as 0 into L2); -1 = default")
     ap.add_argument("--phases", action="store_true", help="per-thread timestamps of --reps calls per row")
@@ -209,8 +209,8 @@ def main():
                 if T <= a.stock_max_t else float("nan")
             bw = probe(f"{fmt}-T{T}")
             for knob in itertools.product(ints(a.chunk), ints(a.prefetch), acts, ints(a.pipeline),
-                                          ints(a.amx) if fmt in ("bf16", "int8") else [-1],
-                                          ints(a.amx_pf) if fmt in ("bf16", "int8") else [-1]):
+                                          ints(a.amx),
+                                          ints(a.amx_pf)):
                 out = torch.empty(T, H, dtype=torch.bfloat16)
                 run = kernels.Runner()
                 was = kernels.tune(*knob[:4], amx=knob[4], amx_pf=knob[5]) if lib else None
