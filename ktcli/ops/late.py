@@ -20,11 +20,10 @@ LATE_SHARE = 8          # the late slot holds up to E // LATE_SHARE experts of t
 PARTS = ("gu", "gu_s", "dn", "dn_s")
 
 
-def pick(experts, counts: list, n: int, rates, scale: float = 1.0, fixed: float = 0.0) -> tuple:
+def pick(experts, counts: list, n: int, rates) -> tuple:
     """Experts of the CPU's share [0, n) to move to the GPU, ascending: the most routed first, while moving one
-    lowers the layer's slower side (the CPU's time for its pairs and touched bytes, probed then calibrated as the
-    plan calibrates it: fixed + scale × probed, against the copies of the streamed share and the moved experts).
-    counts: pairs per expert of the share, this chunk."""
+    lowers the layer's slower side (the CPU's probed time of its pairs and touched bytes against the copies of
+    the streamed share and the moved experts). counts: pairs per expert of the share, this chunk."""
     E = experts.num_experts
     if not (rates.pcie_bps and rates.cpu_bps and n):
         return ()
@@ -33,8 +32,8 @@ def pick(experts, counts: list, n: int, rates, scale: float = 1.0, fixed: float 
     if not rate:
         return ()
     fpp = 2 * 3 * experts.hidden * experts.inter   # FLOPs a (token, expert) pair
-    cost = [scale * ((c > 0) * per / rates.cpu_bps + c * fpp / rate) for c in counts]
-    cpu, gpu, copy = fixed + sum(cost), per * (E - n) / rates.pcie_bps, per / rates.pcie_bps
+    cost = [(c > 0) * per / rates.cpu_bps + c * fpp / rate for c in counts]
+    cpu, gpu, copy = sum(cost), per * (E - n) / rates.pcie_bps, per / rates.pcie_bps
     moved = []
     for e in sorted(range(n), key=lambda e: -counts[e])[: max(E // LATE_SHARE, 1)]:
         if max(cpu - cost[e], gpu + copy) >= max(cpu, gpu):

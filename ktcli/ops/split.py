@@ -68,8 +68,7 @@ def run_split(op, x, idx, w, n: int):
         ready.synchronize()
     t1 = time.perf_counter()
     tok, e, pw = pairs(ih, wh, 0, n)                    # [P] each
-    counts = torch.bincount(e, minlength=n).tolist()
-    moved = late.pick(op.experts, counts, n, st.rates, st.scale("split", T), st.fixed("split", T)) if LATE else ()
+    moved = late.pick(op.experts, torch.bincount(e, minlength=n).tolist(), n, st.rates) if LATE else ()
     if moved:                                           # the share's hottest experts: to the GPU now
         from .prefill import on_gpu
         fn = late.slot(st).load(op.experts, moved)
