@@ -2,7 +2,6 @@
 "device", every format against the eager reference on fresh random inputs, the cost model, and the plan's
 `auto` / `stream` prefill placement (validate-config with a target GPU)."""
 import math
-import types
 
 import pytest
 import torch
@@ -433,32 +432,3 @@ def test_the_split_calibration_fits_a_fixed_part_once_two_shares_were_measured(t
     p = op.plan(T)
     assert p["way"] == "stream" or p["n_cpu"] < first["n_cpu"]
     assert p["seconds"] >= min(first["seconds"] + fixed / 2, cpu)              # the fixed part is charged
-
-
-@pytest.mark.parametrize("fmt", ["bf16", "int4"])
-def test_a_splits_hottest_cpu_experts_move_to_the_gpu_once_routed(tmp_path, ckpt, fmt, monkeypatch):
-    """Once a split layer's routing is known, the CPU share's most routed experts cross late and run beside the
-    streamed share (ops/late.py): the layer still equals the eager one; with KTCLI_LATE=0 nothing moves."""
-    from ktcli.ops import late, split
-    rates = PrefillRates(pcie_bps=1e12, cpu_bps=1e9, cpu_flops=1e9, kernel_flops=1e9)
-    m = types.SimpleNamespace(num_experts=16, hidden=32, inter=16, stream_src=types.SimpleNamespace(nbytes=lambda: 16e6))
-    assert late.pick(m, [0, 50, 1, 0, 7, 0, 0, 0], 8, rates) == (1, 4)           # the hot ones, 16 // 8 at most
-    assert late.pick(m, [0, 50, 1, 0, 7, 0, 0, 0], 8, PrefillRates(pcie_bps=1e6, cpu_bps=1e9, cpu_flops=1e9)) == ()
-    assert late.pick(m, [3] * 8, 8, PrefillRates(pcie_bps=1e9, cpu_bps=1e9, cpu_flops=1e12)) == ()   # even: none
-    gen = torch.Generator().manual_seed(12)
-    for on in (True, False):
-        monkeypatch.setattr(split, "LATE", on)
-        layers, st = split_model(tmp_path, ckpt, fmt, 6)
-        st.rates = rates
-        st.take_stats()
-        for m in layers:
-            T = 64
-            x = torch.randn(T, m.hidden, generator=gen)
-            idx, w = routed(T, m.num_experts, st.top_k, gen)
-            got = m.ops["prefill"]._split(x, idx, w, 6)
-            deq = [m.stream_src.expert(e, torch.float32) for e in range(m.num_experts)]
-            want = eager_reference(x, idx, w, torch.stack([d[0] for d in deq]), torch.stack([d[1] for d in deq]),
-                                   m.act_fn)
-            assert ((got - want).norm() / want.norm()).item() <= 1e-5, (fmt, on, m.layer)
-        moved = st.take_stats()["late_experts"]
-        assert moved == (len(layers) * max(layers[0].num_experts // late.LATE_SHARE, 1) if on else 0)

@@ -59,7 +59,7 @@ def run_test(engine, kind: str, n: int, reps: int, warmup: int, seed: int = 0, t
     if kind == "pp" and streamer is not None and timed:
         extra["prefill_phases"] = {k: sums.get(k, 0) / len(timed) for k in
                                    ("upload_s", "stall_s", "upload_bytes", "layers_streamed", "layers_cpu",
-                                    "layers_split", "split_cpu_s", "late_experts", *PHASES, "moe_s")}
+                                    "layers_split", "split_cpu_s", *PHASES, "moe_s")}
         extra["prefill_phases"]["run_s"] = total / len(timed)   # beside moe_s: the CPU thread's time outside MoE
         if getattr(streamer, "cpu_scale", None):   # measured ÷ probed CPU time per way and length bucket
             for key, way in (("cpu_scale", "split"), ("cpu_alone_scale", "cpu")):

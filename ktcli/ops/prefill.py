@@ -33,18 +33,12 @@ class StreamedExperts(DeviceOp):
     def run(self, x, idx, w, first: int = 0):
         """Experts [first, E) on the GPU; pairs routed below `first` contribute nothing here."""
         fn = self.experts.streamer.weights(self.experts, x.shape[0])
-        return on_gpu(x, idx, w, fn, self.experts.num_experts - first, self.experts.act_fn, first=first)
-
-
-def on_gpu(x, idx, w, fn, E, act, first: int = 0, lut=None):
-    """x [T,H], idx/w [T,K] → [T,H] through the E experts of `fn` (a slot): expert first + j, or (lut [E_layer],
-    expert → j or -1) the experts lut maps, at index j; pairs of other experts contribute nothing."""
-    if grouped_ok(x, fn):
-        return grouped(x, idx, w, fn, E, act, first, lut)
-    tok, e, pw = pairs(idx - first if lut is None else lut[idx], w, 0, E)
-    y = cpu_moe(x[tok], e[:, None], pw[:, None], None, None, act,
-                torch.empty(tok.numel(), x.shape[1], dtype=x.dtype, device=x.device), weights=fn)
-    return torch.zeros_like(x).index_add_(0, tok, y)
+        if grouped_ok(x, fn):
+            return grouped(x, idx, w, fn, self.experts.num_experts - first, self.experts.act_fn, first)
+        tok, e, pw = pairs(idx, w, first, self.experts.num_experts)
+        y = cpu_moe(x[tok], e[:, None] - first, pw[:, None], None, None, self.experts.act_fn,
+                    torch.empty(tok.numel(), x.shape[1], dtype=x.dtype, device=x.device), weights=fn)
+        return torch.zeros_like(x).index_add_(0, tok, y)
 
 
 def grouped_ok(x, fn) -> bool:
@@ -53,15 +47,13 @@ def grouped_ok(x, fn) -> bool:
             and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 
-def grouped(x, idx, w, fn, E, act, first: int = 0, lut=None):
+def grouped(x, idx, w, fn, E, act, first: int = 0):
     """x [T,H], idx/w [T,K] → [T,H]: pairs sorted by expert, two grouped GEMMs over the layer's weights for
-    experts [first, first+E) (gate_up [E,2I,H], down [E,H,I]; or the experts lut maps to 0..E-1), weighted,
-    summed back per token. Pairs of other experts (the CPU's share of a split layer) sort last, past every
-    group, and are masked out."""
+    experts [first, first+E) (gate_up [E,2I,H], down [E,H,I]), weighted, summed back per token. Pairs routed
+    below `first` (the CPU's share of a split layer) sort last, past every group, and are masked out."""
     gu, dn = fn.full()
     T, K = idx.shape
-    key = idx.reshape(-1) - first if lut is None else lut[idx.reshape(-1)]
-    key = key.masked_fill((key < 0) | (key >= E), E)                            # [P] CPU pairs → E
+    key = (idx.reshape(-1) - first).masked_fill(idx.reshape(-1) < first, E)     # [P] CPU pairs → E
     order = torch.argsort(key, stable=True)                                     # [P] pairs grouped by expert
     counts = torch.zeros(E + 1, dtype=torch.int64, device=x.device).index_add_(0, key, torch.ones_like(key))
     offs = torch.cumsum(counts[:E], 0).to(torch.int32)                          # [E] group ends (bincount syncs)

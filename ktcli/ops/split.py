@@ -13,13 +13,8 @@ from __future__ import annotations
 
 import time
 
-import os
-
 import torch
 
-from . import late
-
-LATE = os.environ.get("KTCLI_LATE", "1") != "0"        # KTCLI_LATE=0: no late experts (A/B runs)
 PHASES = ("split_wait_s", "split_gather_s", "split_kernel_s", "split_post_s")
 
 
@@ -68,14 +63,6 @@ def run_split(op, x, idx, w, n: int):
         ready.synchronize()
     t1 = time.perf_counter()
     tok, e, pw = pairs(ih, wh, 0, n)                    # [P] each
-    moved = late.pick(op.experts, torch.bincount(e, minlength=n).tolist(), n, st.rates) if LATE else ()
-    if moved:                                           # the share's hottest experts: to the GPU now
-        from .prefill import on_gpu
-        fn = late.slot(st).load(op.experts, moved)
-        y = y + on_gpu(x, idx, w, fn, len(moved), op.experts.act_fn, lut=late.lut(op.experts.num_experts, moved, x.device))
-        keep = ~torch.isin(e, torch.tensor(moved))
-        tok, e, pw = tok[keep], e[keep], pw[keep]
-        st.stats["late_experts"] += len(moved)
     P = tok.numel()
     xs = torch.index_select(xh, 0, tok, out=b.get("rows", P, (H,), x.dtype, pinned=False))    # [P,H]
     th = b.get("tok", P, (), torch.int64).copy_(tok)

@@ -163,7 +163,7 @@ class Streamer:
 
     # -- statistics ------------------------------------------------------------------------------------------
     def reset_stats(self) -> None:
-        self.stats = {"layers_streamed": 0, "layers_cpu": 0, "layers_split": 0, "split_cpu_s": 0.0, "late_experts": 0,
+        self.stats = {"layers_streamed": 0, "layers_cpu": 0, "layers_split": 0, "split_cpu_s": 0.0,
                       **dict.fromkeys(PHASES, 0.0), "moe_s": 0.0,
                       "upload_bytes": 0, "upload_s": 0.0, "stall_s": 0.0}
         self._uploads, self._stalls = [], []

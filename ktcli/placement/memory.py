@@ -4,7 +4,6 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from ..ops.late import LATE_SHARE
 from ..ops.registry import resolve_op
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -60,9 +59,6 @@ def estimate(model, plan, profile) -> MemoryReport:
                 gpu = e.prefill.device if e.prefill.device.startswith("cuda") else plan.layer_device(e.layer)
                 item = "prefill stream buffers (2 layers)"
                 rep.rows[gpu][item] = max(rep.rows[gpu][item], int(2 * n * per))
-                if op.name == "auto":              # a split's hot experts, moved once routed (ops/late.py)
-                    item = "prefill late experts (1/8 layer)"
-                    rep.rows[gpu][item] = max(rep.rows[gpu][item], int(n * per / LATE_SHARE))
                 if e.weight_format != "bf16":      # dequantized for the grouped GEMMs, one layer at a time
                     item = "prefill dequantized layer"
                     rep.rows[gpu][item] = max(rep.rows[gpu][item], int(n * db))
