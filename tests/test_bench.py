@@ -3,6 +3,7 @@ import csv
 import io
 import json
 import os
+import pytest
 
 from conftest import profile
 
@@ -249,3 +250,40 @@ def test_prefill_line_shows_uploads_splits_and_the_calibration():
     assert "T 512-1023: 1.29×; CPU layers' time ÷ probed: T 512-1023: 0.97×" in md([row], {})
     row["prefill_phases"].update(moe_s=1.25, run_s=1.84)   # the CPU thread inside MoE layers, of the run's time
     assert "T 512-1023: 0.97×; the CPU thread spent 1.250 s of 1.840 s in MoE layers" in md([row], {})
+
+
+class _SettlingEngine:
+    """An engine whose one `auto` layer changes its plan after each of its first `changes` prefills."""
+
+    def __init__(self, changes: int):
+        import types
+        import torch
+        self.prefills, self.changes = 0, changes
+        op = types.SimpleNamespace(choice=lambda T: {"way": "split", "n_cpu": min(self.prefills, self.changes)})
+        layer = types.SimpleNamespace(ops={"prefill": op})
+        st = types.SimpleNamespace(layers=[layer], take_stats=lambda: {})
+        self.built = types.SimpleNamespace(streamer=st)
+        self.model = types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=50))
+        self.device, self.chunk = torch.device("cpu"), 512
+
+    def prepare(self):
+        pass
+
+    def reset(self):
+        pass
+
+    def prefill(self, ids):
+        self.prefills += 1
+
+
+@pytest.mark.parametrize("changes,settle", [(0, 0), (1, 1), (2, 2), (9, 3)])
+def test_a_pp_row_warms_up_until_its_auto_plans_settle(changes, settle, monkeypatch):
+    """An `auto` plan learns from each prefill: the row warms up again while the last warm-up changed a plan,
+    up to SETTLE_MAX more prefills, and then times its repetitions; the progress bar counts warm-up + reps."""
+    from ktcli.engine.bench import SETTLE_MAX, run_test
+    monkeypatch.setattr("ktcli.engine.roofline.prefill_roofline", lambda *a: {})
+    eng, ticks = _SettlingEngine(changes), []
+    r = run_test(eng, "pp", 64, reps=2, warmup=1, tick=lambda: ticks.append(1))
+    assert SETTLE_MAX == 3 and r["settle_prefills"] == settle
+    assert eng.prefills == 1 + settle + 2 and len(r["samples"]) == 2 and len(ticks) == 3
+    assert "settle_prefills" not in run_test(_SettlingEngine(2), "pp", 64, reps=1, warmup=0)   # asked for none

@@ -19,15 +19,31 @@ def random_ids(vocab: int, n: int, gen: torch.Generator) -> list:
     return torch.randint(0, vocab, (n,), generator=gen).tolist()
 
 
+SETTLE_MAX = 3   # untimed prefills a pp row adds to its warm-up while an `auto` layer's plan still changes
+
+
+def auto_plans(streamer, T: int) -> tuple:
+    """Each `auto` prefill layer's (way, CPU experts) for a chunk of T tokens, as its calibration stands."""
+    layers = [m for s in getattr(streamer, "all", [streamer]) for m in s.layers]
+    return tuple((p["way"], p["n_cpu"]) for m in layers if hasattr(op := m.ops.get("prefill"), "choice")
+                 for p in (op.choice(T),))
+
+
 def run_test(engine, kind: str, n: int, reps: int, warmup: int, seed: int = 0, tick=None) -> dict:
     """{'samples': [t/s per repetition], 'reps': [{'s', 'cpu_experts_s', 'gpu_wait_s'} per repetition],
-    'breakdown': {… ms per token over all repetitions}}; random prompts, EOS ignored."""
+    'breakdown': {… ms per token over all repetitions}}; random prompts, EOS ignored. A pp row whose `auto`
+    layers' plans changed in its last warm-up prefill (their calibration learns from each prefill: 2026-12-06,
+    int4 pp512 split at 1,041 t/s once, then streamed at 1,797) warms up again, up to SETTLE_MAX more times;
+    'settle_prefills' says how many it took."""
     vocab = engine.model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
     engine.prepare()
     samples, timed = [], []
     streamer = engine.built.streamer
-    for i in range(warmup + reps):
+    settle = kind == "pp" and warmup > 0 and streamer is not None
+    T = min(n, getattr(engine, "chunk", n))
+    plans, extra_warm, i = auto_plans(streamer, T) if settle else (), 0, 0
+    while i < warmup + extra_warm + reps:
         engine.reset()
         if kind == "pp":
             ids = random_ids(vocab, n, gen)
@@ -44,15 +60,20 @@ def run_test(engine, kind: str, n: int, reps: int, warmup: int, seed: int = 0, t
         else:
             _, st = engine.generate(random_ids(vocab, 1, gen), GenerationConfig(max_new_tokens=n + 1, ignore_eos=True))
             dt, clocks = st.decode_s, {k: getattr(st, k) for k in take_all()}
-        if i >= warmup:
+        i += 1
+        if i > warmup + extra_warm:
             samples.append(n / dt)
             timed.append({"s": dt, **clocks})
+        elif settle and i == warmup + extra_warm and plans and extra_warm < SETTLE_MAX:
+            if (now := auto_plans(streamer, T)) != plans:
+                plans, extra_warm = now, extra_warm + 1
+                continue                        # one more untimed prefill, not counted by the progress bar
         if tick:
             tick()
     sums = {k: sum(r[k] for r in timed) for k in (timed[0] if timed else {})}
     total, cpu, gpu = sums.get("s", 0.0), sums.get("cpu_experts_s", 0.0), sums.get("gpu_wait_s", 0.0)
     per_tok = 1e3 / (n * len(timed)) if timed else 0.0
-    extra = {}
+    extra = {"settle_prefills": extra_warm} if settle and plans else {}
     if kind == "pp" and timed:
         from .roofline import prefill_roofline
         extra["prefill_roofline"] = prefill_roofline(engine.built, n, engine.chunk)
