@@ -8,7 +8,8 @@
  * the vectors are the B tiles, copied once per call into a panel per expert — 16 vectors a group, laid out
  * [C·bytes/4][16] dwords (dword (d, m) = the d-th 4 bytes of the group's vector m: the bf16 pairs tdpbf16ps reads,
  * the int8 quads of tdpbusd) — so C tile (i, m) = row i · vector m. int8 rows (stored w+128) meet the int8
- * activations of the IDOT path (acts.h): integer sums per block of QB inputs, scaled per vector and block.
+ * activations of the IDOT path (acts.h): integer sums per block of QB inputs, scaled per vector and block; int4
+ * rows are unpacked to bytes first (amx_i4.h).
  * Where the CPU or the OS lacks AMX a plain-C twin computes the same tiles (tests run the layout logic on CI).
  */
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
@@ -148,47 +149,6 @@ static void tiles_i8_hw(const uint8_t *w, long C, const uint32_t *g0, const uint
     }
     rescale_i8(c, d, sc, nblk - 1, g1 != NULL, two_r);
 }
-/* int4 rows reach the tiles unpacked (unpack_i4, below): row i of C unsigned nibbles, the even inputs then the
- * odd ones, as the split int4 activations lie (acts.h). Block blk of QB inputs is then the two 64-byte steps blk
- * (even) and nblk + blk (odd). Its integer sums are scaled per row by the row's group scale sw and per vector by
- * the block's scale, less the offset's share z: c += sw_i · (d · sc − z). */
-static inline void rescale_i4(float c[4][16][16], int32_t d[4][16][16], const float *const *sc, const float *const *z,
-                              const float *sw, int ng, int gpb, int blk, int g1, int two_r) {
-    for (int t = 0; t < 4; t++) {
-        if ((t & 1 && !g1) || (t >= 2 && !two_r)) continue;
-        __m512 s = _mm512_loadu_ps(sc[t & 1] + blk * 16), zz = _mm512_loadu_ps(z[t & 1] + blk * 16);
-        for (int i = 0; i < 16; i++) {
-            __m512 v = _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_load_si512(d[t][i])), s, zz);
-            __m512 w = _mm512_set1_ps(sw[(size_t)(16 * (t >> 1) + i) * ng + blk / gpb]);
-            _mm512_store_ps(c[t][i], _mm512_fmadd_ps(v, w, _mm512_load_ps(c[t][i])));
-        }
-    }
-}
-
-static void tiles_i4_hw(const uint8_t *w, long C, const uint32_t *g0, const uint32_t *g1, int two_r, int nblk,
-                        const float *const *sc, const float *const *z, const float *sw, int ng, int gpb,
-                        float c[4][16][16]) {
-    int32_t d[4][16][16] __attribute__((aligned(64)));
-    amx_config();
-    memset(c, 0, sizeof(float) * 4 * 16 * 16);
-    for (int blk = 0; blk < nblk; blk++) {
-        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-        for (int h = 0; h < 2; h++) {
-            int kb = h ? nblk + blk : blk;
-            _tile_loadd(4, w + kb * 64, C);
-            _tile_loadd(6, g0 + kb * 256, 64);
-            _tile_dpbusd(0, 4, 6);
-            if (g1) { _tile_loadd(7, g1 + kb * 256, 64); _tile_dpbusd(1, 4, 7); }
-            if (two_r) {
-                _tile_loadd(5, w + 16 * C + kb * 64, C);
-                _tile_dpbusd(2, 5, 6);
-                if (g1) _tile_dpbusd(3, 5, 7);
-            }
-        }
-        _tile_stored(0, d[0], 64); _tile_stored(1, d[1], 64); _tile_stored(2, d[2], 64); _tile_stored(3, d[3], 64);
-        rescale_i4(c, d, sc, z, sw, ng, gpb, blk, g1 != NULL, two_r);
-    }
-}
 #endif
 
 static void amx_release(void) {
@@ -241,91 +201,6 @@ static void tiles_i8_c(const uint8_t *w, long C, const uint32_t *g0, const uint3
                     c[a * 2 + b][i][m] = acc;
                 }
         }
-}
-
-/* The int4 twin: tiles_i4_hw's integer sums and scales in plain C. */
-static void tiles_i4_c(const uint8_t *w, long C, const uint32_t *g0, const uint32_t *g1, int two_r, int nblk,
-                       const float *const *sc, const float *const *z, const float *sw, int ng, int gpb,
-                       float c[4][16][16]) {
-    memset(c, 0, sizeof(float) * 4 * 16 * 16);
-    for (int a = 0; a <= two_r; a++)
-        for (int b = 0; b < (g1 ? 2 : 1); b++) {
-            const uint32_t *g = b ? g1 : g0;
-            for (int i = 0; i < 16; i++)
-                for (int m = 0; m < 16; m++) {
-                    float acc = 0.f;
-                    for (int blk = 0; blk < nblk; blk++) {
-                        int32_t dsum = 0;
-                        for (int h = 0; h < 2; h++)
-                            for (int d = (h ? nblk + blk : blk) * 16, d1 = d + 16; d < d1; d++) {
-                                uint32_t v = g[(size_t)d * 16 + m];
-                                for (int j = 0; j < 4; j++)
-                                    dsum += (int32_t)w[(size_t)(16 * a + i) * C + 4 * d + j] * (int8_t)(v >> (8 * j));
-                            }
-                        float s = sw[(size_t)(16 * a + i) * ng + blk / gpb];
-                        acc += s * ((float)dsum * sc[b][blk * 16 + m] - z[b][blk * 16 + m]);
-                    }
-                    c[a * 2 + b][i][m] = acc;
-                }
-        }
-}
-
-/* Rows [r, r + n) of packed int4 (C / 2 bytes a row, low nibble the even input) as nibble bytes, the even inputs
- * of a row then the odd ones: the layout tiles_i4_* read. One row block is unpacked once for all its vectors. */
-static void unpack_i4(const uint8_t *src, int C, int n, uint8_t *dst) {
-    size_t half = (size_t)C / 2;
-    for (int i = 0; i < n; i++) {
-        const uint8_t *s = src + i * half;
-        uint8_t *lo = dst + (size_t)i * C, *hi = lo + half;
-#pragma omp simd
-        for (size_t j = 0; j < half; j++) lo[j] = s[j] & 15, hi[j] = s[j] >> 4;
-    }
-}
-
-/* amx_rows for int4 (fmt 2): rows in blocks of 32, each unpacked once into a thread's buffer, then against every
- * group pair of the panel. swe: expert e's group scales [R, C/G]; the rest as amx_rows. */
-static void amx_rows_i4(const uint8_t *we, const float *swe, int G, int R, const Acts *a, const uint32_t *panel,
-                        int n, const int *pairs, int by_token, int K, int r0, int r1, float *out) {
-    static __thread uint8_t *buf;   /* 32 unpacked rows; a team member keeps it for the next calls */
-    static __thread size_t cap;
-    float c[4][16][16] __attribute__((aligned(64)));
-    int C = a->n, nblk = C / QB, ng = C / G, gpb = G / QB;
-    size_t gsz = (size_t)C / 4 * 16;   /* panel group dwords: int8 activations, C bytes a vector */
-    if (cap < (size_t)32 * C) {
-        free(buf);
-        buf = aligned_alloc(64, (size_t)32 * C);
-        cap = buf ? (size_t)32 * C : 0;
-        if (!buf) return;   /* cannot happen at these sizes (≤ 1 MiB); the rows stay zero rather than crash */
-    }
-    float scl[2][MAXB * 16] __attribute__((aligned(64))), zs[2][MAXB * 16] __attribute__((aligned(64)));
-    for (int r = r0; r + 16 <= r1; r += 32) {
-        int two_r = r + 32 <= r1;
-        unpack_i4(we + (size_t)r * (C / 2), C, two_r ? 32 : 16, buf);
-        const float *sw = swe + (size_t)r * ng;
-        for (int g = 0; g * 16 < n; g += 2) {
-            const uint32_t *g0 = panel + g * gsz, *g1 = (g + 1) * 16 < n ? g0 + gsz : NULL;
-            for (int b = 0; b < 2; b++)
-                for (int m = 0; m < 16; m++) {
-                    int col = (g + b) * 16 + m, v = col < n ? (by_token ? pairs[col] / K : pairs[col]) : -1;
-                    for (int blk = 0; blk < nblk; blk++) {
-                        scl[b][blk * 16 + m] = v < 0 ? 0.f : a->sc[(size_t)v * nblk + blk];
-                        zs[b][blk * 16 + m] = v < 0 ? 0.f : a->z[(size_t)v * nblk + blk];
-                    }
-                }
-            const float *sc[2] = {scl[0], scl[1]}, *z[2] = {zs[0], zs[1]};
-#if AMX_BUILD
-            if (amx_hw) tiles_i4_hw(buf, C, g0, g1, two_r, nblk, sc, z, sw, ng, gpb, c);
-            else
-#endif
-            tiles_i4_c(buf, C, g0, g1, two_r, nblk, sc, z, sw, ng, gpb, c);
-            for (int a2 = 0; a2 <= two_r; a2++)
-                for (int b = 0; b < 2 && (g + b) * 16 < n; b++)
-                    for (int m = 0; m < 16 && (g + b) * 16 + m < n; m++) {
-                        float *o = out + (size_t)pairs[(g + b) * 16 + m] * R + r + 16 * a2;
-                        for (int i = 0; i < 16; i++) o[i] = c[a2 * 2 + b][i][m];
-                    }
-        }
-    }
 }
 
 /* Rows [r0, r1) of expert e's matrix (R rows of C inputs; bf16, or int8 with the activations' block scales)

@@ -18,6 +18,7 @@
 #include "dots.h"
 #include "acts.h"
 #include "amx.h"
+#include "amx_i4.h"
 #include "rows.h"
 
 static int int_dot = HAS_VNNI;   /* int8/int4 use IDOT (int8 activations) where its sizes fit */
