@@ -121,6 +121,19 @@ static inline void rescale_i8(float c[4][16][16], int32_t d[4][16][16], const fl
     }
 }
 
+/* One 64-byte step kb of int8 rows (unsigned, stride C) against one or two panel groups: tiles 0-3 += products. */
+static inline void step_i8(const uint8_t *w, long C, const uint32_t *g0, const uint32_t *g1, int two_r, int kb) {
+    _tile_loadd(4, w + kb * 64, C);
+    _tile_loadd(6, g0 + kb * 256, 64);
+    _tile_dpbusd(0, 4, 6);
+    if (g1) { _tile_loadd(7, g1 + kb * 256, 64); _tile_dpbusd(1, 4, 7); }
+    if (two_r) {
+        _tile_loadd(5, w + 16 * C + kb * 64, C);
+        _tile_dpbusd(2, 5, 6);
+        if (g1) _tile_dpbusd(3, 5, 7);
+    }
+}
+
 /* int8: per block of QB = 128 inputs (two tdpbusd steps of 64) the integer sums are stored and added into c with
  * the block's scale per vector. The previous block's rescale is issued after this block's tile products, so the
  * vector units may scale while the tile unit multiplies (measured no faster at T=512: the rescale is not int8's
@@ -134,15 +147,7 @@ static void tiles_i8_hw(const uint8_t *w, long C, const uint32_t *g0, const uint
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
         for (int kb = 2 * blk; kb < 2 * blk + 2; kb++) {
             if (pf_bytes) prefetch_rows((const char *)w, (const char *)pf, C, kb, 2 * nblk, 64, cold);
-            _tile_loadd(4, w + kb * 64, C);
-            _tile_loadd(6, g0 + kb * 256, 64);
-            _tile_dpbusd(0, 4, 6);
-            if (g1) { _tile_loadd(7, g1 + kb * 256, 64); _tile_dpbusd(1, 4, 7); }
-            if (two_r) {
-                _tile_loadd(5, w + 16 * C + kb * 64, C);
-                _tile_dpbusd(2, 5, 6);
-                if (g1) _tile_dpbusd(3, 5, 7);
-            }
+            step_i8(w, C, g0, g1, two_r, kb);
         }
         if (blk) rescale_i8(c, d, sc, blk - 1, g1 != NULL, two_r);
         _tile_stored(0, d[0], 64); _tile_stored(1, d[1], 64); _tile_stored(2, d[2], 64); _tile_stored(3, d[3], 64);
@@ -179,9 +184,13 @@ static void tiles_c(const uint16_t *w, long C, const uint32_t *g0, const uint32_
         }
 }
 
-/* The int8 twin: integer sums per block, scaled per vector and block as in tiles_i8_hw. */
-static void tiles_i8_c(const uint8_t *w, long C, const uint32_t *g0, const uint32_t *g1, int two_r, int nblk,
-                       const float *const *sc, float c[4][16][16]) {
+/* The integer twin (int8, and int4 through amx_i4.h): per block blk of QB inputs, the integer sums of its dwords
+ * (int8: the block's 32; int4, sw given: 16 of even inputs at blk, 16 of odd ones at nblk + blk), scaled as the
+ * tiles scale them: int8 sc·d, int4 sw(row, group)·(sc·d − z). */
+static void tiles_int_c(const uint8_t *w, long C, const uint32_t *g0, const uint32_t *g1, int two_r, int nblk,
+                        const float *const *sc, const float *const *z, const float *sw, int ng, int gpb,
+                        float c[4][16][16]) {
+    int i4 = sw != NULL;
     memset(c, 0, sizeof(float) * 4 * 16 * 16);
     for (int a = 0; a <= two_r; a++)
         for (int b = 0; b < (g1 ? 2 : 1); b++) {
@@ -191,12 +200,15 @@ static void tiles_i8_c(const uint8_t *w, long C, const uint32_t *g0, const uint3
                     float acc = 0.f;
                     for (int blk = 0; blk < nblk; blk++) {
                         int32_t dsum = 0;
-                        for (int d = blk * 32; d < blk * 32 + 32; d++) {
-                            uint32_t v = g[(size_t)d * 16 + m];
-                            for (int j = 0; j < 4; j++)
-                                dsum += (int32_t)w[(size_t)(16 * a + i) * C + 4 * d + j] * (int8_t)(v >> (8 * j));
-                        }
-                        acc += (float)dsum * sc[b][blk * 16 + m];
+                        for (int h = 0; h <= i4; h++)
+                            for (int d = i4 ? (h ? nblk + blk : blk) * 16 : blk * 32, d1 = d + (i4 ? 16 : 32);
+                                 d < d1; d++) {
+                                uint32_t v = g[(size_t)d * 16 + m];
+                                for (int j = 0; j < 4; j++)
+                                    dsum += (int32_t)w[(size_t)(16 * a + i) * C + 4 * d + j] * (int8_t)(v >> (8 * j));
+                            }
+                        float s = (float)dsum * sc[b][blk * 16 + m];
+                        acc += i4 ? sw[(size_t)(16 * a + i) * ng + blk / gpb] * (s - z[b][blk * 16 + m]) : s;
                     }
                     c[a * 2 + b][i][m] = acc;
                 }
@@ -236,7 +248,7 @@ static void amx_rows(int fmt, const void *we, const float *sw, int R, const Acts
             else
 #endif
             if (fmt == 0) tiles_c((const uint16_t *)w, C, g0, g1, two_r, C / 32, c);
-            else tiles_i8_c(w, C, g0, g1, two_r, nblk, sc, c);
+            else tiles_int_c(w, C, g0, g1, two_r, nblk, sc, NULL, NULL, 0, 1, c);
             for (int a2 = 0; a2 <= two_r; a2++)
                 for (int b = 0; b < 2 && (g + b) * 16 < n; b++)
                     for (int m = 0; m < 16 && (g + b) * 16 + m < n; m++) {

@@ -31,50 +31,13 @@ static void tiles_i4_hw(const uint8_t *w, long C, const uint32_t *g0, const uint
     memset(c, 0, sizeof(float) * 4 * 16 * 16);
     for (int blk = 0; blk < nblk; blk++) {
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-        for (int h = 0; h < 2; h++) {
-            int kb = h ? nblk + blk : blk;
-            _tile_loadd(4, w + kb * 64, C);
-            _tile_loadd(6, g0 + kb * 256, 64);
-            _tile_dpbusd(0, 4, 6);
-            if (g1) { _tile_loadd(7, g1 + kb * 256, 64); _tile_dpbusd(1, 4, 7); }
-            if (two_r) {
-                _tile_loadd(5, w + 16 * C + kb * 64, C);
-                _tile_dpbusd(2, 5, 6);
-                if (g1) _tile_dpbusd(3, 5, 7);
-            }
-        }
+        step_i8(w, C, g0, g1, two_r, blk);              /* the block's even inputs */
+        step_i8(w, C, g0, g1, two_r, nblk + blk);       /* and its odd ones */
         _tile_stored(0, d[0], 64); _tile_stored(1, d[1], 64); _tile_stored(2, d[2], 64); _tile_stored(3, d[3], 64);
         rescale_i4(c, d, sc, z, sw, ng, gpb, blk, g1 != NULL, two_r);
     }
 }
 #endif
-
-/* The int4 twin: tiles_i4_hw's integer sums and scales in plain C. */
-static void tiles_i4_c(const uint8_t *w, long C, const uint32_t *g0, const uint32_t *g1, int two_r, int nblk,
-                       const float *const *sc, const float *const *z, const float *sw, int ng, int gpb,
-                       float c[4][16][16]) {
-    memset(c, 0, sizeof(float) * 4 * 16 * 16);
-    for (int a = 0; a <= two_r; a++)
-        for (int b = 0; b < (g1 ? 2 : 1); b++) {
-            const uint32_t *g = b ? g1 : g0;
-            for (int i = 0; i < 16; i++)
-                for (int m = 0; m < 16; m++) {
-                    float acc = 0.f;
-                    for (int blk = 0; blk < nblk; blk++) {
-                        int32_t dsum = 0;
-                        for (int h = 0; h < 2; h++)
-                            for (int d = (h ? nblk + blk : blk) * 16, d1 = d + 16; d < d1; d++) {
-                                uint32_t v = g[(size_t)d * 16 + m];
-                                for (int j = 0; j < 4; j++)
-                                    dsum += (int32_t)w[(size_t)(16 * a + i) * C + 4 * d + j] * (int8_t)(v >> (8 * j));
-                            }
-                        float s = sw[(size_t)(16 * a + i) * ng + blk / gpb];
-                        acc += s * ((float)dsum * sc[b][blk * 16 + m] - z[b][blk * 16 + m]);
-                    }
-                    c[a * 2 + b][i][m] = acc;
-                }
-        }
-}
 
 /* Rows [r, r + n) of packed int4 (C / 2 bytes a row, low nibble the even input) as nibble bytes, the even inputs
  * of a row then the odd ones: the layout tiles_i4_* read. One row block is unpacked once for all its vectors. */
@@ -123,7 +86,7 @@ static void amx_rows_i4(const uint8_t *we, const float *swe, int G, int R, const
             if (amx_hw) tiles_i4_hw(buf, C, g0, g1, two_r, nblk, sc, z, sw, ng, gpb, c);
             else
 #endif
-            tiles_i4_c(buf, C, g0, g1, two_r, nblk, sc, z, sw, ng, gpb, c);
+            tiles_int_c(buf, C, g0, g1, two_r, nblk, sc, z, sw, ng, gpb, c);
             for (int a2 = 0; a2 <= two_r; a2++)
                 for (int b = 0; b < 2 && (g + b) * 16 < n; b++)
                     for (int m = 0; m < 16 && (g + b) * 16 + m < n; m++) {
