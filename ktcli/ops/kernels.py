@@ -147,8 +147,9 @@ def tune(chunk: int = -1, prefetch: int = -1, int8_act: int = -1, pipeline: int 
     int8_act: int8 activations for int8/int4 weights (1 on, 0 off); pipeline: one task list over both matrices,
     an expert's down rows waiting only for its own gate/up rows (1), or two phases with a barrier between (0);
     spin_us: how long an idle worker spins before sleeping (KTCLI_CPU_SPIN_US); pin: workers pinned to cores
-    (KTCLI_CPU_PIN; a change restarts the team); amx: experts with ≥ 8 tokens in a call through AMX tiles (bf16; int8 and int4 on the int8-activation path)
-    (0 off, 1 where the CPU has AMX, 2 also the plain-C twin elsewhere: tests); amx_pf: how the tiles prefetch
+    (KTCLI_CPU_PIN; a change restarts the team); amx: experts with ≥ 8 tokens in a call through AMX tiles (bf16;
+    int8 and int4 on the int8-activation path; 0 off, 1 where the CPU has AMX, 2 also the plain-C twin elsewhere:
+    tests); amx_pf: how the tiles prefetch
     weight rows (0 each row's bytes ahead, 1 the next 32-row block swept in address order, 2 as 0 into L2; amx.h).
     Returns the previous settings, in KNOBS order, which `tune(*was)` restores."""
     return _tune(get(), chunk=chunk, prefetch=prefetch, int8_act=int8_act, pipeline=pipeline, spin_us=spin_us,

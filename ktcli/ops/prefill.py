@@ -102,8 +102,9 @@ class AutoPrefill(DeviceOp):
 
     def plan(self, T: int, calibrated: bool = True) -> dict:
         """calibrated: the CPU's cost of each way scaled by what earlier layers of that way and chunk length measured
-        against the probes, its fitted fixed part added in series with the CPU's work, as the measured wait is. Apart, because a split's CPU share runs beside the copies, which slowed it 4× where the
-        whole layer alone ran at its probe (Qwen3-30B pp512, H100 host, 2026-12-05)."""
+        against the probes, its fitted fixed part added in series with the CPU's work, as the measured wait is.
+        Apart, because a split's CPU share runs beside the copies, which slowed it 4× where the whole layer alone
+        ran at its probe (Qwen3-30B pp512, H100 host, 2026-12-05)."""
         st = self.experts.streamer
         if not calibrated:
             return split_plan(self.experts, T, st.top_k, st.rates)
