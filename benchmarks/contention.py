@@ -77,11 +77,24 @@ class CopyLoad:
         return {"copy_GBps": self.n * self.src.numel() / s / 1e9, "copies_outlasted_kernel": outlasted}
 
 
-def route(spec: str, T: int, E: int, K: int, g) -> torch.Tensor:
-    """idx [T,K]: K distinct experts a token, uniform or skewed:H:F (see the module's help)."""
+def routing(spec: str):
+    """--routing's value: None (uniform) or (H, F) from skewed:H:F."""
     if spec == "uniform":
+        return None
+    try:
+        kind, hot, frac = spec.split(":")
+        if kind == "skewed" and int(hot) > 0 and 0 <= float(frac) <= 1:
+            return int(hot), float(frac)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"uniform or skewed:H:F (H hot experts, F their share), got {spec!r}")
+
+
+def route(skew, T: int, E: int, K: int, g) -> torch.Tensor:
+    """idx [T,K]: K distinct experts a token, uniform (skew None) or skewed (H, F) (see the module's help)."""
+    if skew is None:
         return torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
-    hot, frac = int(spec.split(":")[1]), float(spec.split(":")[2])
+    hot, frac = skew
     p = torch.full((E,), (1 - frac) / (E - hot))
     p[E - hot:] = frac / hot
     return torch.multinomial(p.expand(T, E), K, generator=g)
@@ -107,7 +120,7 @@ def main():
     ap.add_argument("--load", default="none,copy,spin")
     ap.add_argument("--reps", type=int, default=8)
     ap.add_argument("--copy-gib", type=float, default=1.0)
-    ap.add_argument("--routing", default="uniform")
+    ap.add_argument("--routing", type=routing, default="uniform")
     ap.add_argument("--phases", action="store_true")
     ap.add_argument("--out")
     a = ap.parse_args()
@@ -149,7 +162,6 @@ def main():
                 continue
             calls.append((x[tok].contiguous(), e[:, None].to(torch.int64), pw[:, None].to(x.dtype), layers[i % a.layers]))
         outs = [torch.empty_like(c[0]) for c in calls]
-        expert_pairs = [torch.bincount(c[1].reshape(-1), minlength=E) for c in calls]
         run = kernels.Runner()
         was = kernels.tune(prefetch=pf)
         call = lambda i: run(lib, calls[i][0], calls[i][1], calls[i][2], calls[i][3], outs[i], threads)  # noqa: E731
@@ -176,13 +188,14 @@ def main():
             spin.wait()
         nbytes = statistics.mean(len(torch.unique(c[1])) for c in calls) * per_expert
         kt = statistics.median(ts)
-        c0 = expert_pairs[0]
+        c0 = torch.bincount(calls[0][1].reshape(-1), minlength=E)   # the first call's pairs per expert
         row = {"format": a.format, "T": T, "share": share, "n_cpu": n, "pairs": int(c0.sum()),
                "experts_touched": int((c0 > 0).sum()), "experts_under_8": int(((c0 > 0) & (c0 < 8)).sum()),
                "threads": threads, "prefetch": pf, "registered": bool(reg), "load": load, "kernel_ms": kt * 1e3,
                "kernel_ms_all": [t * 1e3 for t in ts], "bytes": nbytes, "kernel_GBps": nbytes / kt / 1e9, **extra}
         res["rows"].append(row)
-        cp = f"{extra['copy_GBps']:.1f}{'' if extra['copies_outlasted_kernel'] else ' (ended early)'}" if 'copy_GBps' in extra else ""
+        cp = "" if "copy_GBps" not in extra else \
+            f"{extra['copy_GBps']:.1f}{'' if extra['copies_outlasted_kernel'] else ' (ended early)'}"
         print(f"{share:5.2f} {threads:3d} {pf:5d} {reg:3d} {load:>10} | {kt * 1e3:9.3f} {row['kernel_GBps']:6.1f} | {cp}"
               f"  pairs {row['pairs']} touched {row['experts_touched']} (<8: {row['experts_under_8']})", flush=True)
         if a.phases:

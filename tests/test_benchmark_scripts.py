@@ -124,3 +124,20 @@ def test_contention_times_every_factor_combination(tmp_path):
     assert {r["prefetch"] for r in rows} >= {8192} and {r["load"] for r in rows} == {"none", "spin"}
     full, quarter = (next(r for r in rows if r["share"] == s) for s in (1.0, 0.25))
     assert full["n_cpu"] == 8 and full["pairs"] == 32 * 2 and quarter["n_cpu"] == 2 and quarter["pairs"] < 32 * 2
+
+
+@pytest.mark.skipif(kernels.get() is None, reason="kernel did not build")
+def test_contention_routes_unevenly_and_times_the_phases(tmp_path):
+    """--routing skewed:H:F: the last H experts take F of the picks, so the CPU's share [0, n) gets the cold ones;
+    --phases adds each row's per-member timestamps; a malformed spec is refused by argparse."""
+    out = tmp_path / "c.json"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "contention.py"), "--hidden", "256", "--inter", "128",
+           "--experts", "8", "--topk", "2", "--tokens", "64", "--layers", "1", "--reps", "2", "--threads", "1",
+           "--register", "0", "--load", "none", "--share", "1,0.5", "--out", str(out)]
+    subprocess.run(cmd + ["--routing", "skewed:2:0.9", "--phases"], check=True, capture_output=True, text=True,
+                   cwd=ROOT)
+    full, half = json.loads(out.read_text())["rows"]
+    assert full["pairs"] == 64 * 2 and half["pairs"] < 0.3 * 64 * 2          # uniform would give half
+    assert half["phases_us"]["exit"] > 0 and half["experts_touched"] <= half["n_cpu"] == 4
+    bad = subprocess.run(cmd + ["--routing", "skewed:x"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "skewed:H:F" in bad.stderr
