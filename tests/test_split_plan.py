@@ -10,6 +10,12 @@ from ktcli.ops.costs import PrefillRates
 from test_stream import ckpt, routed, streamed_model  # noqa: F401  (ckpt: the checkpoint fixture)
 
 
+@pytest.fixture(autouse=True)
+def no_routed(monkeypatch):
+    """These tests are about the range split; the routed way (tests/test_routed.py) is kept out of the plans."""
+    monkeypatch.setattr("ktcli.ops.costs.ROUTED_GAIN", 0.0)
+
+
 def split_model(tmp_path, ckpt, fmt, n):
     """Every layer `auto`, planned as a split giving the CPU experts [0, n)."""
     from ktcli.ops.prefill import AutoPrefill

@@ -22,11 +22,19 @@ FAVOUR = {"stream": PrefillRates(pcie_bps=1e12, cpu_bps=1e6, cpu_flops=1e6, gpu_
 
 def favour(b, way):
     """Rates that make `auto` take `way`; a split is forced at half the experts (rates alone rarely pick it on a
-    tiny model)."""
-    b.streamer.rates = FAVOUR["stream" if way == "split" else way]
-    if way == "split":
-        for m in experts_of(b):
-            m.ops["prefill"].plan = lambda T, n=m.num_experts // 2: {"way": "split", "n_cpu": n, "seconds": 0.0}
+    tiny model), a routed layer gives the GPU its 3 most routed experts."""
+    b.streamer.rates = FAVOUR["stream" if way in ("split", "routed") else way]
+    for m in experts_of(b) if way in ("split", "routed") else ():
+        op = m.ops["prefill"]
+        if way == "split":
+            op.plan = lambda T, n=m.num_experts // 2: {"way": "split", "n_cpu": n, "seconds": 0.0}
+        else:
+            op.plan = lambda T, calibrated=True: {"way": "routed", "n_cpu": 0, "seconds": 0.0, "kernel": False}
+            op.share = lambda T, c, long_bf16=False: (top3(c), 0.0)
+
+
+def top3(counts):
+    return tuple(sorted(sorted(range(len(counts)), key=lambda e: -counts[e])[:3]))
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +57,7 @@ def test_host_memory_is_pinned_in_place(tmp_path, ckpt):
 
 @pytest.mark.parametrize("fmt,group", [("bf16", 128), ("int8", 128), ("int4", 16)])
 @pytest.mark.parametrize("rules,way", [([STREAM], "stream"), ([AUTO], "stream"), ([AUTO], "cpu"),
-                                       ([AUTO], "split")])
+                                       ([AUTO], "split"), ([AUTO], "routed")])
 @pytest.mark.parametrize("chunk", [64, 16])                 # 16: a 50-token prompt crosses 4 chunks
 def test_prefill_logits_match_transformers(tmp_path, ckpt, fmt, group, rules, way, chunk):
     dtype = "float32" if fmt != "bf16" else "bfloat16"
@@ -62,8 +70,9 @@ def test_prefill_logits_match_transformers(tmp_path, ckpt, fmt, group, rules, wa
     b.streamer.take_stats()
     got = e.prefill(ids)
     stats = b.streamer.take_stats()
-    assert (stats["layers_streamed"] > 0) == (way != "cpu") and (stats["layers_cpu"] > 0) == (way == "cpu")
-    assert (stats["layers_split"] > 0) == (way == "split")
+    assert (stats["layers_streamed"] > 0) == (way in ("stream", "split"))
+    assert (stats["layers_cpu"] > 0) == (way == "cpu")
+    assert (stats["layers_split"] > 0) == (way == "split") and (stats["layers_routed"] > 0) == (way == "routed")
     assert stats["moe_s"] >= stats["split_cpu_s"] and stats["moe_s"] > 0   # the CPU thread's time in MoE layers
     with torch.no_grad():
         want = ref(torch.tensor([ids]).cuda()).logits[:, -1]
@@ -71,7 +80,7 @@ def test_prefill_logits_match_transformers(tmp_path, ckpt, fmt, group, rules, wa
     assert rel(got, want) <= (tol if dtype == "float32" else 2e-2), (fmt, way, chunk)
 
 
-@pytest.mark.parametrize("way", ["stream", "cpu", "split"])
+@pytest.mark.parametrize("way", ["stream", "cpu", "split", "routed"])
 @pytest.mark.parametrize("fmt", ["bf16", "int4"])
 def test_graph_decode_after_each_prefill_path_equals_eager(tmp_path, ckpt, way, fmt):
     b = built(tmp_path, ckpt, [with_format(AUTO, fmt, 16)], dtype="bfloat16", max_seq_len=512)

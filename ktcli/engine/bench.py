@@ -6,6 +6,7 @@ import time
 import torch
 
 from ..ops.clocks import fixed_cost_us, take_all
+from ..ops.routed import PHASES as ROUTED_PHASES
 from ..ops.split import PHASES
 from .generate import GenerationConfig
 
@@ -80,10 +81,11 @@ def run_test(engine, kind: str, n: int, reps: int, warmup: int, seed: int = 0, t
     if kind == "pp" and streamer is not None and timed:
         extra["prefill_phases"] = {k: sums.get(k, 0) / len(timed) for k in
                                    ("upload_s", "stall_s", "upload_bytes", "layers_streamed", "layers_cpu",
-                                    "layers_split", "split_cpu_s", *PHASES, "moe_s")}
+                                    "layers_split", "split_cpu_s", *PHASES, "layers_routed", "routed_gpu_experts",
+                                    "routed_touched", *ROUTED_PHASES, "moe_s")}
         extra["prefill_phases"]["run_s"] = total / len(timed)   # beside moe_s: the CPU thread's time outside MoE
         if getattr(streamer, "cpu_scale", None):   # measured ÷ probed CPU time per way and length bucket
-            for key, way in (("cpu_scale", "split"), ("cpu_alone_scale", "cpu")):
+            for key, way in (("cpu_scale", "split"), ("cpu_alone_scale", "cpu"), ("routed_scale", "routed")):
                 if cal := streamer.calibration(way):
                     extra["prefill_phases"][key] = {str(t): v for t, v in cal.items()}
                     extra["prefill_phases"][key.replace("scale", "fixed_ms")] = {

@@ -78,7 +78,7 @@ def prefill_rates(built, experts: list):
 def prefill_roofline(built, n: int, chunk: int) -> dict | None:
     """The best per-layer plan for prefilling n tokens in chunks of `chunk`, from the measured rates
     (prefill_rates): each streamed or split layer costs max(copy or split time, its GPU work) — the copy overlaps
-    the previous layer — each CPU layer its CPU time plus its attention's work (on the CPU's GEMM rate where the
+    the previous layer — each CPU or routed layer its time plus its attention's work (on the CPU's GEMM rate where the
     model runs on the CPU). None where no rate for the attention's device was measured."""
     from ..ops.base import HybridExperts
     from ..ops.costs import layer_costs
@@ -93,7 +93,7 @@ def prefill_roofline(built, n: int, chunk: int) -> dict | None:
     heads = cfg.num_attention_heads
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     sizes = [chunk] * (n // chunk) + ([n % chunk] if n % chunk else [])
-    total, parts = 0.0, {"stream": 0, "cpu": 0, "split": 0, "gpu": 0}
+    total, parts = 0.0, {"stream": 0, "cpu": 0, "split": 0, "routed": 0, "gpu": 0}
     done = 0
     for T in sizes:
         attn = 4 * T * (done + T / 2) * heads * hd          # QK^T and PV over the context so far
@@ -105,7 +105,8 @@ def prefill_roofline(built, n: int, chunk: int) -> dict | None:
                 p = (op.plan(T, calibrated=False) if hasattr(op, "plan")     # the probes' bound, not the run's
                      else {"way": "stream", "seconds": layer_costs(m, T, K, r)["stream"]})
                 way = p["way"]
-                total += p["seconds"] + gpu if way == "cpu" else max(p["seconds"], gpu)
+                # the CPU way and a routed layer wait for the router; streaming and a split overlap it
+                total += p["seconds"] + gpu if way in ("cpu", "routed") else max(p["seconds"], gpu)
             elif m.home.type == "cpu":
                 way = "cpu"
                 total += layer_costs(m, T, K, r)["cpu"] + gpu

@@ -157,13 +157,14 @@ def probe_gpu(device) -> float:
 
 
 def split_plan(experts, T: int, K: int, rates: PrefillRates, cpu_scale: float = 1.0,
-               split_scale: float = 1.0, waits: tuple = (0.0, 0.0)) -> dict:
-    """{'way': 'stream' | 'cpu' | 'split', 'n_cpu', 'seconds', 'kernel', 'cpu_s', 'alts'} for one HybridExperts
-    layer and T tokens ('kernel': the CPU's share of a long bf16 chunk runs in our kernel rather than torch's GEMMs;
-    'cpu_s': the whole layer on the CPU by the probed rates, before the scales multiply it: `cpu_scale` for the
-    whole layer on the CPU, `split_scale` for a split's CPU share; waits: the seconds a layer of the CPU way and a
-    split layer measured waiting for its inputs, in series with the CPU's work; 'alts': the two CPU ways' own best
-    plans)."""
+               split_scale: float = 1.0, waits: tuple = (0.0, 0.0), routed: tuple | None = None) -> dict:
+    """{'way': 'stream' | 'cpu' | 'split' | 'routed', 'n_cpu', 'seconds', 'kernel', 'cpu_s', 'alts'} for one
+    HybridExperts layer and T tokens ('kernel': the CPU's share of a long bf16 chunk runs in our kernel rather than
+    torch's GEMMs; 'cpu_s': the whole layer on the CPU by the probed rates, before the scales multiply it:
+    `cpu_scale` for the whole layer on the CPU, `split_scale` for a split's CPU share; waits: the seconds a layer
+    of the CPU way and a split layer measured waiting for its inputs, in series with the CPU's work; routed: (scale,
+    fixed, wait, profile) of the routed way (routed.py), None: not considered; 'alts': the CPU ways' own plans)."""
+    from .routed import routed_seconds
     c = layer_costs(experts, T, K, rates)
     E = experts.num_experts
     floor = used_experts(E, K, T) * experts.stream_src.nbytes() / E / rates.cpu_bps if rates.cpu_bps else 0.0
@@ -171,8 +172,17 @@ def split_plan(experts, T: int, K: int, rates: PrefillRates, cpu_scale: float = 
     alts = {"cpu": {"way": "cpu", "n_cpu": E, "seconds": cpu}}
     if (at := split_at(c["stream"], sc, floor, E, waits[1])) is not None:
         alts["split"] = {"way": "split", "n_cpu": at[0], "seconds": at[1]}
-    return {**choose(c["stream"], cpu, floor, E, sc, waits[1]), "kernel": c["kernel"], "cpu_s": c["cpu"],
-            "alts": alts}
+    best = choose(c["stream"], cpu, floor, E, sc, waits[1])
+    if routed is not None:
+        r_scale, r_fixed, r_wait, profile = routed
+        r = routed_seconds(experts, T, K, rates, profile, r_scale, r_fixed, r_wait, c["kernel"])
+        alts["routed"] = {"way": "routed", "n_cpu": 0, "seconds": r}
+        if r <= ROUTED_GAIN * best["seconds"]:
+            best = alts["routed"]
+    return {**best, "kernel": c["kernel"], "cpu_s": c["cpu"], "alts": alts}
+
+
+ROUTED_GAIN = 0.9   # a routed layer syncs on its router and cannot start its copies early: taken for ≥ 10% less
 
 
 def split_at(s: float, sc: float, floor: float, E: int, wait: float = 0.0) -> tuple | None:

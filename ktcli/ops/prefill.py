@@ -11,6 +11,7 @@ import torch
 from .base import DeviceOp
 from .costs import explore, layer_costs, split_plan
 from .cpu import CpuExperts, cpu_moe
+from .routed import assign, expert_work, run_routed
 from .split import pairs, run_split
 
 
@@ -18,6 +19,9 @@ class StreamedExperts(DeviceOp):
     """Experts of a CPU-resident layer computed on the GPU the hidden states live on, weights streamed in."""
 
     def streams(self, T: int) -> bool:
+        return True
+
+    def uses_slot(self, T: int) -> bool:
         return True
 
     def cpu_share(self, T: int) -> int:
@@ -48,12 +52,17 @@ def grouped_ok(x, fn) -> bool:
 
 
 def grouped(x, idx, w, fn, E, act, first: int = 0):
-    """x [T,H], idx/w [T,K] → [T,H]: pairs sorted by expert, two grouped GEMMs over the layer's weights for
-    experts [first, first+E) (gate_up [E,2I,H], down [E,H,I]), weighted, summed back per token. Pairs routed
-    below `first` (the CPU's share of a split layer) sort last, past every group, and are masked out."""
+    """x [T,H], idx/w [T,K] → [T,H]: pairs sorted by expert, two grouped GEMMs over the slot's E experts
+    (gate_up [E,2I,H], down [E,H,I]): experts [first, first+E) of the layer, or `first` a lut [E_layer] giving each
+    expert's place in the slot (-1: not there). Pairs of experts not in the slot (the CPU's share) sort last, past
+    every group, and are masked out."""
     gu, dn = fn.full()
     T, K = idx.shape
-    key = (idx.reshape(-1) - first).masked_fill(idx.reshape(-1) < first, E)     # [P] CPU pairs → E
+    if isinstance(first, torch.Tensor):
+        key = first[idx.reshape(-1)]
+        key = key.masked_fill(key < 0, E)                                       # [P] CPU pairs → E
+    else:
+        key = (idx.reshape(-1) - first).masked_fill(idx.reshape(-1) < first, E)  # [P] CPU pairs → E
     order = torch.argsort(key, stable=True)                                     # [P] pairs grouped by expert
     counts = torch.zeros(E + 1, dtype=torch.int64, device=x.device).index_add_(0, key, torch.ones_like(key))
     offs = torch.cumsum(counts[:E], 0).to(torch.int32)                          # [E] group ends (bincount syncs)
@@ -98,6 +107,10 @@ class AutoPrefill(DeviceOp):
             y = self.cpu(x, idx, w)
             st.observe_cpu("cpu", T, time.perf_counter() - t0, p["cpu_s"])
             return y
+        if p["way"] == "routed":
+            y, took, probed = run_routed(self, x, idx, w, lambda counts: self.share(T, counts, p["kernel"]))
+            self.experts.streamer.observe_cpu("routed", T, took, probed)
+            return y
         return self.gpu.run(x, idx, w) if p["n_cpu"] == 0 else self._split(x, idx, w, p["n_cpu"], p.get("cpu_s"))
 
     def plan(self, T: int, calibrated: bool = True) -> dict:
@@ -106,10 +119,19 @@ class AutoPrefill(DeviceOp):
         Apart, because a split's CPU share runs beside the copies, which slowed it 4× where the whole layer alone
         ran at its probe (Qwen3-30B pp512, H100 host, 2026-12-05)."""
         st = self.experts.streamer
-        if not calibrated:
-            return split_plan(self.experts, T, st.top_k, st.rates)
+        if not calibrated:   # the routing's skew is not a calibration: the roofline plans with it too
+            return split_plan(self.experts, T, st.top_k, st.rates, routed=(1.0, 0.0, 0.0, st.profile(T)))
         return split_plan(self.experts, T, st.top_k, st.rates, st.scale("cpu", T), st.scale("split", T),
-                          (st.wait("cpu", T) + st.fixed("cpu", T), st.wait("split", T) + st.fixed("split", T)))
+                          (st.wait("cpu", T) + st.fixed("cpu", T), st.wait("split", T) + st.fixed("split", T)),
+                          (st.scale("routed", T), st.fixed("routed", T), st.wait("routed", T), st.profile(T)))
+
+    def share(self, T: int, counts: list, long_bf16: bool = False) -> tuple:
+        """A routed layer's (GPU experts, the CPU share's probed seconds) for this chunk's pairs per expert."""
+        st, ex = self.experts.streamer, self.experts
+        copy_s = ex.stream_src.nbytes() / ex.num_experts / max(st.rates.pcie_bps, 1.0)
+        gpu, _, probed = assign(expert_work(ex, T, st.top_k, st.rates, counts, long_bf16), copy_s,
+                                st.scale("routed", T), st.fixed("routed", T))
+        return gpu, probed
 
     def choice(self, T: int) -> dict:
         """The plan this layer runs: the calibrated plan, except that the first `auto` layer tries once per
@@ -121,7 +143,12 @@ class AutoPrefill(DeviceOp):
         return explore(p, lambda way: st.observed(way, T)) if self._first else p
 
     def streams(self, T: int) -> bool:
-        """True: some of this layer's experts stream for a chunk of T tokens (all, or the GPU's share)."""
+        """True: some of this layer's experts stream for a chunk of T tokens (all, or the GPU's share), known
+        before its router runs (so an earlier layer may start the upload)."""
+        return self.choice(T)["way"] in ("stream", "split")
+
+    def uses_slot(self, T: int) -> bool:
+        """True: the layer puts experts in its GPU slot (streaming, split or routed)."""
         return self.choice(T)["way"] != "cpu"
 
     def cpu_share(self, T: int) -> int:

@@ -35,10 +35,12 @@ class SplitBuffers:
         return b[:rows]
 
 
-def pairs(idx, w, lo: int, hi: int):
-    """The (token, expert, weight) pairs routed to experts [lo, hi), flattened: [P] each (syncs on a GPU)."""
+def pairs(idx, w, lo: int, hi: int, mask=None):
+    """The (token, expert, weight) pairs routed to experts [lo, hi) (mask [E] bool: to the experts it marks
+    instead), flattened: [P] each (syncs on a GPU)."""
     K = idx.shape[1]
-    sel = ((idx >= lo) & (idx < hi)).reshape(-1).nonzero().squeeze(1)
+    keep = mask[idx] if mask is not None else (idx >= lo) & (idx < hi)
+    sel = keep.reshape(-1).nonzero().squeeze(1)
     return sel // K, idx.reshape(-1)[sel], w.reshape(-1)[sel]
 
 

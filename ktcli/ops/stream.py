@@ -15,6 +15,7 @@ import torch
 
 from .costs import PrefillRates, probe_cpu, probe_gpu, probe_kernel
 from .slots import BlockDequant, Resident
+from .routed import PHASES as ROUTED_PHASES
 from .split import PHASES
 
 PARTS = ("gu", "gu_s", "dn", "dn_s")       # an ExpertWeights' tensors, in copy order
@@ -57,6 +58,7 @@ class Streamer:
         self._obs: dict = {}            # (way, bucket) → [(probed, measured)] of the last prefill that measured it
         self.cpu_fixed: dict = {}       # (way, bucket) → the fitted fixed seconds of a layer's CPU work
         self.waits: dict = {}           # (way, bucket) → the shortest wait a layer of that way had for its inputs
+        self.profiles: dict = {}        # bucket → a routed layer's pairs per expert as fractions, most routed first
         self.reset_stats()
 
     # -- setup -----------------------------------------------------------------------------------------------
@@ -116,8 +118,8 @@ class Streamer:
             self.free[prev] = cur.record_event()
         if self.holds[s] != (pos, first):
             self._upload(pos, first)
-        nxt = next((m for m in self.layers[pos + 1:] if m.ops["prefill"].streams(T)), None)
-        if nxt is not None and nxt.stream_pos % 2 != s:
+        nxt = next((m for m in self.layers[pos + 1:] if m.ops["prefill"].uses_slot(T)), None)
+        if nxt is not None and nxt.stream_pos % 2 != s and nxt.ops["prefill"].streams(T):
             nfirst = nxt.ops["prefill"].cpu_share(T)
             if self.holds[1 - s] != (nxt.stream_pos, nfirst):
                 self._upload(nxt.stream_pos, nfirst)
@@ -128,16 +130,41 @@ class Streamer:
         self.stats["layers_streamed"] += 1
         return self._views(experts, s, first)
 
-    def _upload(self, pos: int, first: int = 0) -> None:
-        """Layer `pos`'s experts [first, E) into its slot (every part is [E, …]: a contiguous tail)."""
+    def weights_of(self, experts, gpu: tuple):
+        """A routed layer's experts `gpu` (ascending) on the GPU, slot index j holding gpu[j]: uploaded now, after
+        everything queued (the router this layer's plan read), the compute stream waiting for them."""
+        pos = experts.stream_pos
+        s = pos % 2
+        if self.cuda:
+            self.free[s] = torch.cuda.current_stream(self.device).record_event()
+        self._upload(pos, runs(gpu))
+        self.holds[s] = None                 # a subset: no later layer may take it for a whole layer's upload
+        if self.cuda:
+            cur = torch.cuda.current_stream(self.device)
+            t0 = cur.record_event(torch.cuda.Event(enable_timing=True))
+            cur.wait_event(self.ready[s])
+            self._stalls.append((t0, cur.record_event(torch.cuda.Event(enable_timing=True))))
+        return self._views(experts, s, 0, len(gpu))
+
+    def _upload(self, pos: int, first=0) -> None:
+        """Layer `pos`'s experts [first, E) into its slot (every part is [E, …]: a contiguous tail); `first` a list of
+        ranges [(a, b), …] instead: those experts, one after another, one copy per part and range."""
         m, s = self.layers[pos], pos % 2
         src = m.stream_src
         self.holds[s] = (pos, first)
-        parts = {p: _bytes_view(t[first:]) for p in PARTS if (t := getattr(src, p)) is not None}
-        nbytes = sum(t.numel() for t in parts.values())
+        spans = [(first, None)] if isinstance(first, int) else first
+        copies = []                          # (part, slot offset, source bytes)
+        for p in PARTS:
+            if (t := getattr(src, p)) is not None:
+                at = 0
+                for a, b in spans:
+                    v = _bytes_view(t[a:b])
+                    copies.append((p, at, v))
+                    at += v.numel()
+        nbytes = sum(v.numel() for _, _, v in copies)
         if not self.cuda:
-            for p, t in parts.items():
-                self.slots[s][p][: t.numel()].copy_(t)
+            for p, at, v in copies:
+                self.slots[s][p][at: at + v.numel()].copy_(v)
             self.stats["upload_bytes"] += nbytes
             return
         cs = self.copy_stream
@@ -145,16 +172,17 @@ class Streamer:
             cs.wait_event(self.free[s])      # the layer that used this slot is done with it
         a = cs.record_event(torch.cuda.Event(enable_timing=True))
         with torch.cuda.stream(cs):
-            for p, t in parts.items():
-                self.slots[s][p][: t.numel()].copy_(t, non_blocking=True)
+            for p, at, v in copies:
+                self.slots[s][p][at: at + v.numel()].copy_(v, non_blocking=True)
         b = cs.record_event(torch.cuda.Event(enable_timing=True))
         self.ready[s] = b
         self._uploads.append((a, b, nbytes))
 
-    def _views(self, experts, s, first: int = 0):
-        """The slot as experts [first, E) of each part (index 0 = expert `first`)."""
+    def _views(self, experts, s, first: int = 0, n: int | None = None):
+        """The slot as experts [first, E) of each part (index 0 = expert `first`), or as n experts from its start."""
         pk, slot = experts.stream_src, self.slots[s]
-        v = {p: slot[p][: _nbytes(t[first:])].view(t.dtype).view(t[first:].shape) for p in PARTS
+        sl = slice(first, None) if n is None else slice(0, n)
+        v = {p: slot[p][: _nbytes(t[sl])].view(t.dtype).view(t[sl].shape) for p in PARTS
              if (t := getattr(pk, p)) is not None}
         dtype = experts.gate_up_proj.dtype
         if pk.fmt == "bf16":
@@ -164,7 +192,8 @@ class Streamer:
     # -- statistics ------------------------------------------------------------------------------------------
     def reset_stats(self) -> None:
         self.stats = {"layers_streamed": 0, "layers_cpu": 0, "layers_split": 0, "split_cpu_s": 0.0,
-                      **dict.fromkeys(PHASES, 0.0), "moe_s": 0.0,
+                      **dict.fromkeys(PHASES, 0.0), "moe_s": 0.0, "layers_routed": 0, "routed_gpu_experts": 0,
+                      "routed_touched": 0, **dict.fromkeys(ROUTED_PHASES, 0.0),
                       "upload_bytes": 0, "upload_s": 0.0, "stall_s": 0.0}
         self._uploads, self._stalls = [], []
 
@@ -201,6 +230,16 @@ class Streamer:
         the waits were why int8 pp2048 split ran 2,836 t/s against 3,800 streaming)."""
         key = (way, T.bit_length())
         self.waits[key] = min(self.waits.get(key, seconds), seconds)
+
+    def observe_routing(self, T: int, counts: list) -> None:
+        """A routed layer's pairs per expert: the plan of the next routed layers of that chunk-length bucket
+        predicts with their skew (routed.expected_counts)."""
+        n = sum(counts)
+        if n:
+            self.profiles[T.bit_length()] = [c / n for c in sorted(counts, reverse=True)]
+
+    def profile(self, T: int):
+        return self.profiles.get(T.bit_length())
 
     def wait(self, way: str, T: int) -> float:
         return self.waits.get((way, T.bit_length()), 0.0)
@@ -261,6 +300,17 @@ def fit_fixed(obs: list, spread: float = 1.5):
     if a < 0:
         a, b = 0.0, max(sum(m for _, m in obs) / sum(p for p, _ in obs), 0.25)
     return a, b
+
+
+def runs(ids) -> list:
+    """[(a, b), …]: ascending expert ids as ranges of consecutive experts."""
+    out = []
+    for e in ids:
+        if out and out[-1][1] == e:
+            out[-1] = (out[-1][0], e + 1)
+        else:
+            out.append((e, e + 1))
+    return out
 
 
 def _nbytes(t) -> int:

@@ -104,10 +104,13 @@ def md(records: list, meta: dict) -> str:
                     f"{ph['upload_bytes'] / 1e9:.1f} GB in {ph['upload_s']:.3f} s, GPU stalled on uploads "
                     f"{ph['stall_s']:.3f} s, layer-chunks streamed {ph['layers_streamed']:.0f} / CPU {ph['layers_cpu']:.0f}"
                     + (f" / split {ph['layers_split']:.0f} ({split_text(ph)})" if ph.get("layers_split") else "")
+                    + (f" / routed {ph['layers_routed']:.0f} ({routed_text(ph)})" if ph.get("layers_routed") else "")
                     + ("; split CPU time ÷ probed: " + calibration_text(ph["cpu_scale"])
                        if ph.get("cpu_scale") else "")
                     + ("; CPU layers' time ÷ probed: " + calibration_text(ph["cpu_alone_scale"])
                        if ph.get("cpu_alone_scale") else "")
+                    + ("; routed CPU share's time ÷ probed: " + calibration_text(ph["routed_scale"])
+                       if ph.get("routed_scale") else "")
                     + (f"; the CPU thread spent {ph['moe_s']:.3f} s of {ph['run_s']:.3f} s in MoE layers"
                        if ph.get("moe_s") and ph.get("run_s") else ""))
         elif pre:   # no layer streams: the CPU's rates (and the GPU's, for attention on one)
@@ -189,6 +192,14 @@ def render(records: list, meta: dict, fmt: str) -> str:
                         "samples_ts": ";".join(f"{x:.4f}" for x in r.get("samples_ts") or [])})
         return buf.getvalue()
     raise ValueError(fmt)
+
+
+def routed_text(ph: dict) -> str:
+    """The routed layers: experts the GPU took of those touched, the wait for the router, the CPU share's time."""
+    n = ph["layers_routed"]
+    return (f"GPU took {ph['routed_gpu_experts'] / n:.1f} of {ph['routed_touched'] / n:.1f} touched experts a layer; "
+            f"waited for routers {ph['routed_wait_s']:.3f} s, CPU share {ph['routed_cpu_s']:.3f} s, "
+            f"then waited for it {ph['routed_join_s']:.3f} s")
 
 
 def split_text(ph: dict) -> str:
