@@ -12,8 +12,9 @@ from test_stream import ckpt, routed, streamed_model  # noqa: F401  (ckpt: the c
 
 @pytest.fixture(autouse=True)
 def no_routed(monkeypatch):
-    """These tests are about the range split; the routed way (tests/test_routed.py) is kept out of the plans."""
-    monkeypatch.setattr("ktcli.ops.costs.ROUTED_GAIN", 0.0)
+    """These tests are about the range split, which `auto` weighs only where KTCLI_PREFILL_WAYS names it (the
+    routed way, tests/test_routed.py, is then out of the plans)."""
+    monkeypatch.setenv("KTCLI_PREFILL_WAYS", "split")
 
 
 def split_model(tmp_path, ckpt, fmt, n):

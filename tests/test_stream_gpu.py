@@ -20,9 +20,10 @@ FAVOUR = {"stream": PrefillRates(pcie_bps=1e12, cpu_bps=1e6, cpu_flops=1e6, gpu_
           "cpu": PrefillRates(pcie_bps=1e3, cpu_bps=1e12, cpu_flops=1e15, gpu_flops=1e14)}
 
 
-def favour(b, way):
-    """Rates that make `auto` take `way`; a split is forced at half the experts (rates alone rarely pick it on a
-    tiny model), a routed layer gives the GPU its 3 most routed experts."""
+def favour(b, way, monkeypatch):
+    """Rates that make `auto` take `way` (no way but streaming and the CPU weighed); a split is forced at half the
+    experts (rates alone rarely pick it on a tiny model), a routed layer gives the GPU its 3 most routed experts."""
+    monkeypatch.setenv("KTCLI_PREFILL_WAYS", "none")
     b.streamer.rates = FAVOUR["stream" if way in ("split", "routed") else way]
     for m in experts_of(b) if way in ("split", "routed") else ():
         op = m.ops["prefill"]
@@ -30,7 +31,7 @@ def favour(b, way):
             op.plan = lambda T, n=m.num_experts // 2: {"way": "split", "n_cpu": n, "seconds": 0.0}
         else:
             op.plan = lambda T, calibrated=True: {"way": "routed", "n_cpu": 0, "seconds": 0.0, "kernel": False}
-            op.share = lambda T, c, long_bf16=False: (top3(c), 0.0)
+            op.share = lambda T, c, long_bf16=False: (top3(c), 0.0, 0.0)
 
 
 def top3(counts):
@@ -59,10 +60,10 @@ def test_host_memory_is_pinned_in_place(tmp_path, ckpt):
 @pytest.mark.parametrize("rules,way", [([STREAM], "stream"), ([AUTO], "stream"), ([AUTO], "cpu"),
                                        ([AUTO], "split"), ([AUTO], "routed")])
 @pytest.mark.parametrize("chunk", [64, 16])                 # 16: a 50-token prompt crosses 4 chunks
-def test_prefill_logits_match_transformers(tmp_path, ckpt, fmt, group, rules, way, chunk):
+def test_prefill_logits_match_transformers(tmp_path, ckpt, fmt, group, rules, way, chunk, monkeypatch):
     dtype = "float32" if fmt != "bf16" else "bfloat16"
     b = built(tmp_path, ckpt, [with_format(r, fmt, group) for r in rules], dtype=dtype, prefill_chunk=chunk)
-    favour(b, way)
+    favour(b, way, monkeypatch)
     ref = reference_with_stored_weights(ckpt, b.model, getattr(torch, dtype)).cuda()
     e = Engine(b, graph_mode="off")
     e.chunk = chunk                                          # the memory-sized default would take all 50 at once
@@ -82,15 +83,27 @@ def test_prefill_logits_match_transformers(tmp_path, ckpt, fmt, group, rules, wa
 
 @pytest.mark.parametrize("way", ["stream", "cpu", "split", "routed"])
 @pytest.mark.parametrize("fmt", ["bf16", "int4"])
-def test_graph_decode_after_each_prefill_path_equals_eager(tmp_path, ckpt, way, fmt):
+def test_graph_decode_after_each_prefill_path_equals_eager(tmp_path, ckpt, way, fmt, monkeypatch):
     b = built(tmp_path, ckpt, [with_format(AUTO, fmt, 16)], dtype="bfloat16", max_seq_len=512)
-    favour(b, way)
+    favour(b, way, monkeypatch)
     cfg = GenerationConfig(max_new_tokens=64, ignore_eos=True)
     prompt = list(range(5, 90))
     want = Engine(b, graph_mode="off").generate(prompt, cfg)[0]
     g = Engine(b, graph_mode="full")
     g.prepare()
     assert g.generate(prompt, cfg)[0] == want
+
+
+def test_uploads_are_queued_through_the_cuda_runtime():
+    """The routed layers' many small copies go through cudaMemcpyAsync (ops/cudart.py), not torch's copy_."""
+    from ktcli.ops.cudart import copy_h2d, runtime
+    assert runtime() is not None
+    src = torch.randint(0, 255, (3, 1000), dtype=torch.uint8).pin_memory()
+    dst = torch.zeros(2000, dtype=torch.uint8, device="cuda")
+    s = torch.cuda.Stream()
+    assert copy_h2d([(dst.data_ptr(), src[2].data_ptr(), 1000), (dst.data_ptr() + 1000, src.data_ptr(), 1000)], s)
+    s.synchronize()
+    assert torch.equal(dst.cpu(), torch.cat([src[2], src[0]]))
 
 
 def test_bench_prints_a_prefill_roofline(tmp_path, ckpt, cli):

@@ -4,6 +4,7 @@ measured). Shape legend: T tokens, K top-k, E experts, H hidden.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -74,6 +75,14 @@ def grouped(x, idx, w, fn, E, act, first: int = 0):
     return torch.zeros_like(x).index_add_(0, order // K, y)
 
 
+def prefill_ways() -> tuple:
+    """The ways `auto` weighs besides streaming and the CPU: KTCLI_PREFILL_WAYS (comma-separated, A/B runs), else
+    the routed split alone. Why not the range split: it gives the GPU experts by number, routed or not, and lost to
+    streaming on every row but one where it ran (int4 pp512 1,241 t/s against 1,783, 2026-12-06); a routed layer
+    is the same split made after the router."""
+    return tuple(os.environ.get("KTCLI_PREFILL_WAYS", "routed").split(","))
+
+
 class AutoPrefill(DeviceOp):
     """Per chunk, streaming to the GPU, computing on the CPU, or both at once on a split of the layer's experts
     (the CPU takes experts [0, n) while the rest stream), whichever the measured rates predict fastest."""
@@ -108,8 +117,10 @@ class AutoPrefill(DeviceOp):
             st.observe_cpu("cpu", T, time.perf_counter() - t0, p["cpu_s"])
             return y
         if p["way"] == "routed":
-            y, took, probed = run_routed(self, x, idx, w, lambda counts: self.share(T, counts, p["kernel"]))
-            self.experts.streamer.observe_cpu("routed", T, took, probed)
+            y, took, probed, layer_s, layer_probed = run_routed(self, x, idx, w,
+                                                                lambda counts: self.share(T, counts, p["kernel"]))
+            self.experts.streamer.observe_cpu("routed_cpu", T, took, probed)     # balances the next shares
+            self.experts.streamer.observe_cpu("routed", T, layer_s, layer_probed)   # the plan's prediction
             return y
         return self.gpu.run(x, idx, w) if p["n_cpu"] == 0 else self._split(x, idx, w, p["n_cpu"], p.get("cpu_s"))
 
@@ -118,20 +129,24 @@ class AutoPrefill(DeviceOp):
         against the probes, its fitted fixed part added in series with the CPU's work, as the measured wait is.
         Apart, because a split's CPU share runs beside the copies, which slowed it 4× where the whole layer alone
         ran at its probe (Qwen3-30B pp512, H100 host, 2026-12-05)."""
-        st = self.experts.streamer
+        st, ways = self.experts.streamer, prefill_ways()
         if not calibrated:   # the routing's skew is not a calibration: the roofline plans with it too
-            return split_plan(self.experts, T, st.top_k, st.rates, routed=(1.0, 0.0, 0.0, st.profile(T)))
+            return split_plan(self.experts, T, st.top_k, st.rates,
+                              routed=(1.0, 0.0, 1.0, st.profile(T)) if "routed" in ways else None,
+                              split="split" in ways)
         return split_plan(self.experts, T, st.top_k, st.rates, st.scale("cpu", T), st.scale("split", T),
                           (st.wait("cpu", T) + st.fixed("cpu", T), st.wait("split", T) + st.fixed("split", T)),
-                          (st.scale("routed", T), st.fixed("routed", T), st.wait("routed", T), st.profile(T)))
+                          (st.scale("routed", T), st.fixed("routed", T), st.scale("routed_cpu", T), st.profile(T))
+                          if "routed" in ways else None, split="split" in ways)
 
     def share(self, T: int, counts: list, long_bf16: bool = False) -> tuple:
-        """A routed layer's (GPU experts, the CPU share's probed seconds) for this chunk's pairs per expert."""
+        """A routed layer's (GPU experts, the CPU share's probed seconds, the layer's) for this chunk's pairs per
+        expert, balanced with the CPU share's measured speed."""
         st, ex = self.experts.streamer, self.experts
         copy_s = ex.stream_src.nbytes() / ex.num_experts / max(st.rates.pcie_bps, 1.0)
         gpu, _, probed = assign(expert_work(ex, T, st.top_k, st.rates, counts, long_bf16), copy_s,
-                                st.scale("routed", T), st.fixed("routed", T))
-        return gpu, probed
+                                st.scale("routed_cpu", T), st.fixed("routed_cpu", T))
+        return gpu, probed, max(len(gpu) * copy_s, probed)
 
     def choice(self, T: int) -> dict:
         """The plan this layer runs: the calibrated plan, except that the first `auto` layer tries once per

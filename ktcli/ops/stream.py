@@ -15,6 +15,7 @@ import torch
 
 from .costs import PrefillRates, probe_cpu, probe_gpu, probe_kernel
 from .slots import BlockDequant, Resident
+from .cudart import copy_h2d
 from .routed import PHASES as ROUTED_PHASES
 from .split import PHASES
 
@@ -153,30 +154,33 @@ class Streamer:
         src = m.stream_src
         self.holds[s] = (pos, first)
         spans = [(first, None)] if isinstance(first, int) else first
-        copies = []                          # (part, slot offset, source bytes)
+        copies = []                          # (part, slot offset, source tensor, first expert, past the last)
         for p in PARTS:
             if (t := getattr(src, p)) is not None:
-                at = 0
+                at, per = 0, _nbytes(t) // max(t.shape[0], 1)
                 for a, b in spans:
-                    v = _bytes_view(t[a:b])
-                    copies.append((p, at, v))
-                    at += v.numel()
-        nbytes = sum(v.numel() for _, _, v in copies)
+                    n = per * ((t.shape[0] if b is None else b) - a)
+                    copies.append((p, at, t, a, n))
+                    at += n
+        nbytes = sum(c[4] for c in copies)
         if not self.cuda:
-            for p, at, v in copies:
-                self.slots[s][p][at: at + v.numel()].copy_(v)
+            for p, at, t, a, n in copies:
+                self.slots[s][p][at: at + n].copy_(_bytes_view(t[a:])[:n])
             self.stats["upload_bytes"] += nbytes
             return
         cs = self.copy_stream
         if self.free[s] is not None:
             cs.wait_event(self.free[s])      # the layer that used this slot is done with it
-        a = cs.record_event(torch.cuda.Event(enable_timing=True))
-        with torch.cuda.stream(cs):
-            for p, at, v in copies:
-                self.slots[s][p][at: at + v.numel()].copy_(v, non_blocking=True)
-        b = cs.record_event(torch.cuda.Event(enable_timing=True))
-        self.ready[s] = b
-        self._uploads.append((a, b, nbytes))
+        a0 = cs.record_event(torch.cuda.Event(enable_timing=True))
+        raw = [(self.slots[s][p].data_ptr() + at, t.data_ptr() + a * (_nbytes(t) // t.shape[0]), n)
+               for p, at, t, a, n in copies if n]
+        if not (all(c[2].is_contiguous() for c in copies) and copy_h2d(raw, cs)):   # else torch's copies
+            with torch.cuda.stream(cs):
+                for p, at, t, a, n in copies:
+                    self.slots[s][p][at: at + n].copy_(_bytes_view(t[a:])[:n], non_blocking=True)
+        b0 = cs.record_event(torch.cuda.Event(enable_timing=True))
+        self.ready[s] = b0
+        self._uploads.append((a0, b0, nbytes))
 
     def _views(self, experts, s, first: int = 0, n: int | None = None):
         """The slot as experts [first, E) of each part (index 0 = expert `first`), or as n experts from its start."""
