@@ -22,16 +22,22 @@ from .worker import worker
 PHASES = ("routed_wait_s", "routed_cpu_s", "routed_gpu_issue_s", "routed_join_s")
 
 
-def expert_work(experts, T: int, K: int, rates, counts: list, long_bf16: bool = False) -> list:
-    """Each expert's probed CPU seconds for `counts[e]` (token, expert) pairs of a chunk of T tokens: its bytes
-    once if touched, its pairs' FLOPs at the kernel's rate (torch's GEMM rate where the chunk takes torch's path)."""
+def expert_work(experts, T: int, K: int, rates, counts: list, long_bf16: bool = False, expected: bool = False) -> list:
+    """Each expert's probed CPU seconds for `counts[e]` (token, expert) pairs of a chunk of T tokens (expected: a
+    mean, touched with probability 1 − e^−count): its bytes once if touched, its pairs' FLOPs at the kernel's rate
+    (torch's GEMM rate where the chunk takes torch's path)."""
     from .costs import gemm_rate
     from .cpu import kernel_path
-    per = experts.stream_src.nbytes() / experts.num_experts
     rate = (rates.kernel_flops or rates.cpu_flops) if kernel_path(experts, T, long_bf16=long_bf16) \
         else gemm_rate(rates, T * K / experts.num_experts)
-    fpp = 2 * 3 * experts.hidden * experts.inter
-    return [(per / max(rates.cpu_bps, 1.0) if c > 0 else 0.0) + c * fpp / max(rate, 1.0) for c in counts]
+    return work_of(counts, experts.stream_src.nbytes() / experts.num_experts, 2 * 3 * experts.hidden * experts.inter,
+                   rates.cpu_bps, rate, expected)
+
+
+def work_of(counts: list, per: float, fpp: float, bps: float, flops: float, expected: bool = False) -> list:
+    """Seconds per expert: `per` bytes at `bps` if touched, `fpp` FLOPs a pair at `flops`."""
+    touched = [1 - math.exp(-c) if expected else float(c > 0) for c in counts]
+    return [u * per / max(bps, 1.0) + c * fpp / max(flops, 1.0) for u, c in zip(touched, counts)]
 
 
 def assign(work: list, copy_s: float, scale: float = 1.0, fixed: float = 0.0) -> tuple:
@@ -67,7 +73,7 @@ def routed_seconds(experts, T: int, K: int, rates, profile=None, scale=1.0, fixe
         return math.inf
     counts = expected_counts(experts.num_experts, K, T, profile)
     copy_s = experts.stream_src.nbytes() / experts.num_experts / rates.pcie_bps
-    gpu, _, left = assign(expert_work(experts, T, K, rates, counts, long_bf16), copy_s, cpu_scale)
+    gpu, _, left = assign(expert_work(experts, T, K, rates, counts, long_bf16, expected=True), copy_s, cpu_scale)
     return fixed + scale * max(len(gpu) * copy_s, left)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass
 
@@ -244,9 +245,11 @@ def check_graphs(profile, plan) -> list:
 
 
 def check_prefill(profile, plan, model, rates=None) -> list:
-    """What `auto` prefill will do: per range of chunk lengths, the CPU, a split or streaming, and a layer's copy time,
-    at assumed rates (the run measures its own at load and decides per chunk from those)."""
-    from ..ops.costs import PrefillRates, choose, cpu_seconds, stream_seconds, used_experts
+    """What `auto` prefill will do: per range of chunk lengths, the CPU, a routed split or streaming, and a layer's
+    copy time, at assumed rates and uniform routing (the run measures its own rates at load and the routing of
+    each chunk, and decides from those)."""
+    from ..ops.costs import ROUTED_GAIN, PrefillRates, choose, cpu_seconds, stream_seconds, used_experts
+    from ..ops.routed import assign, expected_counts, work_of
     from .fit import Rates
     r = rates or Rates()
     pr = PrefillRates(pcie_bps=r.pcie_bw, cpu_bps=r.cpu_bw, cpu_flops=r.cpu_prefill_flops, gpu_flops=r.gpu_flops)
@@ -260,15 +263,20 @@ def check_prefill(profile, plan, model, rates=None) -> list:
         E, I2, H = m.gate_up_proj.shape
         per = 3 * (I2 // 2) * H * expert_bytes_per_param(e.weight_format, 2, e.group_size)
         copy = stream_seconds(E * per, pr)
-        ways = {}                          # chunk length → auto's way (cpu / split / stream), by powers of two
+        ways = {}                          # chunk length → auto's way (cpu / routed / stream), by powers of two
         for T in (2 ** i for i in range(17)):
             cpu = cpu_seconds(E, k, H, I2 // 2, per, T, e.weight_format != "bf16" or T <= 16, pr)
-            ways.setdefault(choose(copy, cpu, used_experts(E, k, T) * per / pr.cpu_bps, E)["way"], []).append(T)
+            best = choose(copy, cpu, used_experts(E, k, T) * per / pr.cpu_bps, E, math.inf)
+            work = work_of(expected_counts(E, k, T), per, 6 * H * (I2 // 2), pr.cpu_bps, pr.cpu_flops, True)
+            gpu, _, left = assign(work, copy / E)
+            if max(len(gpu) * copy / E, left) <= ROUTED_GAIN * best["seconds"]:    # uniform routing: the bound
+                best = {"way": "routed"}
+            ways.setdefault(best["way"], []).append(T)
         what = ("streams every chunk to the GPU" if e.prefill.op != "auto" else ", ".join(
             f"{way} for chunks of {Ts[0]}" + (f"-{Ts[-1]}" if Ts[-1] < 2 ** 16 else "+") + " tokens"
             for way, Ts in ways.items()))
         what = what.replace("cpu for", "computes on the CPU for").replace("stream for", "streams to the GPU for") \
-            .replace("split for", "splits the experts between the CPU and the copy for")
+            .replace("routed for", "splits each chunk's routed experts between the CPU and the copy for")
         out.append(Finding(NOTE, "prefill", f"layers {ranges(x.layer for x in es)}: prefill {e.prefill.op} {what} "
                            f"(a layer's {e.weight_format} experts, {fmt_bytes(E * per)}, copy in {1e3 * copy:.0f} ms "
                            f"at {r.pcie_bw / 1e9:.0f} GB/s, rates: {r.source}; a run decides from the rates it "
