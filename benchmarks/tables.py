@@ -64,6 +64,7 @@ def decode(d, kind="tg") -> str:
     pre = any(r.get("prefill_roofline") for r in d["results"])      # streamed prefill rows carry their roofline
     split = any((r.get("prefill_phases") or {}).get("layers_split") for r in d["results"])
     scale = any((r.get("prefill_phases") or {}).get("cpu_scale") for r in d["results"])
+    routed = any((r.get("prefill_phases") or {}).get("layers_routed") for r in d["results"])
     comp = any(r.get("compile") for r in d["results"])
     for r in _bench_records(d):
         if r["backend"] != "ktcli" or not r["test"].startswith(kind):
@@ -87,6 +88,9 @@ def decode(d, kind="tg") -> str:
             if scale:
                 from ktcli.report.bench import calibration_text
                 row += [calibration_text(ph.get("cpu_scale") or {})]
+            if routed:   # per routed layer: the experts the GPU took of those the chunk touched
+                n = ph.get("layers_routed", 0)
+                row += [f"{n:.0f}", f"{ph['routed_gpu_experts'] / n:.1f} / {ph['routed_touched'] / n:.1f}" if n else ""]
         rows.append(row)
     head = ["model", "profile", "graphs", "test", "t/s"]
     if comp:
@@ -98,6 +102,7 @@ def decode(d, kind="tg") -> str:
         head += ["% roofline", "roofline t/s", "uploads s", "GPU stalled on uploads s"]
         head += ["split layers / their CPU s"] if split else []
         head += ["split CPU time ÷ probed"] if scale else []
+        head += ["routed layers", "GPU / touched experts a layer"] if routed else []
     out = _table(head, rows)
     if kind == "tg" and d.get("bandwidth"):
         from ktcli.report.bench import ceiling_line

@@ -166,7 +166,7 @@ def test_the_split_calibration_fits_a_fixed_part_once_two_shares_were_measured(t
     """measured = fixed + scale × probed: one share size gives a scale alone; a second prefill at another share
     separates the fixed part, which the plan then adds in series with the CPU's work (a smaller split, or none)."""
     from ktcli.ops.prefill import AutoPrefill
-    from ktcli.ops.stream import fit_fixed
+    from ktcli.ops.calibration import fit_fixed
     assert fit_fixed([(1.0, 2.0), (1.2, 2.2)]) is None                          # < 1.5× apart: no fit
     assert fit_fixed([(1.0, 3.0), (2.0, 4.0), (4.0, 6.0)]) == pytest.approx((2.0, 1.0))
     assert fit_fixed([(1.0, 0.1), (4.0, 0.1)]) == pytest.approx((0.0, 0.25))    # clamped: scale ≥ 0.25, fixed ≥ 0

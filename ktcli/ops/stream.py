@@ -13,6 +13,7 @@ import weakref
 
 import torch
 
+from .calibration import Calibration
 from .costs import PrefillRates, probe_cpu, probe_gpu, probe_kernel
 from .slots import BlockDequant, Resident
 from .cudart import copy_h2d
@@ -38,8 +39,9 @@ def _bytes_view(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
-class Streamer:
-    """One per model: the streamed layers in forward order, two GPU slots, the copy stream and its statistics."""
+class Streamer(Calibration):
+    """One per model: the streamed layers in forward order, two GPU slots, the copy stream and its statistics (and
+    what the run measured of each `auto` way: calibration.py)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -53,13 +55,7 @@ class Streamer:
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.rates = PrefillRates()     # measured at setup; pcie raised by every upload timed
         self.top_k = 1
-        self.cpu_scale: dict = {}       # (way, chunk length's bit_length) → measured ÷ probed CPU time, per way:
-                                        # 'split' (a split's CPU share, beside the copies) or 'cpu' (a whole layer)
-        self._splits: list = []         # (way, T, measured s, probed s) of this prefill's CPU layers and shares
-        self._obs: dict = {}            # (way, bucket) → [(probed, measured)] of the last prefill that measured it
-        self.cpu_fixed: dict = {}       # (way, bucket) → the fitted fixed seconds of a layer's CPU work
-        self.waits: dict = {}           # (way, bucket) → the shortest wait a layer of that way had for its inputs
-        self.profiles: dict = {}        # bucket → a routed layer's pairs per expert as fractions, most routed first
+        self.init_calibration()
         self.reset_stats()
 
     # -- setup -----------------------------------------------------------------------------------------------
@@ -201,71 +197,6 @@ class Streamer:
                       "upload_bytes": 0, "upload_s": 0.0, "stall_s": 0.0}
         self._uploads, self._stalls = [], []
 
-    def observe_cpu(self, way: str, T: int, measured: float, probed: float) -> None:
-        """A layer's CPU work ('split': its share of a split layer; 'cpu': the whole layer) took `measured` seconds
-        where the probed rates said `probed`."""
-        if way == "split":
-            self.stats["split_cpu_s"] += measured
-        self._splits.append((way, T, measured, probed))
-
-    def _calibrate(self) -> None:
-        """The next chunks of each length plan with the CPU time this prefill's layers of each way measured:
-        measured = fixed + scale × probed, fitted over this prefill's and the previous one's layers where their
-        probed times differ (a split's share changes with the scale), else a scale alone from this prefill's
-        (replaced, not averaged: the share changes with the scale, and so may the contention). Why the fixed
-        part: a split's CPU time is not proportional to its share (int8 pp2048, 2026-12-06: 3.5× its probe at the
-        smaller share, 1× at the larger), so one scale learnt at one share misplans the next."""
-        by = {}
-        for way, T, m, p in self._splits:
-            by.setdefault((way, T.bit_length()), []).append((p, m))
-        for key, obs in by.items():
-            fit = fit_fixed(self._obs.get(key, []) + obs)
-            if fit is not None:
-                self.cpu_fixed[key], self.cpu_scale[key] = fit
-            elif (p := sum(o[0] for o in obs)) > 0:
-                self.cpu_fixed[key], self.cpu_scale[key] = 0.0, max(sum(o[1] for o in obs) / p, 0.25)
-            self._obs[key] = obs
-        self._splits = []
-
-    def observe_wait(self, way: str, T: int, seconds: float) -> None:
-        """A CPU-way or split layer waited `seconds` for its inputs: the GPU's work before it, which that way runs
-        in series with the CPU's (streaming overlaps it with the copies). The shortest wait per bucket is kept: a
-        longer one also holds the previous layer's GPU share where that was the slower side (2026-12-06, H100 host:
-        the waits were why int8 pp2048 split ran 2,836 t/s against 3,800 streaming)."""
-        key = (way, T.bit_length())
-        self.waits[key] = min(self.waits.get(key, seconds), seconds)
-
-    def observe_routing(self, T: int, counts: list) -> None:
-        """A routed layer's pairs per expert: the plan of the next routed layers of that chunk-length bucket
-        predicts with their skew (routed.expected_counts)."""
-        n = sum(counts)
-        if n:
-            self.profiles[T.bit_length()] = [c / n for c in sorted(counts, reverse=True)]
-
-    def profile(self, T: int):
-        return self.profiles.get(T.bit_length())
-
-    def wait(self, way: str, T: int) -> float:
-        return self.waits.get((way, T.bit_length()), 0.0)
-
-    def observed(self, way: str, T: int) -> bool:
-        """Whether layers of this way and chunk-length bucket have measured the CPU, in an earlier prefill or in
-        this one (whose measurements replace the scale only after it)."""
-        b = T.bit_length()
-        return (way, b) in self.cpu_scale or any(w == way and t.bit_length() == b for w, t, _, _ in self._splits)
-
-    def scale(self, way: str, T: int) -> float:
-        return self.cpu_scale.get((way, T.bit_length()), 1.0)
-
-    def fixed(self, way: str, T: int) -> float:
-        """Seconds a layer of that way spends on the CPU whatever its share (_calibrate's fit; 0 before one)."""
-        return self.cpu_fixed.get((way, T.bit_length()), 0.0)
-
-    def calibration(self, way: str = "split") -> dict:
-        """{shortest chunk length of a bucket: measured ÷ probed CPU time} of one way (a bucket: lengths of one
-        bit_length)."""
-        return {1 << (b - 1): v for (w, b), v in sorted(self.cpu_scale.items()) if w == way}
-
     def collect(self) -> None:
         """Fold the timed events of finished uploads and stalls into the statistics and the split's CPU
         calibration (synchronizes: the engine calls it after each prefill, so the event lists never grow)."""
@@ -287,23 +218,6 @@ class Streamer:
         out = dict(self.stats)
         self.reset_stats()
         return out
-
-
-def fit_fixed(obs: list, spread: float = 1.5):
-    """(fixed, scale) of measured = fixed + scale × probed by least squares over [(probed, measured)], or None
-    where the probed times span less than `spread`× (too little to tell a fixed part from the scale). The scale
-    stays ≥ 0.25 and the fixed part ≥ 0 (the fit is then redone for the other)."""
-    ps = [p for p, _ in obs if p > 0]
-    if len(ps) < 2 or max(ps) < spread * min(ps):
-        return None
-    n = len(obs)
-    mp, mm = sum(p for p, _ in obs) / n, sum(m for _, m in obs) / n
-    var = sum((p - mp) ** 2 for p, _ in obs)
-    b = max(sum((p - mp) * (m - mm) for p, m in obs) / var, 0.25)
-    a = mm - b * mp
-    if a < 0:
-        a, b = 0.0, max(sum(m for _, m in obs) / sum(p for p, _ in obs), 0.25)
-    return a, b
 
 
 def runs(ids) -> list:
