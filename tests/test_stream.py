@@ -134,7 +134,7 @@ def test_streaming_gpu_resident_experts_is_refused(cli, tmp_path, ckpt):
 @pytest.mark.parametrize("T", [17, 64, 512, 2048])
 def test_grouped_gemm_path_matches_the_eager_reference(T):
     """The GPU's one-kernel-per-matrix path (torch._grouped_mm; CPU here) against the eager loop, uneven loads."""
-    from ktcli.ops.prefill import grouped
+    from ktcli.ops.grouped import grouped
     from ktcli.ops.slots import Resident
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("this torch has no _grouped_mm")
@@ -174,7 +174,7 @@ def test_cpu_gemm_rate_follows_the_rows_per_expert():
 @pytest.mark.parametrize("first", [0, 3, 5])
 def test_grouped_gemm_skips_the_cpu_share(first):
     """Experts [first, E) only, the weights given from `first` on (a split layer's slot)."""
-    from ktcli.ops.prefill import grouped
+    from ktcli.ops.grouped import grouped
     from ktcli.ops.slots import Resident
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("this torch has no _grouped_mm")

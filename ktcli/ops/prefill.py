@@ -12,7 +12,8 @@ import torch
 from .base import DeviceOp
 from .costs import explore, layer_costs, split_plan
 from .cpu import CpuExperts, cpu_moe
-from .routed import assign, expert_work, run_routed
+from .grouped import grouped, grouped_ok
+from .routed import assign, expert_work, routed_seconds, run_routed
 from .split import pairs, run_split
 
 
@@ -44,35 +45,6 @@ class StreamedExperts(DeviceOp):
         y = cpu_moe(x[tok], e[:, None] - first, pw[:, None], None, None, self.experts.act_fn,
                     torch.empty(tok.numel(), x.shape[1], dtype=x.dtype, device=x.device), weights=fn)
         return torch.zeros_like(x).index_add_(0, tok, y)
-
-
-def grouped_ok(x, fn) -> bool:
-    """torch's grouped GEMM (one kernel per matrix for all experts, no host sync): bf16 on a Hopper-class GPU."""
-    return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") and hasattr(fn, "full")
-            and torch.cuda.get_device_capability(x.device)[0] >= 9)
-
-
-def grouped(x, idx, w, fn, E, act, first: int = 0):
-    """x [T,H], idx/w [T,K] → [T,H]: pairs sorted by expert, two grouped GEMMs over the slot's E experts
-    (gate_up [E,2I,H], down [E,H,I]): experts [first, first+E) of the layer, or `first` a lut [E_layer] giving each
-    expert's place in the slot (-1: not there). Pairs of experts not in the slot (the CPU's share) sort last, past
-    every group, and are masked out."""
-    gu, dn = fn.full()
-    T, K = idx.shape
-    if isinstance(first, torch.Tensor):
-        key = first[idx.reshape(-1)]
-        key = key.masked_fill(key < 0, E)                                       # [P] CPU pairs → E
-    else:
-        key = (idx.reshape(-1) - first).masked_fill(idx.reshape(-1) < first, E)  # [P] CPU pairs → E
-    order = torch.argsort(key, stable=True)                                     # [P] pairs grouped by expert
-    counts = torch.zeros(E + 1, dtype=torch.int64, device=x.device).index_add_(0, key, torch.ones_like(key))
-    offs = torch.cumsum(counts[:E], 0).to(torch.int32)                          # [E] group ends (bincount syncs)
-    xs = x[order // K]                                                          # [P,H]
-    gate, up = torch._grouped_mm(xs, gu.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-    y = torch._grouped_mm((act(gate) * up).contiguous(), dn.transpose(1, 2), offs=offs)   # [P,H]
-    keep = (key[order] < E)[:, None]                                            # rows past the groups: garbage
-    y = torch.where(keep, y * w.reshape(-1)[order, None].to(y.dtype), 0)
-    return torch.zeros_like(x).index_add_(0, order // K, y)
 
 
 def prefill_ways() -> tuple:
@@ -129,15 +101,16 @@ class AutoPrefill(DeviceOp):
         against the probes, its fitted fixed part added in series with the CPU's work, as the measured wait is.
         Apart, because a split's CPU share runs beside the copies, which slowed it 4× where the whole layer alone
         ran at its probe (Qwen3-30B pp512, H100 host, 2026-12-05)."""
-        st, ways = self.experts.streamer, prefill_ways()
+        st, ways, ex = self.experts.streamer, prefill_ways(), self.experts
+        kern = layer_costs(ex, T, st.top_k, st.rates)["kernel"] if "routed" in ways else False
         if not calibrated:   # the routing's skew is not a calibration: the roofline plans with it too
-            return split_plan(self.experts, T, st.top_k, st.rates,
-                              routed=(1.0, 0.0, 1.0, st.profile(T)) if "routed" in ways else None,
-                              split="split" in ways)
-        return split_plan(self.experts, T, st.top_k, st.rates, st.scale("cpu", T), st.scale("split", T),
+            r = routed_seconds(ex, T, st.top_k, st.rates, st.profile(T), long_bf16=kern) if "routed" in ways else None
+            return split_plan(ex, T, st.top_k, st.rates, routed=r, split="split" in ways)
+        r = routed_seconds(ex, T, st.top_k, st.rates, st.profile(T), st.scale("routed", T), st.fixed("routed", T),
+                           st.scale("routed_cpu", T), kern) if "routed" in ways else None
+        return split_plan(ex, T, st.top_k, st.rates, st.scale("cpu", T), st.scale("split", T),
                           (st.wait("cpu", T) + st.fixed("cpu", T), st.wait("split", T) + st.fixed("split", T)),
-                          (st.scale("routed", T), st.fixed("routed", T), st.scale("routed_cpu", T), st.profile(T))
-                          if "routed" in ways else None, split="split" in ways)
+                          r, split="split" in ways)
 
     def share(self, T: int, counts: list, long_bf16: bool = False) -> tuple:
         """A routed layer's (GPU experts, the CPU share's probed seconds, the layer's) for this chunk's pairs per

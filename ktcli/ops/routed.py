@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from .grouped import grouped, grouped_ok
 from .split import buffers, pairs
 from .worker import worker
 
@@ -89,7 +90,6 @@ def run_routed(op, x, idx, w, plan_share, long_bf16: bool = False):
     """AutoPrefill `op`'s layer, split after its router: x [T,H], idx/w [T,K] (on the GPU, or the CPU in tests)
     → (y [T,H], the CPU share's measured and probed seconds, the layer's measured and probed seconds). plan_share(
     counts) → (gpu experts, the CPU share's probed seconds, the layer's probed seconds)."""
-    from .prefill import grouped, grouped_ok
     ex = op.experts
     st, E = ex.streamer, ex.num_experts
     (T, K), H, b = idx.shape, x.shape[1], buffers(st)
