@@ -3,7 +3,7 @@ bit_length), for the plans of the next chunks: the CPU's time against its probed
 each way's shortest wait for its inputs, and the routing's skew. Mixed into the Streamer, which owns the layers.
 
 Ways: 'cpu' (a whole layer on the CPU), 'split' (the range split's CPU share, beside the copies), 'routed' (a
-routed layer, whole) and 'routed_cpu' (its CPU share).
+routed layer's CPU share, beside its copies).
 """
 from __future__ import annotations
 

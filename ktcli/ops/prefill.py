@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from . import kernels
 from .base import DeviceOp
 from .costs import explore, layer_costs, split_plan
 from .cpu import CpuExperts, cpu_moe
@@ -89,10 +90,8 @@ class AutoPrefill(DeviceOp):
             st.observe_cpu("cpu", T, time.perf_counter() - t0, p["cpu_s"])
             return y
         if p["way"] == "routed":
-            y, took, probed, layer_s, layer_probed = run_routed(self, x, idx, w,
-                                                                lambda counts: self.share(T, counts, p["kernel"]))
-            self.experts.streamer.observe_cpu("routed_cpu", T, took, probed)     # balances the next shares
-            self.experts.streamer.observe_cpu("routed", T, layer_s, layer_probed)   # the plan's prediction
+            y, took, probed = run_routed(self, x, idx, w, lambda counts: self.share(T, counts, p["kernel"]))
+            self.experts.streamer.observe_cpu("routed", T, took, probed)
             return y
         return self.gpu.run(x, idx, w) if p["n_cpu"] == 0 else self._split(x, idx, w, p["n_cpu"], p.get("cpu_s"))
 
@@ -102,24 +101,25 @@ class AutoPrefill(DeviceOp):
         Apart, because a split's CPU share runs beside the copies, which slowed it 4× where the whole layer alone
         ran at its probe (Qwen3-30B pp512, H100 host, 2026-12-05)."""
         st, ways, ex = self.experts.streamer, prefill_ways(), self.experts
-        kern = layer_costs(ex, T, st.top_k, st.rates)["kernel"] if "routed" in ways else False
+        routed = "routed" in ways and T > kernels.MAX_TOKENS     # a few tokens: the CPU way's, one call a layer
+        kern = layer_costs(ex, T, st.top_k, st.rates)["kernel"] if routed else False
         if not calibrated:   # the routing's skew is not a calibration: the roofline plans with it too
-            r = routed_seconds(ex, T, st.top_k, st.rates, st.profile(T), long_bf16=kern) if "routed" in ways else None
+            r = routed_seconds(ex, T, st.top_k, st.rates, st.profile(T), long_bf16=kern) if routed else None
             return split_plan(ex, T, st.top_k, st.rates, routed=r, split="split" in ways)
         r = routed_seconds(ex, T, st.top_k, st.rates, st.profile(T), st.scale("routed", T), st.fixed("routed", T),
-                           st.scale("routed_cpu", T), kern) if "routed" in ways else None
+                           st.wait("routed", T), kern) if routed else None
         return split_plan(ex, T, st.top_k, st.rates, st.scale("cpu", T), st.scale("split", T),
                           (st.wait("cpu", T) + st.fixed("cpu", T), st.wait("split", T) + st.fixed("split", T)),
                           r, split="split" in ways)
 
     def share(self, T: int, counts: list, long_bf16: bool = False) -> tuple:
-        """A routed layer's (GPU experts, the CPU share's probed seconds, the layer's) for this chunk's pairs per
-        expert, balanced with the CPU share's measured speed."""
+        """A routed layer's (GPU experts, the CPU share's probed seconds) for this chunk's pairs per expert, balanced
+        with the CPU share's measured speed."""
         st, ex = self.experts.streamer, self.experts
         copy_s = ex.stream_src.nbytes() / ex.num_experts / max(st.rates.pcie_bps, 1.0)
         gpu, _, probed = assign(expert_work(ex, T, st.top_k, st.rates, counts, long_bf16), copy_s,
-                                st.scale("routed_cpu", T), st.fixed("routed_cpu", T))
-        return gpu, probed, max(len(gpu) * copy_s, probed)
+                                st.scale("routed", T), st.fixed("routed", T))
+        return gpu, probed
 
     def choice(self, T: int) -> dict:
         """The plan this layer runs: the calibrated plan, except that the first `auto` layer tries once per
