@@ -90,7 +90,8 @@ def decode(d, kind="tg") -> str:
                 row += [calibration_text(ph.get("cpu_scale") or {})]
             if routed:   # per routed layer: the experts the GPU took of those the chunk touched
                 n = ph.get("layers_routed", 0)
-                row += [f"{n:.0f}", f"{ph['routed_gpu_experts'] / n:.1f} / {ph['routed_touched'] / n:.1f}" if n else ""]
+                per = f"{ph['routed_gpu_experts'] / n:.1f} / {ph['routed_touched'] / n:.1f}" if n else ""
+                row += [f"{n:.3g}", per]      # a mean over repetitions: 0.333 is one layer in one of three
         rows.append(row)
     head = ["model", "profile", "graphs", "test", "t/s"]
     if comp:
