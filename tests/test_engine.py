@@ -120,3 +120,59 @@ def test_openmp_sleeps_beside_a_gpu_unless_the_user_says_otherwise():
     env["OMP_WAIT_POLICY"] = "ACTIVE"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["ACTIVE", "ACTIVE"]
+
+
+class EagerFullGraph:
+    """Stands in for a full decode graph on the CPU: each replay is the eager step at the position given."""
+    mode = "full"
+
+    def __init__(self, engine):
+        from types import SimpleNamespace
+        self.e, self.replays = engine, 0
+        self.bridge = SimpleNamespace(check=lambda: None)
+
+    def run(self, token, pos):
+        from ktcli.ops.base import set_stage
+        self.replays += 1
+        set_stage(self.e.model, "decode")
+        self.e._tok.copy_(token.view(1, 1))
+        self.e._pos.fill_(pos)
+        return self.e.forward(self.e._tok, self.e._pos)
+
+
+class NoEvent:
+    def record(self):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+def test_queued_replays_give_the_serial_tokens_stops_and_cache(setup, monkeypatch):
+    """Full graphs queue the replay after the next before reading the next token: the same tokens, stop reasons
+    and cached ids as one token at a time, at most one replay dropped at a stop, none past max_new_tokens."""
+    b, _ = setup
+    runs = {}
+    for ahead in ("0", "1"):
+        monkeypatch.setenv("KTCLI_DECODE_AHEAD", ahead)
+        e = Engine(b)
+        e.graph, e._ahead = EagerFullGraph(e), [NoEvent(), NoEvent()]
+        first = e.generate([5, 6, 7], GenerationConfig(max_new_tokens=8, ignore_eos=True))[0]
+        out = [(first, "length", list(e.ids), e.graph.replays)]
+        e.eos = {first[2]}
+        n = [0]
+        for cfg, stop in ((GenerationConfig(max_new_tokens=8), None),
+                          (GenerationConfig(max_new_tokens=50, ignore_eos=True), lambda: (n.__setitem__(0, n[0] + 1), n[0] > 4)[1]),
+                          (GenerationConfig(max_new_tokens=8, ignore_eos=True, stop=(b.tokenizer.decode(first[:5])[-2:],)), None)):
+            r0 = e.graph.replays
+            new, st = e.generate([5, 6, 7], cfg, should_stop=stop)
+            out.append((new, st.stop_reason, list(e.ids), e.graph.replays - r0))
+        e.eos = set()
+        new, st = e.generate([5] * 250, GenerationConfig(max_new_tokens=40, ignore_eos=True))
+        out.append((new, st.stop_reason, list(e.ids), None))
+        runs[ahead] = out
+    for (n0, why0, ids0, r0), (n1, why1, ids1, r1) in zip(runs["0"], runs["1"]):
+        assert (n1, why1, ids1) == (n0, why0, ids0)
+        assert r0 is None or r1 - r0 in ((0,) if why0 == "length" else (0, 1))
+    assert [o[1] for o in runs["1"]] == ["length", "eos", "interrupted", "stop", "context"]
+    assert runs["1"][0][3] == 7 and runs["1"][1][3] == 3    # 8 tokens: 7 replays; eos at the 3rd: 2 + 1 dropped
