@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import dataclass
 
@@ -67,7 +66,6 @@ class Engine:
         # Waiting on a blocking-sync event sleeps instead of spinning: a spinning main thread would take a
         # core from the CPU experts that run in host callbacks during a full-graph replay.
         self._done = torch.cuda.Event(blocking=True) if self.device.type == "cuda" else None
-        self._ahead = [torch.cuda.Event(blocking=True) for _ in range(2)] if self.device.type == "cuda" else None
         self._tok = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.gpus = gpus(built.plan)       # several: layers' hooks switch the current GPU; each forward restores it
@@ -134,9 +132,9 @@ class Engine:
         return logits
 
     @torch.inference_mode()
-    def decode(self, token: torch.Tensor, pos: int | None = None) -> torch.Tensor:
-        """Feed `token` (0-d, on device) at `pos` (default: the next position); logits [1, V] for the one after."""
-        pos = len(self.ids) if pos is None else pos
+    def decode(self, token: torch.Tensor) -> torch.Tensor:
+        """Feed `token` (0-d, on device) at the next position; logits [1, V] for the one after."""
+        pos = len(self.ids)
         if self.graph is not None:
             logits = self.graph.run(token, pos)
         else:
@@ -163,46 +161,28 @@ class Engine:
         tok = sample(logits[0], cfg.temperature, cfg.top_k, cfg.top_p, gen)
         tid = int(tok)                                   # the one sync per token: read it to stream it
         st.prefill_s, st.prompt_tokens = time.perf_counter() - t0, len(prompt_ids) - self.reused
-        new = [tid]
+        new, text = [tid], ""
         take_all()
         st.stop_reason = "length"
-        if self.graph is not None and self.graph.mode == "full" and os.environ.get("KTCLI_DECODE_AHEAD") != "0":
-            self._pipelined(new, tok, cfg, gen, st, on_token, should_stop)
-        else:
-            self._serial(new, tok, cfg, gen, st, on_token, should_stop)
-        st.decode_tokens, st.decode_s = len(st.latencies), sum(st.latencies)
-        for k, v in take_all().items():
-            setattr(st, k, v)
-        st.peak_gpu_bytes = max(torch.cuda.max_memory_allocated(d) for d in self.gpus) if cuda else 0
-        st.peak_host_bytes = peak_host_bytes()
-        return new, st
-
-
-    def _stop(self, tid: int, new: list, cfg: GenerationConfig, fed: int, should_stop) -> str | None:
-        """Why generation ends before `tid` (the newest token read) is fed, None to go on; fed: tokens in the cache."""
-        if not cfg.ignore_eos and tid in self.eos:
-            return "eos"
-        if cfg.stop and self.built.tokenizer is not None:
-            text = self.built.tokenizer.decode(new)
-            if any(s in text for s in cfg.stop):
-                return "stop"
-        if len(new) >= cfg.max_new_tokens:
-            return "length"
-        if fed + 1 >= self.max_len:
-            return "context"
-        if should_stop and should_stop():
-            return "interrupted"
-        return None
-
-    def _serial(self, new, tok, cfg, gen, st, on_token, should_stop) -> None:
-        """One token at a time: feed it, wait for the next, read it (eager decode, piecewise graphs)."""
-        tid = new[0]
         while True:
             if on_token:
                 on_token(tid)
-            if why := self._stop(tid, new, cfg, len(self.ids), should_stop):
-                st.stop_reason = why
-                return
+            if not cfg.ignore_eos and tid in self.eos:
+                st.stop_reason = "eos"
+                break
+            if cfg.stop and self.built.tokenizer is not None:
+                text = self.built.tokenizer.decode(new)
+                if any(s in text for s in cfg.stop):
+                    st.stop_reason = "stop"
+                    break
+            if len(new) >= cfg.max_new_tokens:
+                break
+            if len(self.ids) + 1 >= self.max_len:
+                st.stop_reason = "context"
+                break
+            if should_stop and should_stop():
+                st.stop_reason = "interrupted"
+                break
             t1 = time.perf_counter()
             logits = self.decode(tok)
             self.ids.append(tid)
@@ -215,40 +195,12 @@ class Engine:
                 self.graph.bridge.check()   # host callbacks cannot raise: their errors are recorded
             st.latencies.append(time.perf_counter() - t1)
             new.append(tid)
-
-    def _pipelined(self, new, tok, cfg, gen, st, on_token, should_stop) -> None:
-        """Full graphs: the replay after the next is queued (fed the next token, still on the GPU) before the next
-        is read, so the GPU never waits for the host's read, checks and graph launch between tokens. A queued
-        replay whose input turns out to end generation is finished and dropped (its K/V lie past the cache's
-        length: the next prefill overwrites them)."""
-        base, q, last, tid = len(self.ids), [], tok, new[0]   # q: queued (sampled token, done event)
-        t_prev = time.perf_counter()
-        try:
-            while True:
-                if on_token:
-                    on_token(tid)
-                if why := self._stop(tid, new, cfg, base + len(new) - 1, should_stop):
-                    st.stop_reason = why
-                    return
-                # new[k] fed at base + k samples new[k + 1]: only while that token is wanted and fits
-                while len(q) < 2 and (k := len(new) - 1 + len(q)) < cfg.max_new_tokens - 1 and base + k + 1 < self.max_len:
-                    logits = self.decode(last, base + k)
-                    last = sample(logits[0], cfg.temperature, cfg.top_k, cfg.top_p, gen)
-                    ev = self._ahead[k % 2]
-                    ev.record()
-                    q.append((last, ev))
-                nxt, ev = q.pop(0)
-                ev.synchronize()
-                tid = int(nxt)
-                self.graph.bridge.check()
-                now = time.perf_counter()
-                st.latencies.append(now - t_prev)
-                t_prev = now
-                new.append(tid)
-        finally:
-            for _, ev in q:      # a dropped replay's CPU steps must end before anything else runs the kernel
-                ev.synchronize()
-            self.ids.extend(new[:-1])
+        st.decode_tokens, st.decode_s = len(st.latencies), sum(st.latencies)
+        for k, v in take_all().items():
+            setattr(st, k, v)
+        st.peak_gpu_bytes = max(torch.cuda.max_memory_allocated(d) for d in self.gpus) if cuda else 0
+        st.peak_host_bytes = peak_host_bytes()
+        return new, st
 
 
 def _as_list(x):
