@@ -253,15 +253,16 @@ def test_prefill_line_shows_uploads_splits_and_the_calibration():
 
 
 class _SettlingEngine:
-    """An engine whose one `auto` layer changes its plan after each of its first `changes` prefills."""
+    """An engine whose one `auto` layer changes its plan after each of its first `changes` prefills, and whose
+    streamer times chunks for its policy (trialing) until `trials` prefills have run."""
 
-    def __init__(self, changes: int):
+    def __init__(self, changes: int, trials: int = 0):
         import types
         import torch
         self.prefills, self.changes = 0, changes
         op = types.SimpleNamespace(choice=lambda T: {"way": "split", "n_cpu": min(self.prefills, self.changes)})
         layer = types.SimpleNamespace(ops={"prefill": op})
-        st = types.SimpleNamespace(layers=[layer], take_stats=lambda: {})
+        st = types.SimpleNamespace(layers=[layer], take_stats=lambda: {}, trialing=lambda T: self.prefills < trials)
         self.built = types.SimpleNamespace(streamer=st)
         self.model = types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=50))
         self.device, self.chunk = torch.device("cpu"), 512
@@ -276,13 +277,14 @@ class _SettlingEngine:
         self.prefills += 1
 
 
-@pytest.mark.parametrize("changes,settle", [(0, 0), (1, 1), (2, 2), (9, 3)])
-def test_a_pp_row_warms_up_until_its_auto_plans_settle(changes, settle, monkeypatch):
-    """An `auto` plan learns from each prefill: the row warms up again while the last warm-up changed a plan,
-    up to SETTLE_MAX more prefills, and then times its repetitions; the progress bar counts warm-up + reps."""
+@pytest.mark.parametrize("changes,trials,settle", [(0, 0, 0), (1, 0, 1), (2, 0, 2), (9, 0, 3), (0, 3, 2), (1, 9, 3)])
+def test_a_pp_row_warms_up_until_its_auto_plans_settle(changes, trials, settle, monkeypatch):
+    """An `auto` plan learns from each prefill: the row warms up again while the last warm-up changed a plan or
+    `auto` still times its chunk policies, up to SETTLE_MAX more prefills, and then times its repetitions; the
+    progress bar counts warm-up + reps."""
     from ktcli.engine.bench import SETTLE_MAX, run_test
     monkeypatch.setattr("ktcli.engine.roofline.prefill_roofline", lambda *a: {})
-    eng, ticks = _SettlingEngine(changes), []
+    eng, ticks = _SettlingEngine(changes, trials), []
     r = run_test(eng, "pp", 64, reps=2, warmup=1, tick=lambda: ticks.append(1))
     assert SETTLE_MAX == 3 and r["settle_prefills"] == settle
     assert eng.prefills == 1 + settle + 2 and len(r["samples"]) == 2 and len(ticks) == 3

@@ -120,3 +120,36 @@ def test_openmp_sleeps_beside_a_gpu_unless_the_user_says_otherwise():
     env["OMP_WAIT_POLICY"] = "ACTIVE"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["ACTIVE", "ACTIVE"]
+
+
+class _Trials:
+    """A streamer that times its first three chunks for `auto`'s chunk policy."""
+
+    def __init__(self):
+        self.log = []
+
+    def trialing(self, T):
+        return len(self.log) < 3
+
+    def chunk_policy(self, T):
+        return ("plan", "plan", "routed", "routed")[len(self.log)]
+
+    def observe_chunk(self, T, policy, seconds):
+        self.log.append((T, policy, seconds > 0))
+
+    def collect(self):
+        pass
+
+
+def test_prefill_times_the_chunks_auto_is_trialing(setup):
+    b, _ = setup
+    e = Engine(b)
+    want = e.prefill(list(range(5, 40)))
+    e.reset()
+    b.streamer, st = _Trials(), b.streamer
+    try:
+        got = e.prefill(list(range(5, 40)))     # chunks of 8: 8, 8, 8, 8, 3
+        log = b.streamer.log
+    finally:
+        b.streamer = st
+    assert torch.equal(got, want) and log == [(8, "plan", True), (8, "plan", True), (8, "routed", True)]

@@ -106,3 +106,30 @@ def test_the_plan_takes_the_routed_way_where_routing_is_skewed_and_streams_long_
     st.profiles.clear()
     st.rates.pcie_bps = 100 * m.stream_src.nbytes() / cpu         # copies cheap, routing uniform: streaming wins
     assert ops[0].plan(T)["way"] == "stream" and ops[0].streams(T)
+
+
+def test_auto_times_a_chunk_of_its_plan_and_one_routed_then_keeps_the_faster(tmp_path, ckpt, monkeypatch):
+    """Per chunk-length bucket: the first chunk is cold (not kept), the next follows the plan, the one after routes
+    every layer; then the faster policy is kept, routed only for ≥ 5% less. A few tokens are never routed."""
+    from ktcli.ops.prefill import AutoPrefill
+    layers, st = streamed_model(tmp_path, ckpt, "bf16")
+    ops = [AutoPrefill(m, None, None) for m in layers]
+    for m, op in zip(layers, ops):
+        m.ops["prefill"], op._first = op, False
+    T = 64
+    st.rates = PrefillRates(pcie_bps=1e12, cpu_bps=1e9, cpu_flops=1e9, kernel_flops=1e9)   # copies cheap: it streams
+    assert ops[0].plan(T)["way"] == "stream"
+    seq = []
+    for secs in (9.0, 2.0, 1.0):                                 # cold, the plan's chunk, the routed chunk
+        assert st.trialing(T)
+        seq.append(pol := st.chunk_policy(T))
+        assert [op.choice(T)["way"] for op in ops] == ["routed" if pol == "routed" else "stream"] * len(ops)
+        st.observe_chunk(T, pol, secs)
+    assert seq == ["plan", "plan", "routed"] and not st.trialing(T)
+    assert st.chunk_policy(T) == "routed" and all(op.choice(T)["way"] == "routed" for op in ops)
+    st.trials[T.bit_length()]["routed"] = [0.96 * 2.0 / T]      # under 5% less: the plan stays
+    assert st.chunk_policy(T) == "plan" and ops[0].choice(T)["way"] == "stream"
+    assert st.chunk_policy(16) == "plan" and not st.trialing(16)   # a few tokens: one CPU call, never routed
+    assert st.trialing(256) and st.chunk_policy(256) == "plan"      # another bucket starts its own trials
+    monkeypatch.setenv("KTCLI_PREFILL_WAYS", "none")
+    assert not st.trialing(256) and st.chunk_policy(T) == "plan"

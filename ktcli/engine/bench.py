@@ -34,7 +34,8 @@ def run_test(engine, kind: str, n: int, reps: int, warmup: int, seed: int = 0, t
     """{'samples': [t/s per repetition], 'reps': [{'s', 'cpu_experts_s', 'gpu_wait_s'} per repetition],
     'breakdown': {… ms per token over all repetitions}}; random prompts, EOS ignored. A pp row whose `auto`
     layers' plans changed in its last warm-up prefill (their calibration learns from each prefill: 2026-12-06,
-    int4 pp512 split at 1,041 t/s once, then streamed at 1,797) warms up again, up to SETTLE_MAX more times;
+    int4 pp512 split at 1,041 t/s once, then streamed at 1,797), or while `auto` still times its chunk policies
+    (Calibration.chunk_policy), warms up again, up to SETTLE_MAX more times;
     'settle_prefills' says how many it took."""
     vocab = engine.model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
@@ -66,7 +67,7 @@ def run_test(engine, kind: str, n: int, reps: int, warmup: int, seed: int = 0, t
             samples.append(n / dt)
             timed.append({"s": dt, **clocks})
         elif settle and i == warmup + extra_warm and plans and extra_warm < SETTLE_MAX:
-            if (now := auto_plans(streamer, T)) != plans:
+            if (now := auto_plans(streamer, T)) != plans or streamer.trialing(T):
                 plans, extra_warm = now, extra_warm + 1
                 continue                        # one more untimed prefill, not counted by the progress bar
         if tick:

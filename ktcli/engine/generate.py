@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import KtcliError
-from ..model.devices import gpus
+from ..model.devices import gpus, synchronize
 from ..ops.base import set_stage
 from ..ops.clocks import take_all
 from .sampling import sample
@@ -119,12 +119,19 @@ class Engine:
             reuse += 1
         self.set_len(reuse)
         set_stage(self.model, "prefill")
-        logits = None
+        logits, st = None, self.built.streamer
         for a in range(reuse, len(ids), self.chunk):
             b = min(a + self.chunk, len(ids))
             x = torch.tensor([ids[a:b]], dtype=torch.long, device=self.device)
             p = torch.arange(a, b, device=self.device).unsqueeze(0)
+            if timed := st is not None and st.trialing(b - a):    # `auto` times its two policies (calibration.py)
+                policy = st.chunk_policy(b - a)
+                synchronize(self.gpus)
+                t0 = time.perf_counter()
             logits = self.forward(x, p)
+            if timed:
+                synchronize(self.gpus)
+                st.observe_chunk(b - a, policy, time.perf_counter() - t0)
         if self.built.streamer is not None:
             self.built.streamer.collect()
         self.ids = list(ids)

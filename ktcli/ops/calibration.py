@@ -8,6 +8,9 @@ routed layer's CPU share, beside its copies).
 from __future__ import annotations
 
 
+TRIAL_GAIN = 0.95    # chunk_policy: routing every layer must save this much of the plan's time
+
+
 class Calibration:
     def init_calibration(self) -> None:
         self.cpu_scale: dict = {}       # (way, bucket) → measured ÷ probed seconds
@@ -16,6 +19,7 @@ class Calibration:
         self.cpu_fixed: dict = {}       # (way, bucket) → the fitted fixed seconds of a layer's work
         self.waits: dict = {}           # (way, bucket) → the shortest wait a layer of that way had for its inputs
         self.profiles: dict = {}        # bucket → a routed layer's pairs per expert as fractions, most routed first
+        self.trials: dict = {}          # bucket → {'plan': [s/token], 'routed': [s/token]} of timed chunks
 
     def observe_cpu(self, way: str, T: int, measured: float, probed: float) -> None:
         """A layer's CPU work ('split': its share of a split layer; 'cpu': the whole layer) took `measured` seconds
@@ -42,6 +46,37 @@ class Calibration:
                 self.cpu_fixed[key], self.cpu_scale[key] = 0.0, max(sum(o[1] for o in obs) / p, 0.25)
             self._obs[key] = obs
         self._splits = []
+
+    def chunk_policy(self, T: int) -> str:
+        """'routed' (every `auto` layer of a chunk of T tokens takes the routed way) or 'plan' (each its calibrated
+        plan): after a bucket's first chunk (cold: allocations, kernels compiled) one chunk of each is timed whole,
+        then the faster is kept, routed for ≥ 5% less. Why whole chunks: the plan's per-layer prediction missed the
+        routed way's host time around the router (int4 pp2048, 2026-12-06: calibrated, it streamed at 7,102 t/s
+        where routed layers had run 9,145)."""
+        t = self.trials.get(T.bit_length())
+        if not self._routes(T) or t is None or not t["plan"]:
+            return "plan"
+        if not t["routed"]:
+            return "routed"
+        return "routed" if min(t["routed"]) <= TRIAL_GAIN * min(t["plan"]) else "plan"
+
+    def trialing(self, T: int) -> bool:
+        """Whether the next chunk of T tokens is timed for chunk_policy (the engine then syncs around it)."""
+        t = self.trials.get(T.bit_length())
+        return self._routes(T) and (t is None or not (t["plan"] and t["routed"]))
+
+    def observe_chunk(self, T: int, policy: str, seconds: float) -> None:
+        t = self.trials.setdefault(T.bit_length(), None)
+        if t is None:       # the bucket's first chunk: not a measurement of either
+            self.trials[T.bit_length()] = {"plan": [], "routed": []}
+        else:
+            t[policy].append(seconds / T)
+
+    def _routes(self, T: int) -> bool:
+        from . import kernels
+        from .prefill import AutoPrefill, prefill_ways
+        return ("routed" in prefill_ways() and T > kernels.MAX_TOKENS
+                and any(isinstance(m.ops.get("prefill"), AutoPrefill) for m in self.layers))
 
     def observe_wait(self, way: str, T: int, seconds: float) -> None:
         """A CPU-way or split layer waited `seconds` for its inputs: the GPU's work before it, which that way runs

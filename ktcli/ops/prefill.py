@@ -126,6 +126,8 @@ class AutoPrefill(DeviceOp):
         chunk-length bucket the CPU way the plan rejected and no layer has measured yet (costs.explore)."""
         p = self.plan(T)
         st = self.experts.streamer
+        if "routed" in p.get("alts", {}) and st.chunk_policy(T) == "routed":
+            return {**p, **p["alts"]["routed"]}
         if self._first is None:
             self._first = next(m for m in st.layers if isinstance(m.ops.get("prefill"), AutoPrefill)) is self.experts
         return explore(p, lambda way: st.observed(way, T)) if self._first else p

@@ -241,6 +241,17 @@ class Streamers:
     def __init__(self, streamers: list):
         self.all = streamers
         self.rates = streamers[0].rates     # the GPUs of one machine: the first's measured rates stand for all
+        for st in streamers[1:]:            # one chunk policy for the model: its trials in one place
+            st.trials = streamers[0].trials
+
+    def chunk_policy(self, T: int) -> str:
+        return self.all[0].chunk_policy(T)
+
+    def trialing(self, T: int) -> bool:
+        return any(s.trialing(T) for s in self.all)
+
+    def observe_chunk(self, T: int, policy: str, seconds: float) -> None:
+        self.all[0].observe_chunk(T, policy, seconds)
 
     @property
     def pinned(self) -> bool:
