@@ -133,3 +133,19 @@ def test_auto_times_a_chunk_of_its_plan_and_one_routed_then_keeps_the_faster(tmp
     assert st.trialing(256) and st.chunk_policy(256) == "plan"      # another bucket starts its own trials
     monkeypatch.setenv("KTCLI_PREFILL_WAYS", "none")
     assert not st.trialing(256) and st.chunk_policy(T) == "plan"
+
+
+def test_layers_on_several_gpus_share_one_chunk_policy(tmp_path, ckpt):
+    """Streamers: the trials are one record for the model, the policy that of the GPU whose layers are `auto`."""
+    from ktcli.ops.prefill import AutoPrefill
+    from ktcli.ops.stream import Streamer, Streamers
+    layers, st = streamed_model(tmp_path, ckpt, "bf16")
+    for m in layers:
+        m.ops["prefill"] = AutoPrefill(m, None, None)
+    both = Streamers([Streamer(torch.device("cpu")), st])           # the first GPU holds no `auto` layer
+    T = 64
+    for pol in ("plan", "plan", "routed"):
+        assert both.trialing(T) and both.chunk_policy(T) == pol
+        both.observe_chunk(T, pol, {"plan": 2.0, "routed": 1.0}[pol])
+    assert not both.trialing(T) and both.chunk_policy(T) == st.chunk_policy(T) == "routed"
+    assert both.all[0].trials is st.trials

@@ -54,7 +54,7 @@ class Calibration:
         routed way's host time around the router (int4 pp2048, 2026-12-06: calibrated, it streamed at 7,102 t/s
         where routed layers had run 9,145)."""
         t = self.trials.get(T.bit_length())
-        if not self._routes(T) or t is None or not t["plan"]:
+        if t is None or not t["plan"] or not self._routes(T):
             return "plan"
         if not t["routed"]:
             return "routed"
@@ -66,11 +66,11 @@ class Calibration:
         return self._routes(T) and (t is None or not (t["plan"] and t["routed"]))
 
     def observe_chunk(self, T: int, policy: str, seconds: float) -> None:
-        t = self.trials.setdefault(T.bit_length(), None)
-        if t is None:       # the bucket's first chunk: not a measurement of either
-            self.trials[T.bit_length()] = {"plan": [], "routed": []}
+        b = T.bit_length()
+        if b not in self.trials:    # the bucket's first chunk: not a measurement of either
+            self.trials[b] = {"plan": [], "routed": []}
         else:
-            t[policy].append(seconds / T)
+            self.trials[b][policy].append(seconds / T)
 
     def _routes(self, T: int) -> bool:
         from . import kernels

@@ -245,7 +245,8 @@ class Streamers:
             st.trials = streamers[0].trials
 
     def chunk_policy(self, T: int) -> str:
-        return self.all[0].chunk_policy(T)
+        """The policy of the GPUs whose `auto` layers take one (trials are shared: all such GPUs agree)."""
+        return next((s.chunk_policy(T) for s in self.all if s._routes(T)), "plan")
 
     def trialing(self, T: int) -> bool:
         return any(s.trialing(T) for s in self.all)
