@@ -127,6 +127,7 @@ def test_auto_times_a_chunk_of_its_plan_and_one_routed_then_keeps_the_faster(tmp
         st.observe_chunk(T, pol, secs)
     assert seq == ["plan", "plan", "routed"] and not st.trialing(T)
     assert st.chunk_policy(T) == "routed" and all(op.choice(T)["way"] == "routed" for op in ops)
+    assert st.trial_report() == {"64": {"plan": [1e3 * 2.0 / T], "routed": [1e3 * 1.0 / T], "policy": "routed"}}
     st.trials[T.bit_length()]["routed"] = [0.96 * 2.0 / T]      # under 5% less: the plan stays
     assert st.chunk_policy(T) == "plan" and ops[0].choice(T)["way"] == "stream"
     assert st.chunk_policy(16) == "plan" and not st.trialing(16)   # a few tokens: one CPU call, never routed
@@ -149,3 +150,4 @@ def test_layers_on_several_gpus_share_one_chunk_policy(tmp_path, ckpt):
         both.observe_chunk(T, pol, {"plan": 2.0, "routed": 1.0}[pol])
     assert not both.trialing(T) and both.chunk_policy(T) == st.chunk_policy(T) == "routed"
     assert both.all[0].trials is st.trials
+    assert both.trial_report()["64"]["policy"] == "routed"            # the first GPU alone would say 'plan'

@@ -85,6 +85,8 @@ def run_test(engine, kind: str, n: int, reps: int, warmup: int, seed: int = 0, t
                                     "layers_split", "split_cpu_s", *PHASES, "layers_routed", "routed_gpu_experts",
                                     "routed_touched", *ROUTED_PHASES, "moe_s")}
         extra["prefill_phases"]["run_s"] = total / len(timed)   # beside moe_s: the CPU thread's time outside MoE
+        if trials := streamer.trial_report():      # auto's timed chunks per length bucket, and what it kept
+            extra["prefill_phases"]["chunk_trials"] = trials
         if getattr(streamer, "cpu_scale", None):   # measured ÷ probed CPU time per way and length bucket
             for key, way in (("cpu_scale", "split"), ("cpu_alone_scale", "cpu"), ("routed_scale", "routed")):
                 if cal := streamer.calibration(way):

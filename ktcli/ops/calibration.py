@@ -65,6 +65,13 @@ class Calibration:
         t = self.trials.get(T.bit_length())
         return self._routes(T) and (t is None or not (t["plan"] and t["routed"]))
 
+    def trial_report(self, policy=None) -> dict:
+        """{shortest chunk length of a bucket: {'plan'/'routed': [ms per token of each timed chunk], 'policy': the
+        one kept}}; `policy`: the chunk_policy that decides (several GPUs: Streamers')."""
+        policy = policy or self.chunk_policy
+        return {str(1 << (b - 1)): {**{k: [1e3 * v for v in t[k]] for k in ("plan", "routed")},
+                                    "policy": policy(1 << (b - 1))} for b, t in sorted(self.trials.items())}
+
     def observe_chunk(self, T: int, policy: str, seconds: float) -> None:
         b = T.bit_length()
         if b not in self.trials:    # the bucket's first chunk: not a measurement of either

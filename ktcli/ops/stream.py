@@ -254,6 +254,9 @@ class Streamers:
     def observe_chunk(self, T: int, policy: str, seconds: float) -> None:
         self.all[0].observe_chunk(T, policy, seconds)
 
+    def trial_report(self) -> dict:
+        return self.all[0].trial_report(self.chunk_policy)       # the trials are shared
+
     @property
     def pinned(self) -> bool:
         return all(s.pinned for s in self.all)
