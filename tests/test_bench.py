@@ -262,7 +262,8 @@ class _SettlingEngine:
         self.prefills, self.changes = 0, changes
         op = types.SimpleNamespace(choice=lambda T: {"way": "split", "n_cpu": min(self.prefills, self.changes)})
         layer = types.SimpleNamespace(ops={"prefill": op})
-        st = types.SimpleNamespace(layers=[layer], take_stats=lambda: {}, trialing=lambda T: self.prefills < trials)
+        st = types.SimpleNamespace(layers=[layer], take_stats=lambda: {}, trialing=lambda T: self.prefills < trials,
+                                   trial_report=lambda: {})
         self.built = types.SimpleNamespace(streamer=st)
         self.model = types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=50))
         self.device, self.chunk = torch.device("cpu"), 512

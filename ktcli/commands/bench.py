@@ -39,6 +39,7 @@ def bench(profiles: Annotated[Optional[list[str]], typer.Argument(help="Profiles
           output: Annotated[str, typer.Option("-o", "--output", help="md, csv, json or jsonl.")] = "md",
           output_file: Annotated[Optional[str], typer.Option("--output-file", help="Write here (atomically) instead of stdout.")] = None,
           fit: o.Fit = False,
+          routing: Annotated[str, typer.Option("--routing", help="model (the router's choice) or uniform: each prefill token's experts drawn at random, as a trained, balanced router spreads them (synthetic weights' routers collapse onto a few experts).")] = "model",
           cached_bw: Annotated[bool, typer.Option("--cached-bw", help="Use the bandwidths an earlier run measured on this machine (labelled with when) instead of measuring them now.")] = False):
     from ..engine import sweep
     from ..engine.baselines import BASELINES
@@ -52,6 +53,9 @@ def bench(profiles: Annotated[Optional[list[str]], typer.Argument(help="Profiles
     o.check_output_file(output_file)
     if model and model_config:
         raise UsageError("--model and --model-config name the model twice", "give one")
+    from ..model.routing import ROUTINGS
+    if routing not in ROUTINGS:
+        raise UsageError(f"--routing must be one of {', '.join(ROUTINGS)}, got {routing!r}", "uniform: every prefill token picks its experts at random")
     tests = [("pp", n) for n in _ints(n_prompt, "-p") if n] if n_prompt != "0" else []
     tests += [("tg", n) for n in _ints(n_gen, "-n") if n] if n_gen != "0" else []
     if not tests:
@@ -75,7 +79,7 @@ def bench(profiles: Annotated[Optional[list[str]], typer.Argument(help="Profiles
     if fit:
         profs = [o.apply_fit(p, machine) for p in profs]
     btests = [(k, baseline_n_gen if k == "tg" and baseline_n_gen else n) for k, n in tests]
-    sw = sweep.Sweep(profs, tests, modes, reps, warmup, bases, btests, machine, cached_bw)
+    sw = sweep.Sweep(profs, tests, modes, reps, warmup, bases, btests, machine, cached_bw, routing=routing)
     started = datetime.datetime.now().isoformat(timespec="seconds")
     command = "ktcli bench " + " ".join(sys.argv[2:]) if "bench" in sys.argv[1:2] else None
     from ..engine.provenance import machine_info
@@ -89,7 +93,9 @@ def bench(profiles: Annotated[Optional[list[str]], typer.Argument(help="Profiles
             r.update(llama_fields(r, info, started))
         meta = {"command": command, "machine": info, "bandwidth": sw.bw.as_dict() if sw.bw else None,
                 "notes": [f"{r['model']}: only {r['num_layers']} of {r['num_layers_full']} layers (--num-layers)"
-                          for r in records[:1] if r.get("num_layers") != r.get("num_layers_full")]}
+                          for r in records[:1] if r.get("num_layers") != r.get("num_layers_full")]
+                 + (["--routing uniform: prefill tokens' experts drawn at random (decode keeps the router's)"]
+                    if routing == "uniform" else [])}
         k = info["kernel"]
         if k["enabled"] and not k["built"]:
             why = (k["error"] or "unknown").strip().splitlines()[0]

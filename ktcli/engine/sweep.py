@@ -32,6 +32,7 @@ class Sweep:
     machine: object
     cached_bw: bool = False  # use an earlier run's bandwidth readings (labelled as such)
     bw: Bandwidths | None = None
+    routing: str = "model"   # model/routing.py: 'uniform' draws prefill tokens' experts at random
 
 
 def placement_summary(plan) -> str:
@@ -88,6 +89,7 @@ def run(sw: Sweep, tick=None, saved=None, preparing=None) -> list:
     """`saved(records)` is called after every row, so a long sweep cut short keeps what it measured;
     `preparing(engine)`: a context around each engine's graph capture (the command's notice)."""
     from ..model.build import build
+    from ..model.routing import set_routing
     from ..placement.validate import validate
     from .generate import Engine
     records = []
@@ -105,11 +107,12 @@ def run(sw: Sweep, tick=None, saved=None, preparing=None) -> list:
             torch.set_num_threads(prof.runtime.cpu_threads or threads0)
             kernels.get()                    # compiled (first use) before any timing, not inside the first rep
             built = build(v)
+            set_routing(built.model, sw.routing)
         except KtcliError as e:
             base_err = e.message
         common = {"profile": prof.path, "model": v.source.name if v and v.source else prof.model,
                   "backend": "ktcli", "threads": prof.runtime.cpu_threads or torch.get_num_threads(),
-                  "compile": prof.runtime.compile}
+                  "compile": prof.runtime.compile, "routing": sw.routing}
         if built is not None:
             if sw.bw is None:
                 sw.bw = bandwidths(cached_ok=sw.cached_bw)

@@ -20,7 +20,7 @@ from .grouped import grouped, grouped_ok
 from .split import buffers, pairs
 from .worker import worker
 
-PHASES = ("routed_wait_s", "routed_cpu_s", "routed_gpu_issue_s", "routed_join_s")
+PHASES = ("routed_wait_s", "routed_plan_s", "routed_cpu_s", "routed_gpu_issue_s", "routed_join_s")
 
 
 def expert_work(experts, T: int, K: int, rates, counts: list, long_bf16: bool = False, expected: bool = False) -> list:
@@ -139,7 +139,7 @@ def run_routed(op, x, idx, w, plan_share, long_bf16: bool = False):
     if P:
         y.index_add_(0, th.to(y.device, non_blocking=True), yc.to(y.device, non_blocking=True))
     t4 = time.perf_counter()
-    for k, v in zip(PHASES, (t1 - t0, took[0], t3 - t2, t4 - t3)):
+    for k, v in zip(PHASES, (t1 - t0, t2 - t1, took[0], t3 - t2, t4 - t3)):
         st.stats[k] = st.stats.get(k, 0.0) + v
     st.stats["layers_routed"] = st.stats.get("layers_routed", 0) + 1
     st.stats["routed_gpu_experts"] = st.stats.get("routed_gpu_experts", 0) + len(gpu)
