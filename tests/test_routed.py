@@ -68,8 +68,9 @@ def test_assign_gives_the_gpu_the_experts_the_cpu_would_spend_longest_on():
 
 def test_the_plan_takes_the_routed_way_where_routing_is_skewed_and_streams_long_chunks(tmp_path, ckpt):
     """Skewed routing (a profile measured by an earlier routed layer) makes the routed way cheaper than the range
-    split and streaming; uniform routing of a long chunk leaves streaming ahead; the routed layer records the
-    profile the next plans use, and a routed layer is not prefetched by the layer before it."""
+    split and streaming in the roofline's plan; the run's plan routes only where timed chunks chose it; uniform
+    routing of a long chunk leaves streaming ahead; the routed layer records the profile the next plans use, and a
+    routed layer is not prefetched by the layer before it."""
     from ktcli.ops.prefill import AutoPrefill
     layers, st = streamed_model(tmp_path, ckpt, "bf16")
     ops = [AutoPrefill(m, None, None) for m in layers]
@@ -85,8 +86,13 @@ def test_the_plan_takes_the_routed_way_where_routing_is_skewed_and_streams_long_
         routed_seconds(m, T, K, st.rates), rel=1e-6)
     skew = [0.9] + [0.1 / (E - 1)] * (E - 1)                      # one expert takes 90% of the pairs
     st.profiles[T.bit_length()] = skew
-    p = ops[0].plan(T)
+    p = ops[0].plan(T, calibrated=False)                         # the roofline's bound takes it
     assert p["way"] == "routed" and p["seconds"] < 0.5 * uniform["seconds"]
+    q = ops[0].plan(T)                                           # the run's plan keeps it as the alternative …
+    assert q["way"] != "routed" and q["alts"]["routed"]["seconds"] == pytest.approx(p["seconds"])
+    assert ops[0].choice(T)["way"] != "routed"
+    st.trials[T.bit_length()] = {"plan": [2.0], "routed": [1.0]}  # … which whole chunks timed faster take
+    assert ops[0].choice(T)["way"] == "routed"
     assert not ops[0].streams(T) and ops[0].uses_slot(T) and ops[0].cpu_share(T) == 0
     assert expected_counts(E, K, T, skew)[0] == pytest.approx(0.9 * T * K)
     gen = torch.Generator().manual_seed(8)
@@ -103,7 +109,7 @@ def test_the_plan_takes_the_routed_way_where_routing_is_skewed_and_streams_long_
     want = routed_seconds(m, T, K, st.rates, st.profile(T), st.scale("routed", T), st.fixed("routed", T))
     assert ops[0].plan(T)["alts"]["routed"]["seconds"] == pytest.approx(want)   # … and the plan predicts with it
     assert "routed" not in ops[0].plan(16)["alts"]                # a few tokens: one CPU call, never routed
-    st.profiles.clear()
+    st.profiles.clear(), st.trials.clear()
     st.rates.pcie_bps = 100 * m.stream_src.nbytes() / cpu         # copies cheap, routing uniform: streaming wins
     assert ops[0].plan(T)["way"] == "stream" and ops[0].streams(T)
 

@@ -158,14 +158,14 @@ def probe_gpu(device) -> float:
 
 def split_plan(experts, T: int, K: int, rates: PrefillRates, cpu_scale: float = 1.0,
                split_scale: float = 1.0, waits: tuple = (0.0, 0.0), routed: float | None = None,
-               split: bool = True) -> dict:
+               split: bool = True, pick_routed: bool = True) -> dict:
     """{'way': 'stream' | 'cpu' | 'split' | 'routed', 'n_cpu', 'seconds', 'kernel', 'cpu_s', 'alts'} for one
     HybridExperts layer and T tokens ('kernel': the CPU's share of a long bf16 chunk runs in our kernel rather than
     torch's GEMMs; 'cpu_s': the whole layer on the CPU by the probed rates, before the scales multiply it:
     `cpu_scale` for the whole layer on the CPU, `split_scale` for a split's CPU share; waits: the seconds a layer
     of the CPU way and a split layer measured waiting for its inputs, in series with the CPU's work; routed: the routed
     way's predicted seconds (routed.routed_seconds), None: not considered; 'alts': the CPU ways' own plans; split
-    False: the range split is not considered)."""
+    False: the range split is not considered; pick_routed False: routed stays an alternative, never the plan)."""
     c = layer_costs(experts, T, K, rates)
     E = experts.num_experts
     floor = used_experts(E, K, T) * experts.stream_src.nbytes() / E / rates.cpu_bps if rates.cpu_bps else 0.0
@@ -176,7 +176,7 @@ def split_plan(experts, T: int, K: int, rates: PrefillRates, cpu_scale: float = 
     best = choose(c["stream"], cpu, floor, E, sc if split else math.inf, waits[1])
     if routed is not None:
         alts["routed"] = {"way": "routed", "n_cpu": 0, "seconds": routed}
-        if routed <= ROUTED_GAIN * best["seconds"]:
+        if pick_routed and routed <= ROUTED_GAIN * best["seconds"]:
             best = alts["routed"]
     return {**best, "kernel": c["kernel"], "cpu_s": c["cpu"], "alts": alts}
 

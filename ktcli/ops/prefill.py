@@ -99,7 +99,10 @@ class AutoPrefill(DeviceOp):
         """calibrated: the CPU's cost of each way scaled by what earlier layers of that way and chunk length measured
         against the probes, its fitted fixed part added in series with the CPU's work, as the measured wait is.
         Apart, because a split's CPU share runs beside the copies, which slowed it 4× where the whole layer alone
-        ran at its probe (Qwen3-30B pp512, H100 host, 2026-12-05)."""
+        ran at its probe (Qwen3-30B pp512, H100 host, 2026-12-05). The routed way stays an alternative in the
+        calibrated plan, taken by whole chunks only (Calibration.chunk_policy): predicted per layer, it was taken
+        where it lost (uniform routing, int8 pp2048, 2026-12-06: 2,766 t/s against 3,831 streamed). Uncalibrated
+        (the roofline's bound) it is the plan wherever it is predicted faster."""
         st, ways, ex = self.experts.streamer, prefill_ways(), self.experts
         routed = "routed" in ways and T > kernels.MAX_TOKENS     # a few tokens: the CPU way's, one call a layer
         kern = layer_costs(ex, T, st.top_k, st.rates)["kernel"] if routed else False
@@ -110,7 +113,7 @@ class AutoPrefill(DeviceOp):
                            st.wait("routed", T), kern) if routed else None
         return split_plan(ex, T, st.top_k, st.rates, st.scale("cpu", T), st.scale("split", T),
                           (st.wait("cpu", T) + st.fixed("cpu", T), st.wait("split", T) + st.fixed("split", T)),
-                          r, split="split" in ways)
+                          r, split="split" in ways, pick_routed=False)
 
     def share(self, T: int, counts: list, long_bf16: bool = False) -> tuple:
         """A routed layer's (GPU experts, the CPU share's probed seconds) for this chunk's pairs per expert, balanced
