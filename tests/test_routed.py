@@ -157,3 +157,26 @@ def test_layers_on_several_gpus_share_one_chunk_policy(tmp_path, ckpt):
     assert not both.trialing(T) and both.chunk_policy(T) == st.chunk_policy(T) == "routed"
     assert both.all[0].trials is st.trials
     assert both.trial_report()["64"]["policy"] == "routed"            # the first GPU alone would say 'plan'
+
+
+def test_side_work_runs_once_after_the_layers_upload_is_queued(tmp_path, ckpt):
+    """`side` (a shared expert, model/overlap.py) runs exactly once per layer, after the layer's uploads are queued
+    and before its GEMMs (so on a GPU it overlaps the copies): streamed, routed with GPU experts, routed with none."""
+    layers, st = streamed_model(tmp_path, ckpt, "bf16")
+    log, upload = [], st._upload
+    st._upload = lambda *a, **k: (log.append("upload"), upload(*a, **k))[1]
+    gen = torch.Generator().manual_seed(9)
+    m, T = layers[0], 64
+    x = torch.randn(T, m.hidden, generator=gen)
+    idx, w = routed(T, m.num_experts, st.top_k, gen)
+    got = m.ops["prefill"](x, idx, w, side=lambda: log.append("side"))
+    assert log.count("side") == 1 and "upload" in log[:log.index("side")]
+    want = m.ops["prefill"](x, idx, w)
+    assert torch.equal(got, want)
+    for n in (3, 0):
+        layers, st = routed_model(tmp_path, ckpt, "bf16", top(n))
+        log, upload = [], st._upload
+        st._upload = lambda *a, **k: (log.append("upload"), upload(*a, **k))[1]
+        got = layers[0].ops["prefill"]._route(x, idx, w, side=lambda: log.append("side"))
+        assert ((got - want).norm() / want.norm()).item() <= 1e-5
+        assert log.count("side") == 1 and (n == 0 or log.index("upload") < log.index("side")), (n, log)

@@ -2,7 +2,8 @@
 
 Qwen2-MoE's block computes its shared expert before routing; the forward below routes first, starts the CPU
 experts (`HybridExperts.submit`: under a full graph with flag steps the stream goes on), runs the shared expert,
-then collects. Same operations on the same tensors as transformers' forward, in another order, so logits are
+then collects. A streamed or routed prefill layer runs the shared expert itself, after queuing its uploads and
+before its GEMMs wait for them. Same operations on the same tensors as transformers' forward, in another order, so logits are
 identical. Only for block classes whose forward this reproduces (checked by tests/test_overlap.py).
 """
 from __future__ import annotations
@@ -19,9 +20,14 @@ def _qwen2_moe_forward(self, hidden_states):
     batch_size, sequence_length, hidden_dim = hidden_states.shape          # [B, S, H]
     x = hidden_states.view(-1, hidden_dim)                                  # [T, H]
     _, routing_weights, selected_experts = self.gate(x)                     # [T, K] each
-    job = self.experts.submit(x, selected_experts, routing_weights)
-    shared = F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)  # while the CPU works
-    return (self.experts.collect(job) + shared).reshape(batch_size, sequence_length, hidden_dim)
+    shared = []
+
+    def side():     # while the CPU works (decode), or while a streamed prefill layer's experts cross
+        shared.append(F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x))
+    job = self.experts.submit(x, selected_experts, routing_weights, side=side)
+    if not shared:
+        side()
+    return (self.experts.collect(job) + shared[0]).reshape(batch_size, sequence_length, hidden_dim)
 
 
 FORWARDS = {"Qwen2MoeSparseMoeBlock": _qwen2_moe_forward}

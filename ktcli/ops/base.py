@@ -99,11 +99,15 @@ class HybridExperts(nn.Module):
     def forward(self, hidden_states, top_k_index, top_k_weights):
         return self.ops[self.stage](hidden_states, top_k_index, top_k_weights)
 
-    def submit(self, hidden_states, top_k_index, top_k_weights):
-        """forward in two halves (model/overlap.py): start, and `collect` the result after other GPU work."""
+    def submit(self, hidden_states, top_k_index, top_k_weights, side=None):
+        """forward in two halves (model/overlap.py): start, and `collect` the result after other GPU work; an
+        operator that `takes_side` runs side() itself where it overlaps best (streamed prefill: beside the upload).
+        The caller runs side() if it did not."""
         op = self.ops[self.stage]
         if hasattr(op, "submit"):
             return op, op.submit(hidden_states, top_k_index, top_k_weights)
+        if getattr(op, "takes_side", False):
+            return None, ("done", op(hidden_states, top_k_index, top_k_weights, side=side))
         return None, ("done", op(hidden_states, top_k_index, top_k_weights))
 
     def collect(self, job):

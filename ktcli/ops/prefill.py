@@ -31,15 +31,17 @@ class StreamedExperts(DeviceOp):
         """Experts [0, n) of this layer that the CPU computes while the rest stream (0: all stream)."""
         return 0
 
-    def __call__(self, x, idx, w):
+    takes_side = True    # __call__'s `side`: GPU work run while the layer's upload crosses (model/overlap.py)
+
+    def __call__(self, x, idx, w, side=None):
         t0 = time.perf_counter()
-        y = self.run(x, idx, w)
+        y = self.run(x, idx, w, side=side)
         self.experts.streamer.stats["moe_s"] += time.perf_counter() - t0   # the CPU thread's time in MoE calls
         return y
 
-    def run(self, x, idx, w, first: int = 0):
+    def run(self, x, idx, w, first: int = 0, side=None):
         """Experts [first, E) on the GPU; pairs routed below `first` contribute nothing here."""
-        fn = self.experts.streamer.weights(self.experts, x.shape[0])
+        fn = self.experts.streamer.weights(self.experts, x.shape[0], side)
         if grouped_ok(x, fn):
             return grouped(x, idx, w, fn, self.experts.num_experts - first, self.experts.act_fn, first)
         tok, e, pw = pairs(idx, w, first, self.experts.num_experts)
@@ -66,15 +68,17 @@ class AutoPrefill(DeviceOp):
         self.gpu = StreamedExperts(experts, device, staging)
         self._first = None       # whether this is the model's first `auto` layer (the one that explores)
 
-    def __call__(self, x, idx, w):
+    takes_side = True    # as StreamedExperts: `side` runs while a streamed or routed layer's upload crosses
+
+    def __call__(self, x, idx, w, side=None):
         if x.device.type == "cpu" or getattr(self.experts, "streamer", None) is None:
             return self.cpu(x, idx, w)
         t0 = time.perf_counter()
-        y = self._route(x, idx, w)
+        y = self._route(x, idx, w, side)
         self.experts.streamer.stats["moe_s"] += time.perf_counter() - t0   # the CPU thread's time in MoE calls
         return y
 
-    def _route(self, x, idx, w):
+    def _route(self, x, idx, w, side=None):
         T = x.shape[0]
         p = self.choice(T)
         self.cpu.long_bf16 = p.get("kernel", False)
@@ -90,10 +94,12 @@ class AutoPrefill(DeviceOp):
             st.observe_cpu("cpu", T, time.perf_counter() - t0, p["cpu_s"])
             return y
         if p["way"] == "routed":
-            y, took, probed = run_routed(self, x, idx, w, lambda counts: self.share(T, counts, p["kernel"]))
+            y, took, probed = run_routed(self, x, idx, w, lambda counts: self.share(T, counts, p["kernel"]), side=side)
             self.experts.streamer.observe_cpu("routed", T, took, probed)
             return y
-        return self.gpu.run(x, idx, w) if p["n_cpu"] == 0 else self._split(x, idx, w, p["n_cpu"], p.get("cpu_s"))
+        if p["n_cpu"] == 0:
+            return self.gpu.run(x, idx, w, side=side)
+        return self._split(x, idx, w, p["n_cpu"], p.get("cpu_s"))
 
     def plan(self, T: int, calibrated: bool = True) -> dict:
         """calibrated: the CPU's cost of each way scaled by what earlier layers of that way and chunk length measured

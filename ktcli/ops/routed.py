@@ -86,10 +86,10 @@ def slot_lut(E: int, gpu: tuple, device) -> torch.Tensor:
     return lut.to(device, non_blocking=True)
 
 
-def run_routed(op, x, idx, w, plan_share, long_bf16: bool = False):
+def run_routed(op, x, idx, w, plan_share, long_bf16: bool = False, side=None):
     """AutoPrefill `op`'s layer, split after its router: x [T,H], idx/w [T,K] (on the GPU, or the CPU in tests)
     → (y [T,H], the CPU share's measured and probed seconds). plan_share(counts) → (gpu experts, the CPU share's
-    probed seconds)."""
+    probed seconds); side: GPU work queued while the GPU share's experts cross (Streamer.weights_of)."""
     ex = op.experts
     st, E = ex.streamer, ex.num_experts
     (T, K), H, b = idx.shape, x.shape[1], buffers(st)
@@ -120,7 +120,7 @@ def run_routed(op, x, idx, w, plan_share, long_bf16: bool = False):
     job = worker().submit(cpu_share)                  # the kernel releases the GIL: copies are issued meanwhile
     t2 = time.perf_counter()
     if gpu:
-        fn = st.weights_of(ex, gpu)
+        fn = st.weights_of(ex, gpu, side)
         lut = slot_lut(E, gpu, x.device)
         if grouped_ok(x, fn):
             y = grouped(x, idx, w, fn, len(gpu), ex.act_fn, lut)
@@ -131,6 +131,8 @@ def run_routed(op, x, idx, w, plan_share, long_bf16: bool = False):
                          torch.empty(gtok.numel(), H, dtype=x.dtype, device=x.device), weights=fn)
             y = torch.zeros_like(x).index_add_(0, gtok, yg)
     else:
+        if side is not None:
+            side()
         y = torch.zeros_like(x)
     t3 = time.perf_counter()
     job.done.wait()

@@ -103,9 +103,10 @@ class Streamer(Calibration):
         return best
 
     # -- per layer -------------------------------------------------------------------------------------------
-    def weights(self, experts, T: int):
+    def weights(self, experts, T: int, side=None):
         """This layer's weights on the GPU as a function e → (gate_up[e], down[e]) in the compute dtype. Waits
-        for its upload (started earlier when possible) and starts the next streamed layer's."""
+        for its upload (started earlier when possible) and starts the next streamed layer's; `side()` (GPU work
+        that needs no expert output: a shared expert) is queued first, so that it runs while the upload crosses."""
         pos = experts.stream_pos
         s = pos % 2
         first = experts.ops["prefill"].cpu_share(T)     # a split layer streams experts [first, E) only
@@ -120,6 +121,8 @@ class Streamer(Calibration):
             nfirst = nxt.ops["prefill"].cpu_share(T)
             if self.holds[1 - s] != (nxt.stream_pos, nfirst):
                 self._upload(nxt.stream_pos, nfirst)
+        if side is not None:
+            side()
         if self.cuda:
             t0 = cur.record_event(torch.cuda.Event(enable_timing=True))
             cur.wait_event(self.ready[s])
@@ -127,15 +130,18 @@ class Streamer(Calibration):
         self.stats["layers_streamed"] += 1
         return self._views(experts, s, first)
 
-    def weights_of(self, experts, gpu: tuple):
+    def weights_of(self, experts, gpu: tuple, side=None):
         """A routed layer's experts `gpu` (ascending) on the GPU, slot index j holding gpu[j]: uploaded now, after
-        everything queued (the router this layer's plan read), the compute stream waiting for them."""
+        everything queued (the router this layer's plan read), the compute stream waiting for them after `side()`
+        (as in `weights`)."""
         pos = experts.stream_pos
         s = pos % 2
         if self.cuda:
             self.free[s] = torch.cuda.current_stream(self.device).record_event()
         self._upload(pos, runs(gpu))
         self.holds[s] = None                 # a subset: no later layer may take it for a whole layer's upload
+        if side is not None:
+            side()
         if self.cuda:
             cur = torch.cuda.current_stream(self.device)
             t0 = cur.record_event(torch.cuda.Event(enable_timing=True))
