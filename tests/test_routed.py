@@ -115,8 +115,8 @@ def test_the_plan_takes_the_routed_way_where_routing_is_skewed_and_streams_long_
 
 
 def test_auto_times_a_chunk_of_its_plan_and_one_routed_then_keeps_the_faster(tmp_path, ckpt, monkeypatch):
-    """Per chunk-length bucket: the first chunk is cold (not kept), the next follows the plan, the one after routes
-    every layer; then the faster policy is kept, routed only for ≥ 5% less. A few tokens are never routed."""
+    """Per chunk-length bucket: one chunk of each policy cold (not kept: the plan's, then every layer routed), then
+    one of each timed; then the faster policy is kept, routed only for ≥ 5% less. A few tokens are never routed."""
     from ktcli.ops.prefill import AutoPrefill
     layers, st = streamed_model(tmp_path, ckpt, "bf16")
     ops = [AutoPrefill(m, None, None) for m in layers]
@@ -126,12 +126,12 @@ def test_auto_times_a_chunk_of_its_plan_and_one_routed_then_keeps_the_faster(tmp
     st.rates = PrefillRates(pcie_bps=1e12, cpu_bps=1e9, cpu_flops=1e9, kernel_flops=1e9)   # copies cheap: it streams
     assert ops[0].plan(T)["way"] == "stream"
     seq = []
-    for secs in (9.0, 2.0, 1.0):                                 # cold, the plan's chunk, the routed chunk
+    for secs in (9.0, 8.0, 2.0, 1.0):                            # both cold, the plan's chunk, the routed chunk
         assert st.trialing(T)
         seq.append(pol := st.chunk_policy(T))
         assert [op.choice(T)["way"] for op in ops] == ["routed" if pol == "routed" else "stream"] * len(ops)
         st.observe_chunk(T, pol, secs)
-    assert seq == ["plan", "plan", "routed"] and not st.trialing(T)
+    assert seq == ["plan", "routed", "plan", "routed"] and not st.trialing(T)
     assert st.chunk_policy(T) == "routed" and all(op.choice(T)["way"] == "routed" for op in ops)
     assert st.trial_report() == {"64": {"plan": [1e3 * 2.0 / T], "routed": [1e3 * 1.0 / T], "policy": "routed"}}
     st.trials[T.bit_length()]["routed"] = [0.96 * 2.0 / T]      # under 5% less: the plan stays
@@ -151,7 +151,7 @@ def test_layers_on_several_gpus_share_one_chunk_policy(tmp_path, ckpt):
         m.ops["prefill"] = AutoPrefill(m, None, None)
     both = Streamers([Streamer(torch.device("cpu")), st])           # the first GPU holds no `auto` layer
     T = 64
-    for pol in ("plan", "plan", "routed"):
+    for pol in ("plan", "routed", "plan", "routed"):
         assert both.trialing(T) and both.chunk_policy(T) == pol
         both.observe_chunk(T, pol, {"plan": 2.0, "routed": 1.0}[pol])
     assert not both.trialing(T) and both.chunk_policy(T) == st.chunk_policy(T) == "routed"

@@ -19,7 +19,7 @@ class Calibration:
         self.cpu_fixed: dict = {}       # (way, bucket) → the fitted fixed seconds of a layer's work
         self.waits: dict = {}           # (way, bucket) → the shortest wait a layer of that way had for its inputs
         self.profiles: dict = {}        # bucket → a routed layer's pairs per expert as fractions, most routed first
-        self.trials: dict = {}          # bucket → {'plan': [s/token], 'routed': [s/token]} of timed chunks
+        self.trials: dict = {}          # bucket → {'plan'/'routed': [s/token] of timed chunks, 'warm': {run once}}
 
     def observe_cpu(self, way: str, T: int, measured: float, probed: float) -> None:
         """A layer's CPU work ('split': its share of a split layer; 'cpu': the whole layer) took `measured` seconds
@@ -49,16 +49,19 @@ class Calibration:
 
     def chunk_policy(self, T: int) -> str:
         """'routed' (every `auto` layer of a chunk of T tokens takes the routed way) or 'plan' (each its calibrated
-        plan): after a bucket's first chunk (cold: allocations, kernels compiled) one chunk of each is timed whole,
-        then the faster is kept, routed for ≥ 5% less. Why whole chunks: the plan's per-layer prediction missed the
-        routed way's host time around the router (int4 pp2048, 2026-12-06: calibrated, it streamed at 7,102 t/s
-        where routed layers had run 9,145)."""
+        plan): per chunk-length bucket each policy first runs one chunk cold (allocations, kernels compiled: not
+        kept), then one chunk of each is timed whole, then the faster is kept, routed for ≥ 5% less. Why whole
+        chunks: the plan's per-layer prediction missed the routed way's host time (int4 pp2048, 2026-12-06:
+        calibrated, it streamed at 7,102 t/s where routed layers had run 9,145). Why a cold chunk each: timed in
+        its first chunk, routing lost int8 pp512 (1.22 against 0.41 ms a token warm; 1,273 t/s kept, 3,056 routed)."""
         t = self.trials.get(T.bit_length())
-        if t is None or not t["plan"] or not self._routes(T):
+        if t is None or not self._routes(T):
             return "plan"
-        if not t["routed"]:
+        if t["plan"] and t["routed"]:
+            return "routed" if min(t["routed"]) <= TRIAL_GAIN * min(t["plan"]) else "plan"
+        if "routed" not in t.get("warm", ()):
             return "routed"
-        return "routed" if min(t["routed"]) <= TRIAL_GAIN * min(t["plan"]) else "plan"
+        return "routed" if t["plan"] else "plan"
 
     def trialing(self, T: int) -> bool:
         """Whether the next chunk of T tokens is timed for chunk_policy (the engine then syncs around it)."""
@@ -73,11 +76,11 @@ class Calibration:
                                     "policy": policy(1 << (b - 1))} for b, t in sorted(self.trials.items())}
 
     def observe_chunk(self, T: int, policy: str, seconds: float) -> None:
-        b = T.bit_length()
-        if b not in self.trials:    # the bucket's first chunk: not a measurement of either
-            self.trials[b] = {"plan": [], "routed": []}
-        else:
-            self.trials[b][policy].append(seconds / T)
+        t = self.trials.setdefault(T.bit_length(), {"plan": [], "routed": [], "warm": set()})
+        if policy in t["warm"]:
+            t[policy].append(seconds / T)
+        else:                       # the policy's first chunk of this bucket: cold, not a measurement
+            t["warm"].add(policy)
 
     def _routes(self, T: int) -> bool:
         from . import kernels
