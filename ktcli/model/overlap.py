@@ -8,12 +8,18 @@ identical. Only for block classes whose forward this reproduces (checked by test
 """
 from __future__ import annotations
 
+import os
 import types
 
 import torch.nn.functional as F
 from torch import nn
 
 from ..ops.base import HybridExperts
+
+
+# KTCLI_PREFILL_SIDE=0: prefill's shared expert after the layer, as before (A/B runs: measured across processes,
+# Qwen2-57B pp512 ran 4-9% slower with it and pp2048/pp8192 2-9% faster, 2026-12-06; not yet A/B'd in one process)
+_SIDE = os.environ.get("KTCLI_PREFILL_SIDE", "1") != "0"
 
 
 def _qwen2_moe_forward(self, hidden_states):
@@ -24,7 +30,7 @@ def _qwen2_moe_forward(self, hidden_states):
 
     def side():     # while the CPU works (decode), or while a streamed prefill layer's experts cross
         shared.append(F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x))
-    job = self.experts.submit(x, selected_experts, routing_weights, side=side)
+    job = self.experts.submit(x, selected_experts, routing_weights, side=side if _SIDE else None)
     if not shared:
         side()
     return (self.experts.collect(job) + shared[0]).reshape(batch_size, sequence_length, hidden_dim)
