@@ -37,3 +37,16 @@ def test_bench_records_the_routing_and_refuses_an_unknown_one(cli):
     assert any("--routing uniform" in n for n in d["notes"])
     r = cli("bench", "-p", "16", "--routing", "fair", profile("demo.yaml"))
     assert r.exit_code == 2 and "Error: --routing must be one of model, uniform, got 'fair'" in r.output
+
+
+def test_plain_transformers_models_route_the_same_way(tmp_path_factory):
+    """Baselines (plain transformers) get the same hooks as ktcli's blocks, so their rows compare like for like."""
+    from transformers import AutoModelForCausalLM
+    ckpt = make_checkpoint(tmp_path_factory.getbasetemp(), "qwen3_moe")
+    m = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    assert set_routing(m, "uniform") == m.config.num_hidden_layers
+    gate = m.model.layers[0].mlp.gate
+    x = torch.randn(32, m.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    idx = gate(x)[2]
+    assert all(len(set(row)) == m.config.num_experts_per_tok for row in idx.tolist())
+    assert set_routing(m, "model") == 0 and torch.equal(gate(x)[2], torch.topk(gate(x)[0], idx.shape[1]).indices)

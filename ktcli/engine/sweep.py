@@ -177,14 +177,16 @@ def run_one(engine, kind, n, sw, tick):
 
 
 def run_baseline(kind, source, prof, sw, tick):
+    from ..model.routing import set_routing
     from .baselines import build_baseline, run_baseline_test
-    common = {"profile": prof.path, "model": source.name, "backend": kind, "placement":
+    common = {"profile": prof.path, "model": source.name, "backend": kind, "routing": sw.routing, "placement":
               "experts offloaded" if kind == "hf-accelerate" else "all gpu", "graphs": "off",
               "threads": torch.get_num_threads(), "num_layers": source.config.num_hidden_layers,
               "num_layers_full": getattr(source.config, "_ktcli_full_layers", source.config.num_hidden_layers)}
     out, model, err = [], None, None
     try:
         model = build_baseline(kind, source, prof.dtype, synthetic=prof.weights == "synthetic")
+        set_routing(model, sw.routing)       # the same routing as ktcli's rows
     except (KtcliError, RuntimeError) as e:   # e.g. CUDA out of memory: reported in its rows
         err = getattr(e, "message", None) or str(e).splitlines()[0]
     for t, n in sw.baseline_tests:

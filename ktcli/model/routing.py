@@ -30,8 +30,8 @@ def _draw(gens: dict):
 
 
 def set_routing(model: nn.Module, routing: str) -> int:
-    """Route prefill tokens as `routing` says ('model': the router's own choice); returns the routers changed."""
-    from ..ops.base import HybridExperts
+    """Route prefill tokens as `routing` says ('model': the router's own choice); returns the routers changed.
+    Every MoE block (a `gate` beside `experts`): ktcli's and the plain transformers baselines' alike."""
     for h in getattr(model, "_ktcli_routing_hooks", []):
         h.remove()
     model._ktcli_routing_hooks = []
@@ -40,6 +40,6 @@ def set_routing(model: nn.Module, routing: str) -> int:
     hook = _draw({})
     for m in model.modules():
         gate = getattr(m, "gate", None)
-        if isinstance(getattr(m, "experts", None), HybridExperts) and isinstance(gate, nn.Module):
+        if isinstance(getattr(m, "experts", None), nn.Module) and isinstance(gate, nn.Module):
             model._ktcli_routing_hooks.append(gate.register_forward_hook(hook))
     return len(model._ktcli_routing_hooks)
