@@ -309,3 +309,14 @@ def test_experts_on_another_gpu_against_multi_gpu_targets(cli, tmp_path, gpus, g
     lacking = cli("validate-config", write(tmp_path, TWO_GPU.format(graphs="false", gpu=gpu), "off.yaml"),
                   "--target-devices", short)
     assert lacking.exit_code == 1 and f"device cuda:{gpu} is not on this machine" in lacking.output
+
+
+def test_auto_prefill_note_says_routing_is_decided_by_timed_chunks(cli):
+    """The routed split is taken by whole timed chunks only (ops/calibration.py): validate-config says what a chunk
+    length does otherwise."""
+    import os
+    r = cli("validate-config", os.path.join(os.path.dirname(__file__), "..", "profiles",
+                                            "qwen3-30b-a3b-cpu-experts-int4.yaml"))
+    assert ("splits each chunk's routed experts between the CPU and the copy where a timed chunk beats the plan "
+            "(streamed otherwise) for chunks of 64-512 tokens") in " ".join(r.output.split())
+    assert "computes on the CPU for chunks of 1-16 tokens" in r.output

@@ -269,14 +269,17 @@ def check_prefill(profile, plan, model, rates=None) -> list:
             best = choose(copy, cpu, used_experts(E, k, T) * per / pr.cpu_bps, E, math.inf)
             work = work_of(expected_counts(E, k, T), per, 6 * H * (I2 // 2), pr.cpu_bps, pr.cpu_flops, True)
             gpu, _, left = assign(work, copy / E)
-            if max(len(gpu) * copy / E, left) <= ROUTED_GAIN * best["seconds"]:    # uniform routing: the bound
-                best = {"way": "routed"}
-            ways.setdefault(best["way"], []).append(T)
+            way = best["way"]
+            if T > 16 and max(len(gpu) * copy / E, left) <= ROUTED_GAIN * best["seconds"]:   # uniform routing
+                way = f"routed|{way}"        # routed if a timed chunk confirms it (Calibration.chunk_policy)
+            ways.setdefault(way, []).append(T)
+        said = {"cpu": "computes on the CPU", "stream": "streams to the GPU"}
+        other = {"cpu": "on the CPU", "stream": "streamed"}
+        span = lambda Ts: f"{Ts[0]}" + ("+" if Ts[-1] >= 2 ** 16 else f"-{Ts[-1]}" if len(Ts) > 1 else "")  # noqa: E731
         what = ("streams every chunk to the GPU" if e.prefill.op != "auto" else ", ".join(
-            f"{way} for chunks of {Ts[0]}" + (f"-{Ts[-1]}" if Ts[-1] < 2 ** 16 else "+") + " tokens"
-            for way, Ts in ways.items()))
-        what = what.replace("cpu for", "computes on the CPU for").replace("stream for", "streams to the GPU for") \
-            .replace("routed for", "splits each chunk's routed experts between the CPU and the copy for")
+            (f"splits each chunk's routed experts between the CPU and the copy where a timed chunk beats the "
+             f"plan ({other[way.split('|')[1]]} otherwise)" if "|" in way else said[way])
+            + f" for chunks of {span(Ts)} tokens" for way, Ts in ways.items()))
         out.append(Finding(NOTE, "prefill", f"layers {ranges(x.layer for x in es)}: prefill {e.prefill.op} {what} "
                            f"(a layer's {e.weight_format} experts, {fmt_bytes(E * per)}, copy in {1e3 * copy:.0f} ms "
                            f"at {r.pcie_bw / 1e9:.0f} GB/s, rates: {r.source}; a run decides from the rates it "
