@@ -28,7 +28,7 @@ def bench(profiles: Annotated[Optional[list[str]], typer.Argument(help="Profiles
           n_prompt: Annotated[str, typer.Option("-p", "--n-prompt", help="Prefill lengths, comma list (pp tests); 0 skips.")] = "512",
           n_gen: Annotated[str, typer.Option("-n", "--n-gen", help="Decode lengths, comma list (tg tests); 0 skips.")] = "128",
           reps: Annotated[int, typer.Option("-r", "--repetitions", min=1, help="Timed repetitions per test.")] = 5,
-          warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed repetitions first; a pp row with `auto` prefill adds up to 3 while its plan still changes.")] = 1,
+          warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed repetitions first; a pp row with `auto` prefill adds up to 4 while its plan still changes.")] = 1,
           model: o.Model = None, model_config: Annotated[Optional[str], typer.Option("--model-config", help="A shipped architecture (synthetic weights): " "qwen2-57b-a14b, qwen3-30b-a3b, mixtral-8x7b.")] = None,
           weights: o.Weights = None, dtype: o.Dtype = None, device: o.Device = None, num_layers: o.NumLayers = None,
           use_cuda_graph: Annotated[Optional[str], typer.Option("--use-cuda-graph", "--use_cuda_graph", help="Comma list of 0/1 (sweep).")] = None,

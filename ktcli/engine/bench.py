@@ -20,7 +20,8 @@ def random_ids(vocab: int, n: int, gen: torch.Generator) -> list:
     return torch.randint(0, vocab, (n,), generator=gen).tolist()
 
 
-SETTLE_MAX = 3   # untimed prefills a pp row adds to its warm-up while an `auto` layer's plan still changes
+SETTLE_MAX = 4   # untimed prefills a pp row adds to its warm-up while an `auto` layer's plan still changes or
+                 # its chunk trials run (4 chunks a length: each policy cold, then each timed)
 
 
 def auto_plans(streamer, T: int) -> tuple:
