@@ -109,7 +109,8 @@ def test_the_plan_takes_the_routed_way_where_routing_is_skewed_and_streams_long_
     want = routed_seconds(m, T, K, st.rates, st.profile(T), st.scale("routed", T), st.fixed("routed", T))
     assert ops[0].plan(T)["alts"]["routed"]["seconds"] == pytest.approx(want)   # … and the plan predicts with it
     assert "routed" not in ops[0].plan(16)["alts"]                # a few tokens: one CPU call, never routed
-    st.profiles.clear(), st.trials.clear()
+    st.profiles.clear()
+    st.trials.clear()
     st.rates.pcie_bps = 100 * m.stream_src.nbytes() / cpu         # copies cheap, routing uniform: streaming wins
     assert ops[0].plan(T)["way"] == "stream" and ops[0].streams(T)
 

@@ -3,8 +3,8 @@
 Qwen2-MoE's block computes its shared expert before routing; the forward below routes first, starts the CPU
 experts (`HybridExperts.submit`: under a full graph with flag steps the stream goes on), runs the shared expert,
 then collects. A streamed or routed prefill layer runs the shared expert itself, after queuing its uploads and
-before its GEMMs wait for them. Same operations on the same tensors as transformers' forward, in another order, so logits are
-identical. Only for block classes whose forward this reproduces (checked by tests/test_overlap.py).
+before its GEMMs wait for them. Same operations on the same tensors as transformers' forward, in another order,
+so logits are identical. Only for block classes whose forward this reproduces (checked by tests/test_overlap.py).
 """
 from __future__ import annotations
 

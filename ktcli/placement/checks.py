@@ -244,6 +244,11 @@ def check_graphs(profile, plan) -> list:
     return out
 
 
+def _span(Ts: list) -> str:
+    """Chunk lengths (powers of two up to 2**16) as '32', '64-512' or '1024+'."""
+    return f"{Ts[0]}" + ("+" if Ts[-1] >= 2 ** 16 else f"-{Ts[-1]}" if len(Ts) > 1 else "")
+
+
 def check_prefill(profile, plan, model, rates=None) -> list:
     """What `auto` prefill will do: per range of chunk lengths, the CPU, a routed split or streaming, and a layer's
     copy time, at assumed rates and uniform routing (the run measures its own rates at load and the routing of
@@ -275,11 +280,10 @@ def check_prefill(profile, plan, model, rates=None) -> list:
             ways.setdefault(way, []).append(T)
         said = {"cpu": "computes on the CPU", "stream": "streams to the GPU"}
         other = {"cpu": "on the CPU", "stream": "streamed"}
-        span = lambda Ts: f"{Ts[0]}" + ("+" if Ts[-1] >= 2 ** 16 else f"-{Ts[-1]}" if len(Ts) > 1 else "")  # noqa: E731
         what = ("streams every chunk to the GPU" if e.prefill.op != "auto" else ", ".join(
             (f"splits each chunk's routed experts between the CPU and the copy where a timed chunk beats the "
              f"plan ({other[way.split('|')[1]]} otherwise)" if "|" in way else said[way])
-            + f" for chunks of {span(Ts)} tokens" for way, Ts in ways.items()))
+            + f" for chunks of {_span(Ts)} tokens" for way, Ts in ways.items()))
         out.append(Finding(NOTE, "prefill", f"layers {ranges(x.layer for x in es)}: prefill {e.prefill.op} {what} "
                            f"(a layer's {e.weight_format} experts, {fmt_bytes(E * per)}, copy in {1e3 * copy:.0f} ms "
                            f"at {r.pcie_bw / 1e9:.0f} GB/s, rates: {r.source}; a run decides from the rates it "
