@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from ..errors import CheckpointError, KtcliError
 from ..model.config import find_experts, meta_model, resolve_model, supported_model_types
 from ..model.weights import TOKENIZER_FILES
-from . import checks
+from . import checks, prefill_note
 from .checks import ERROR, WARNING, Finding
 from .plan import make_plan, normalize_device
 
@@ -95,7 +95,7 @@ def validate(profile, machine) -> Validation:
     v.findings += checks.check_operators(profile, v.plan)
     v.findings += checks.check_formats(profile, v.plan, v.model)
     v.findings += checks.check_graphs(profile, v.plan)
-    v.findings += checks.check_prefill(profile, v.plan, v.model)
+    v.findings += prefill_note.check_prefill(profile, v.plan, v.model)
     mem_findings, v.memory = checks.check_memory(profile, v.plan, machine, v.model)
     v.findings += mem_findings
     v.findings += checks.check_threads(profile, machine)
