@@ -215,6 +215,8 @@ static void tiles_int_c(const uint8_t *w, long C, const uint32_t *g0, const uint
         }
 }
 
+#include "put_tile.h"
+
 /* Rows [r0, r1) of expert e's matrix (R rows of C inputs; bf16, or int8 with the activations' block scales)
  * against the n vectors of its panel (groups of 16): out[pairs[m] * R + r] for vector m. v[m]: vector m's row in
  * a (int8: its block scales and offset share); sw: int8 row scales of expert e. */
@@ -251,11 +253,8 @@ static void amx_rows(int fmt, const void *we, const float *sw, int R, const Acts
             else tiles_int_c(w, C, g0, g1, two_r, nblk, sc, NULL, NULL, 0, 1, c);
             for (int a2 = 0; a2 <= two_r; a2++)
                 for (int b = 0; b < 2 && (g + b) * 16 < n; b++)
-                    for (int m = 0; m < 16 && (g + b) * 16 + m < n; m++) {
-                        float *o = out + (size_t)pairs[(g + b) * 16 + m] * R + r + 16 * a2;
-                        for (int i = 0; i < 16; i++)
-                            o[i] = fmt == 0 ? c[a2 * 2 + b][i][m] : sw[r + 16 * a2 + i] * (c[a2 * 2 + b][i][m] - off[b][m]);
-                    }
+                    put_tile(c[a2 * 2 + b], n - (g + b) * 16 < 16 ? n - (g + b) * 16 : 16, pairs + (g + b) * 16, R,
+                             r + 16 * a2, fmt == 0 ? NULL : sw, off[b], out);
         }
     }
 }

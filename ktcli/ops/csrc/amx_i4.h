@@ -89,10 +89,8 @@ static void amx_rows_i4(const uint8_t *we, const float *swe, int G, int R, const
             tiles_int_c(buf, C, g0, g1, two_r, nblk, sc, z, sw, ng, gpb, c);
             for (int a2 = 0; a2 <= two_r; a2++)
                 for (int b = 0; b < 2 && (g + b) * 16 < n; b++)
-                    for (int m = 0; m < 16 && (g + b) * 16 + m < n; m++) {
-                        float *o = out + (size_t)pairs[(g + b) * 16 + m] * R + r + 16 * a2;
-                        for (int i = 0; i < 16; i++) o[i] = c[a2 * 2 + b][i][m];
-                    }
+                    put_tile(c[a2 * 2 + b], n - (g + b) * 16 < 16 ? n - (g + b) * 16 : 16, pairs + (g + b) * 16, R,
+                             r + 16 * a2, NULL, NULL, out);
         }
     }
 }
