@@ -324,7 +324,7 @@ def _args(x, idx, w, weights, out, scratch, threads: int) -> _Call:
 
 def refused(T, K, weights) -> RuntimeError:
     return RuntimeError(f"moe_forward rejected its arguments (T={T}, K={K}, E={weights.gu.shape[0]}, "
-                        f"group={weights.group}; expert ids must lie in [0, E))")
+                        f"group={weights.group}; T·K must be ≤ 4096 pairs a call, expert ids in [0, E))")
 
 
 class Block:
