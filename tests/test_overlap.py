@@ -42,3 +42,36 @@ def test_the_reproduced_forward_is_still_transformers_own():
                  "expert_output = expert_output + shared_expert_output"):
         assert line in src, line
     assert src.count("self.") == 4   # shared_expert, gate, experts, shared_expert_gate: nothing else
+
+
+def test_the_shared_expert_goes_to_an_operator_that_takes_side_work_unless_turned_off(monkeypatch):
+    """Qwen2's block hands its shared expert to the experts' operator as `side` (streamed or routed prefill runs it
+    beside the upload), runs it itself when the operator did not, and KTCLI_PREFILL_SIDE=0 keeps it out."""
+    import types
+    from ktcli.model import overlap
+    from ktcli.ops.base import HybridExperts
+    x, idx, w = torch.randn(4, 8), torch.zeros(4, 2, dtype=torch.long), torch.ones(4, 2)
+    ran = []
+
+    class Op:                                   # an operator that declares it takes side work, and runs it
+        takes_side = True
+
+        def __call__(self, x, idx, w, side=None):
+            ran.append("side" if side is not None else "none")
+            if side is not None:
+                side()
+            return torch.zeros_like(x)
+    experts = types.SimpleNamespace(ops={"prefill": Op()}, stage="prefill")
+    experts.submit = lambda *a, side=None: HybridExperts.submit(experts, *a, side=side)
+    experts.collect = lambda job: HybridExperts.collect(experts, job)
+    calls = []
+    block = types.SimpleNamespace(gate=lambda t: (None, w, idx), experts=experts,
+                                  shared_expert_gate=lambda t: torch.zeros(t.shape[0], 1),
+                                  shared_expert=lambda t: calls.append(1) or torch.ones_like(t))
+    for on, want in ((True, "side"), (False, "none")):
+        monkeypatch.setattr(overlap, "_SIDE", on)
+        ran.clear()
+        calls.clear()
+        y = overlap._qwen2_moe_forward(block, x[None])
+        assert ran == [want] and len(calls) == 1                   # once, by the operator or by the block
+        assert torch.equal(y[0], torch.full_like(x, 0.5))          # sigmoid(0) × 1 + the experts' 0

@@ -132,8 +132,8 @@ class Engine:
             if timed:
                 synchronize(self.gpus)
                 st.observe_chunk(b - a, policy, time.perf_counter() - t0)
-        if self.built.streamer is not None:
-            self.built.streamer.collect()
+        if st is not None:
+            st.collect()
         self.ids = list(ids)
         self.reused = reuse
         return logits

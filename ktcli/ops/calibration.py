@@ -59,7 +59,7 @@ class Calibration:
             return "plan"
         if t["plan"] and t["routed"]:
             return "routed" if min(t["routed"]) <= TRIAL_GAIN * min(t["plan"]) else "plan"
-        if "routed" not in t.get("warm", ()):
+        if "routed" not in t["warm"]:
             return "routed"
         return "routed" if t["plan"] else "plan"
 
