@@ -141,3 +141,18 @@ def test_contention_routes_unevenly_and_times_the_phases(tmp_path):
     assert half["phases_us"]["exit"] > 0 and half["experts_touched"] <= half["n_cpu"] == 4
     bad = subprocess.run(cmd + ["--routing", "skewed:x"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "skewed:H:F" in bad.stderr
+
+
+def test_prefill_timeline_splits_the_compute_streams_idle_time():
+    """prefill_timeline.summarize: a gap in the compute stream is 'on copies' where the copy stream is busy
+    during it, else 'on the host'; kinds come from kernel names."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from prefill_timeline import summarize
+    ev = lambda tid, ts, dur, name: {"tid": tid, "ts": ts, "dur": dur, "name": name}
+    g = summarize([ev(7, 0, 10, "sm90_xmma_gemm"), ev(7, 30, 5, "flash_fwd"), ev(7, 60, 10, "triton_dequant"),
+                   ev(7, 75, 5, "elementwise"), ev(9, 10, 15, "Memcpy HtoD (Pinned -> Device)")])
+    assert g["compute_busy_ms"] == pytest.approx(0.030) and g["window_ms"] == pytest.approx(0.080)
+    assert g["compute_idle_on_copies_ms"] == pytest.approx(0.015)     # 10-25 of the 10-30 gap
+    assert g["compute_idle_on_host_ms"] == pytest.approx(0.035)       # 25-30, 35-60, 70-75
+    assert g["copy_busy_ms"] == pytest.approx(0.015) and g["compute_kernels"] == 4
+    assert g["compute_by_kind_ms"] == pytest.approx({"gemm": 0.010, "triton": 0.010, "attention": 0.005, "other": 0.005})
