@@ -114,6 +114,12 @@ case $what in
     sed -e 's/prefill_device: auto,/prefill_device: cpu,/' -e 's/^\( *\)prefill_device: "auto"/\1prefill_device: "cpu"/' $p > $c
     python3 -m ktcli bench $p $s $c -p ${PP:-512,2048} -n 0 -r 2 -o json \
         --output-file $out/prefill-ab-$(basename $p .yaml).json ;;
+  prefill-timeline)  # #14: where a prefill chunk's GPU time goes (benchmarks/prefill_timeline.py): Qwen3-30B int4, the
+            # synthetic routers at pp2048 (every layer routed) and uniform routing at pp512; FORMAT=bf16|int8|int4
+    f=${FORMAT:-int4}; p=profiles/qwen3-30b-a3b-cpu-experts.yaml; [ $f = bf16 ] || p=${p%.yaml}-$f.yaml
+    python3 benchmarks/prefill_timeline.py $p --tokens 2048 --routing model --out $out/prefill-timeline-$f-pp2048.json
+    python3 benchmarks/prefill_timeline.py $p --tokens 512 --routing uniform \
+        --out $out/prefill-timeline-$f-pp512-uniform.json ;;
   compile)  # #15: runtime.compile off against on, tg128 full graphs: the GPU tests first, then per Qwen3-30B placement one
             # engine with a compiled and an eager graph, rounds interleaved (compile_ab.py; fresh processes differ more)
     python3 -m pytest -v -p no:cacheprovider tests/test_compile_gpu.py tests/test_compile.py 2>&1 | tee $out/gpu-tests-compile.log | tail -3
