@@ -28,10 +28,13 @@ def split_model(tmp_path, ckpt, fmt, n):
     return layers, st
 
 
+@pytest.mark.parametrize("join", ["flag", "host"])
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
-def test_split_layers_match_the_eager_reference_and_copy_only_the_gpu_share(tmp_path, ckpt, fmt):
+def test_split_layers_match_the_eager_reference_and_copy_only_the_gpu_share(tmp_path, ckpt, fmt, join, monkeypatch):
     """The CPU computes experts [0, n) from the host copy while experts [n, E) stream: every split point, every
-    format, uneven loads (the last quarter of experts gets no token)."""
+    format, uneven loads (the last quarter of experts gets no token); its share joined by the worker's flag
+    (ops/joined.py: summed per token on the CPU) or by the host (KTCLI_SPLIT_JOIN=host)."""
+    monkeypatch.setenv("KTCLI_SPLIT_JOIN", join)
     gen = torch.Generator().manual_seed(5)
     E = None
     for n in (1, 3, 7):
@@ -190,3 +193,24 @@ def test_the_split_calibration_fits_a_fixed_part_once_two_shares_were_measured(t
     p = op.plan(T)
     assert p["way"] == "stream" or p["n_cpu"] < first["n_cpu"]
     assert p["seconds"] >= min(first["seconds"] + fixed / 2, cpu)              # the fixed part is charged
+
+
+def test_a_flag_joined_share_that_fails_raises_its_flag_and_then_its_error(tmp_path, ckpt):
+    """The GPU waits for the flag whatever the share did (a hang otherwise); the error reaches the caller at the
+    join (at once on the CPU, at the streamer's collect on a GPU), and the next share runs as usual."""
+    from ktcli.ops.joined import joiner
+    layers, st = split_model(tmp_path, ckpt, "bf16", 3)
+    m = layers[0]
+    op = m.ops["prefill"]
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(64, m.hidden, generator=gen)
+    idx, w = routed(64, m.num_experts, st.top_k, gen)
+    real = op.cpu._moe
+    op.cpu._moe = lambda *a: (_ for _ in ()).throw(RuntimeError("share failed"))
+    with pytest.raises(RuntimeError, match="share failed"):
+        op._split(x, idx, w, 3)
+    jn = joiner(st)
+    assert int(jn.word[0]) == jn.seq == 1 and jn.jobs == []
+    op.cpu._moe = real
+    got = op._split(x, idx, w, 3)
+    assert int(jn.word[0]) == 2 and torch.isfinite(got).all()

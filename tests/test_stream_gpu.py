@@ -74,11 +74,29 @@ def test_prefill_logits_match_transformers(tmp_path, ckpt, fmt, group, rules, wa
     assert (stats["layers_streamed"] > 0) == (way in ("stream", "split"))
     assert (stats["layers_cpu"] > 0) == (way == "cpu")
     assert (stats["layers_split"] > 0) == (way == "split") and (stats["layers_routed"] > 0) == (way == "routed")
-    assert stats["moe_s"] >= stats["split_cpu_s"] and stats["moe_s"] > 0   # the CPU thread's time in MoE layers
+    assert stats["moe_s"] > 0          # the main thread's time in MoE calls (a split's CPU share runs beside it)
     with torch.no_grad():
         want = ref(torch.tensor([ids]).cuda()).logits[:, -1]
     tol = 1e-5 if dtype == "float32" and (way == "stream" or fmt == "bf16") else 2e-2   # CPU int: int8 activations
     assert rel(got, want) <= (tol if dtype == "float32" else 2e-2), (fmt, way, chunk)
+
+
+def test_a_split_joined_by_its_flag_equals_one_joined_by_the_host(tmp_path, ckpt, monkeypatch):
+    """ops/joined.py: the GPU waits on the worker's flag, the host goes on; same logits as the host-joined split
+    (KTCLI_SPLIT_JOIN=host), chunk after chunk."""
+    from ktcli.ops.joined import joiner
+    b = built(tmp_path, ckpt, [with_format(AUTO, "int8", 128)], dtype="float32", prefill_chunk=16)
+    favour(b, "split", monkeypatch)
+    e = Engine(b, graph_mode="off")
+    e.chunk = 16
+    ids = torch.randint(0, b.model.config.vocab_size, (50,), generator=torch.Generator().manual_seed(4)).tolist()
+    monkeypatch.setenv("KTCLI_SPLIT_JOIN", "host")
+    host = e.prefill(ids).clone()
+    assert getattr(b.streamer, "split_joiner", None) is None
+    e.reset()
+    monkeypatch.delenv("KTCLI_SPLIT_JOIN")
+    flag = e.prefill(ids)
+    assert joiner(b.streamer).seq > 0 and rel(flag, host) <= 1e-5
 
 
 @pytest.mark.parametrize("way", ["stream", "cpu", "split", "routed"])

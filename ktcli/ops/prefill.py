@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from . import kernels
+from . import joined, kernels
 from .base import DeviceOp
 from .costs import explore, layer_costs, split_plan
 from .cpu import CpuExperts, cpu_moe
@@ -156,9 +156,12 @@ class AutoPrefill(DeviceOp):
     def _split(self, x, idx, w, n, cpu_s=None):
         """Experts [0, n) on the CPU while the GPU computes the rest (ops/split.py); cpu_s: the plan's probed time of
         the whole layer on the CPU (computed here for a forced plan without one)."""
-        y, took = run_split(self, x, idx, w, n)
         st = self.experts.streamer
         if cpu_s is None:
             cpu_s = layer_costs(self.experts, x.shape[0], st.top_k, st.rates)["cpu"]
-        st.observe_cpu("split", x.shape[0], took, cpu_s * n / self.experts.num_experts)
+        probed = cpu_s * n / self.experts.num_experts
+        if joined.enabled(x):       # the CPU share joins the GPU by a flag: the host goes on (ops/joined.py)
+            return joined.run_joined(self, x, idx, w, n, probed)
+        y, took = run_split(self, x, idx, w, n)
+        st.observe_cpu("split", x.shape[0], took, probed)
         return y

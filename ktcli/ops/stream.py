@@ -206,6 +206,8 @@ class Streamer(Calibration):
     def collect(self) -> None:
         """Fold the timed events of finished uploads and stalls into the statistics and the split's CPU
         calibration (synchronizes: the engine calls it after each prefill, so the event lists never grow)."""
+        if getattr(self, "split_joiner", None) is not None:
+            self.split_joiner.collect()      # flag-joined CPU shares (joined.py): done, their times recorded
         self._calibrate()
         if self.cuda and (self._uploads or self._stalls):
             torch.cuda.synchronize(self.device)
