@@ -120,6 +120,16 @@ case $what in
     python3 benchmarks/prefill_timeline.py $p --tokens 2048 --routing model --out $out/prefill-timeline-$f-pp2048.json
     python3 benchmarks/prefill_timeline.py $p --tokens 512 --routing uniform \
         --out $out/prefill-timeline-$f-pp512-uniform.json ;;
+  prefill-join)  # #14: the range split with its CPU share joined by a flag (ops/joined.py) under uniform routing:
+            # `auto` as shipped, then with the range split weighed (KTCLI_PREFILL_WAYS=routed,split), then the same with
+            # the host waiting for the CPU share (KTCLI_SPLIT_JOIN=host); one process each; FORMAT=int4|int8|bf16
+    f=${FORMAT:-int4}; p=profiles/qwen3-30b-a3b-cpu-experts.yaml; [ $f = bf16 ] || p=${p%.yaml}-$f.yaml
+    for v in default flag host; do
+      case $v in default) e=() ;; flag) e=(KTCLI_PREFILL_WAYS=routed,split) ;;
+                  host) e=(KTCLI_PREFILL_WAYS=routed,split KTCLI_SPLIT_JOIN=host) ;; esac
+      env "${e[@]}" python3 -m ktcli bench $p -p ${PP:-512,2048} -n 0 -r 2 --routing uniform -o json \
+          --output-file $out/prefill-join-$v-$f.json
+    done ;;
   compile)  # #15: runtime.compile off against on, tg128 full graphs: the GPU tests first, then per Qwen3-30B placement one
             # engine with a compiled and an eager graph, rounds interleaved (compile_ab.py; fresh processes differ more)
     python3 -m pytest -v -p no:cacheprovider tests/test_compile_gpu.py tests/test_compile.py 2>&1 | tee $out/gpu-tests-compile.log | tail -3

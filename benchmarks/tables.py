@@ -30,7 +30,8 @@ def provenance(d) -> str:
     m = d.get("machine") or {}
     where = " + ".join(x for x in (m.get("gpu"), m.get("cpu")) if x)
     commit = str(m.get("git_commit") or "unknown")[:12]
-    return f"`{d.get('command')}` — {where}, torch {m.get('torch')}, commit {commit}"
+    env = " ".join(f"{k}={v}" for k, v in (m.get("ktcli_env") or {}).items())     # A/B switches set for the run
+    return f"`{d.get('command')}` — {where}, torch {m.get('torch')}, commit {commit}" + (f", with `{env}`" if env else "")
 
 
 def _table(head, rows):

@@ -153,3 +153,12 @@ def test_prefill_times_the_chunks_auto_is_trialing(setup):
     finally:
         b.streamer = st
     assert torch.equal(got, want) and log == [(8, "plan", True), (8, "plan", True), (8, "routed", True)]
+
+
+def test_results_record_the_ktcli_switches_set():
+    """A/B knobs (KTCLI_PREFILL_WAYS, KTCLI_SPLIT_JOIN, …) are not in a results file's command: its machine
+    record names them; the cache path and the commit are recorded elsewhere or not at all."""
+    from ktcli.engine.provenance import ktcli_env
+    env = {"KTCLI_PREFILL_WAYS": "routed,split", "KTCLI_CACHE": "/tmp/c", "KTCLI_GIT_COMMIT": "abc", "HOME": "/root",
+           "KTCLI_SPLIT_JOIN": "host"}
+    assert ktcli_env(env) == {"KTCLI_PREFILL_WAYS": "routed,split", "KTCLI_SPLIT_JOIN": "host"}

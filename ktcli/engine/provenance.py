@@ -38,12 +38,18 @@ def kernel_state() -> dict:
             "int8_activations": bool(lib is not None and kernels.tune()[2])}
 
 
+def ktcli_env(env=os.environ) -> dict:
+    """The KTCLI_* switches set for the run (A/B knobs such as KTCLI_PREFILL_WAYS are not in the command line),
+    paths and the commit aside."""
+    return {k: v for k, v in sorted(env.items()) if k.startswith("KTCLI_") and k not in ("KTCLI_CACHE", "KTCLI_GIT_COMMIT")}
+
+
 def machine_info() -> dict:
     import transformers
     info = {"cpu": cpu_model(), "cores": os.cpu_count(), "host": platform.node(), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
             "git_commit": git_commit(), "kernel": kernel_state(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "ktcli_env": ktcli_env()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
