@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from .split import PHASES, buffers, pairs
+from .split import PHASES, buffers, cpu_rows
 from .worker import worker
 
 GEQ = 0x0    # CU_STREAM_WAIT_VALUE_GEQ
@@ -89,17 +89,7 @@ def run_joined(op, x, idx, w, n: int, probed: float):
 
     def cpu_share():
         try:
-            t0 = time.perf_counter()
-            if inputs is not None:
-                inputs.synchronize()
-            t1 = time.perf_counter()
-            tok, e, pw = pairs(ih, wh, 0, n)            # [P] each
-            P = tok.numel()
-            xs = torch.index_select(xh, 0, tok, out=b.get("rows", P, (H,), x.dtype, pinned=False))    # [P,H]
-            t2 = time.perf_counter()
-            yc = op.cpu._moe(xs, e[:, None].to(torch.int64), pw[:, None].to(x.dtype),
-                             b.get("y_rows", P, (H,), x.dtype, pinned=False))
-            t3 = time.perf_counter()
+            tok, yc, (t0, t1, t2, t3) = cpu_rows(op, b, xh, ih, wh, n, inputs, "y_rows", False)
             yd.zero_().index_add_(0, tok, yc)           # [T,H]: a static shape for the add queued on the GPU
             t4 = time.perf_counter()
             for k, v in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):

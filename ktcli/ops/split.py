@@ -50,6 +50,22 @@ def buffers(st) -> SplitBuffers:
     return st.split_buffers
 
 
+def cpu_rows(op, b, xh, ih, wh, n: int, ready, out: str, pinned: bool) -> tuple:
+    """The CPU share of a split layer from its host copies xh [T,H], ih/wh [T,K], once `ready` (their copies' event;
+    None on the CPU) has passed: its pairs (experts [0, n)) as rows of top-1 through the CPU operator → (tok [P],
+    y [P,H] into buffer `out`, the clocks (start, inputs ready, gathered, computed))."""
+    t0 = time.perf_counter()
+    if ready is not None:
+        ready.synchronize()
+    t1 = time.perf_counter()
+    tok, e, pw = pairs(ih, wh, 0, n)                    # [P] each
+    P, H = tok.numel(), xh.shape[1]
+    xs = torch.index_select(xh, 0, tok, out=b.get("rows", P, (H,), xh.dtype, pinned=False))    # [P,H]
+    t2 = time.perf_counter()
+    yc = op.cpu._moe(xs, e[:, None].to(torch.int64), pw[:, None].to(xh.dtype), b.get(out, P, (H,), xh.dtype, pinned))
+    return tok, yc, (t0, t1, t2, time.perf_counter())
+
+
 def run_split(op, x, idx, w, n: int):
     """AutoPrefill `op`'s layer with experts [0, n) on the CPU: x [T,H], idx/w [T,K] on the GPU → (y [T,H], the
     CPU share's seconds from the host sync to the copy back, for the caller's calibration)."""
@@ -60,17 +76,8 @@ def run_split(op, x, idx, w, n: int):
         h.copy_(t, non_blocking=True)
     ready = torch.cuda.current_stream(x.device).record_event() if x.is_cuda else None
     y = op.gpu.run(x, idx, w, first=n)                  # queued: runs while the CPU computes below
-    t0 = time.perf_counter()
-    if ready is not None:
-        ready.synchronize()
-    t1 = time.perf_counter()
-    tok, e, pw = pairs(ih, wh, 0, n)                    # [P] each
-    P = tok.numel()
-    xs = torch.index_select(xh, 0, tok, out=b.get("rows", P, (H,), x.dtype, pinned=False))    # [P,H]
-    th = b.get("tok", P, (), torch.int64).copy_(tok)
-    t2 = time.perf_counter()
-    yc = op.cpu._moe(xs, e[:, None].to(torch.int64), pw[:, None].to(x.dtype), b.get("y", P, (H,), x.dtype))
-    t3 = time.perf_counter()
+    tok, yc, (t0, t1, t2, t3) = cpu_rows(op, b, xh, ih, wh, n, ready, "y", True)
+    th = b.get("tok", tok.numel(), (), torch.int64).copy_(tok)
     y.index_add_(0, th.to(y.device, non_blocking=True), yc.to(y.device, non_blocking=True))
     t4 = time.perf_counter()
     for k, v in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
