@@ -206,7 +206,10 @@ def test_a_flag_joined_share_that_fails_raises_its_flag_and_then_its_error(tmp_p
     x = torch.randn(64, m.hidden, generator=gen)
     idx, w = routed(64, m.num_experts, st.top_k, gen)
     real = op.cpu._moe
-    op.cpu._moe = lambda *a: (_ for _ in ()).throw(RuntimeError("share failed"))
+
+    def failing(*args):
+        raise RuntimeError("share failed")
+    op.cpu._moe = failing
     with pytest.raises(RuntimeError, match="share failed"):
         op._split(x, idx, w, 3)
     jn = joiner(st)

@@ -19,8 +19,6 @@ import torch
 from .split import PHASES, buffers, cpu_rows
 from .worker import worker
 
-GEQ = 0x0    # CU_STREAM_WAIT_VALUE_GEQ
-
 
 def enabled(x) -> bool:
     """The flag join for a layer on x's device: a GPU whose driver runs the flag handshake (decode's probe), unless
@@ -49,9 +47,8 @@ class Joiner:
         ctypes.c_int32.from_address(self.word.data_ptr()).value = seq     # an aligned store: the GPU sees it whole
 
     def wait(self, stream, seq: int) -> None:
-        from .steps import Driver
-        Driver.check(Driver.lib().ktcli_cuStreamWaitValue32(ctypes.c_void_p(stream.cuda_stream), self.dword, seq,
-                                                            GEQ), "cuStreamWaitValue32")
+        from .steps import WAIT_GEQ, Driver
+        Driver.wait_value(stream.cuda_stream, self.dword, seq, WAIT_GEQ)
 
     def collect(self) -> None:
         """Wait for every submitted share (the GPU needs none of the host: each ends by itself) and raise the first

@@ -15,6 +15,7 @@ import time
 import torch
 
 WAIT_EQ = 0x1   # CU_STREAM_WAIT_VALUE_EQ
+WAIT_GEQ = 0x0  # CU_STREAM_WAIT_VALUE_GEQ (32-bit wrapping compare)
 
 
 class Driver:
@@ -51,8 +52,8 @@ class Driver:
         cls.check(cls.lib().ktcli_cuStreamWriteValue32(ctypes.c_void_p(stream), addr, value, 0), "cuStreamWriteValue32")
 
     @classmethod
-    def wait_value(cls, stream: int, addr: int, value: int) -> None:
-        cls.check(cls.lib().ktcli_cuStreamWaitValue32(ctypes.c_void_p(stream), addr, value, WAIT_EQ),
+    def wait_value(cls, stream: int, addr: int, value: int, cmp: int = WAIT_EQ) -> None:
+        cls.check(cls.lib().ktcli_cuStreamWaitValue32(ctypes.c_void_p(stream), addr, value, cmp),
                   "cuStreamWaitValue32")
 
     @classmethod
