@@ -107,6 +107,8 @@ def main():
     a = ap.parse_args()
     prof = profile_from_flags(a.profile, num_layers=a.num_layers)
     v, built = load(prof, machine_for(None))
+    if built.streamer is None:
+        sys.exit(f"{a.profile}: no layer of CPU-resident experts prefills on the GPU here: nothing to trace")
     set_routing(built.model, a.routing)
     eng = Engine(built, graph_mode="off")
     eng.prepare()
@@ -118,7 +120,7 @@ def main():
     L = built.model.config.num_hidden_layers
     run = {"profile": a.profile, "tokens": a.tokens, "routing": a.routing, "layers": L, "wall_ms": wall * 1e3,
            "tps": a.tokens / wall, "phases": phases, "gpu": summarize(evs),
-           "trials": built.streamer.trial_report() if hasattr(built.streamer, "trial_report") else {}}
+           "trials": built.streamer.trial_report()}
     g = run["gpu"]
     print(f"{a.profile} pp{a.tokens} {a.routing}: {wall * 1e3:.1f} ms ({run['tps']:.0f} t/s, traced) = per layer "
           f"{wall * 1e3 / L:.2f} ms; compute stream busy {g['compute_busy_ms'] / L:.2f}, idle on copies "

@@ -31,6 +31,17 @@ def test_benchmark_tables_match_their_raw_files():
     assert tables.main(["--check"]) == 0, "regenerate: python benchmarks/tables.py"
 
 
+def test_a_table_names_the_switches_its_run_set():
+    """A results file's KTCLI_* switches (machine.ktcli_env) show in its table's provenance line; none: nothing."""
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import tables
+    d = {"command": "ktcli bench p.yaml", "machine": {"gpu": "G", "cpu": "C", "torch": "2", "git_commit": "abc"}}
+    assert tables.provenance(d) == "`ktcli bench p.yaml` — G + C, torch 2, commit abc"
+    d["machine"]["ktcli_env"] = {"KTCLI_PREFILL_WAYS": "routed,split", "KTCLI_SPLIT_JOIN": "host"}
+    assert tables.provenance(d).endswith(", with `KTCLI_PREFILL_WAYS=routed,split KTCLI_SPLIT_JOIN=host`")
+
+
 def test_links_between_pages_resolve():
     """Every relative link in the docs points at a file (or folder) that exists; a renamed folder breaks this."""
     import re

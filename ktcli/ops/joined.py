@@ -62,7 +62,7 @@ class Joiner:
 
 
 def joiner(st) -> Joiner:
-    if getattr(st, "split_joiner", None) is None:
+    if st.split_joiner is None:
         st.split_joiner = Joiner(st.cuda)
     return st.split_joiner
 

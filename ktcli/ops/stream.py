@@ -55,6 +55,7 @@ class Streamer(Calibration):
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.rates = PrefillRates()     # measured at setup; pcie raised by every upload timed
         self.top_k = 1
+        self.split_joiner = None        # the flag of split layers' CPU shares (joined.py), made on first use
         self.init_calibration()
         self.reset_stats()
 
@@ -206,7 +207,7 @@ class Streamer(Calibration):
     def collect(self) -> None:
         """Fold the timed events of finished uploads and stalls into the statistics and the split's CPU
         calibration (synchronizes: the engine calls it after each prefill, so the event lists never grow)."""
-        if getattr(self, "split_joiner", None) is not None:
+        if self.split_joiner is not None:
             self.split_joiner.collect()      # flag-joined CPU shares (joined.py): done, their times recorded
         self._calibrate()
         if self.cuda and (self._uploads or self._stalls):
